@@ -1,0 +1,126 @@
+"""The `framepack` command line.
+
+Each subcommand validates its input here, at the edge: bad input is one sentence on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main"]
+
+
+class UserError(Exception):
+    """Bad input; the message is shown to the user as one sentence."""
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"size {text!r} is not HEIGHTxWIDTH in pixels, e.g. 480x832.") from None
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise UserError(f"size {text!r} must be positive multiples of 16 pixels.")
+    return h, w
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    """Token arithmetic of a packing schedule at a frame size."""
+    from ..packing import frame_tokens, get_schedule
+
+    try:
+        schedule = get_schedule(args.schedule)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    h, w = _parse_size(args.size)
+    lh, lw = h // 8, w // 8
+    lf = frame_tokens(lh, lw)
+    print(f"schedule {schedule.name}: {len(schedule.groups)} groups, window {schedule.generate} latents")
+    print(f"frame {h}x{w} px -> latent {lh}x{lw} -> {lf} tokens per full-rate frame")
+    for group, tokens in zip(schedule.groups, schedule.group_tokens(lh, lw), strict=True):
+        print(f"  {group.frames:3d} x {group.kernel.name:<6} -> {tokens:6d} tokens")
+    for n in args.history:
+        total = schedule.context_length(lh, lw, history=n)
+        print(f"history {n:6d} latents: context {total} tokens")
+    print(f"full history: {schedule.context_length(lh, lw)} tokens, bound {schedule.bound(lh, lw):.0f}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Versions, the transformer specs and a smoke run of a tiny packed section on this machine."""
+    import torch
+
+    from .. import __version__
+    from ..model import SPECS, HistoryGroup, PackedTransformer
+    from ..model.attention import available_backends
+
+    print(
+        f"framepack {__version__}, torch {torch.__version__}, attention backends: {', '.join(available_backends())}"
+    )
+    for name, cfg in SPECS.items():
+        with torch.device("meta"):
+            n = sum(p.numel() for p in PackedTransformer(cfg).parameters())
+        print(
+            f"  spec {name:<12} {n / 1e9:8.3f} B parameters ({cfg.num_layers} dual + {cfg.num_single_layers} single)"
+        )
+    torch.manual_seed(0)
+    cfg = SPECS["tiny"]
+    model = PackedTransformer(cfg).eval()
+    noisy = torch.randn(1, 16, 9, 8, 8)
+    history = [
+        HistoryGroup(torch.randn(1, 16, 2, 8, 8), torch.tensor([0, 10]), "k1"),
+        HistoryGroup(torch.randn(1, 16, 2, 8, 8), torch.tensor([11, 12]), "k2"),
+        HistoryGroup(torch.randn(1, 16, 16, 8, 8), torch.arange(13, 29), "k4"),
+    ]
+    start = time.perf_counter()
+    with torch.no_grad():
+        v = model.forward_packed(
+            noisy,
+            torch.arange(1, 10),
+            history,
+            torch.tensor([1000.0]),
+            torch.randn(1, 8, cfg.text_embed_dim),
+            None,
+            torch.randn(1, cfg.pooled_projection_dim),
+            torch.tensor([10000.0]),
+            torch.randn(1, 16, cfg.image_proj_dim),
+        )
+    ms = (time.perf_counter() - start) * 1000
+    print(f"smoke test: one packed section (tiny random model) -> velocity {tuple(v.shape)} in {ms:.0f} ms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="framepack", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, model specs and a smoke run on this machine")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pack", help="token counts of a packing schedule at a frame size")
+    p.add_argument(
+        "schedule", nargs="?", default="inverted", help="preset or paper name, e.g. f16k4f2k2f1k1_g9"
+    )
+    p.add_argument("--size", default="480x832", help="frame size HEIGHTxWIDTH in pixels")
+    p.add_argument("--history", type=int, nargs="*", default=[0, 1, 3, 19, 100, 10000])
+    p.set_defaults(func=cmd_pack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"framepack: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("framepack: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Pure tensor functions used by the blocks: linear, norms, modulation, RoPE, GELU-MLP.
+
+Written to make few passes over memory: on a CPU the transformer's time outside the matrix
+products is spent moving activations, so every function here writes its result once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear", "rms_norm", "modulated_layer_norm", "apply_rope", "rope_to_complex", "chunked_mlp"]
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); checked once, lazily."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _upcast_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # A CPU without bf16 units emulates bf16 GEMMs about 10x slower than fp32 ones. Products of
+    # bf16 numbers are exact in fp32, so an fp32 GEMM on upcast operands is as accurate and fast.
+    return (
+        x.device.type == "cpu"
+        and weight.dtype in (torch.bfloat16, torch.float16)
+        and not _cpu_has_bf16_units()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` that keeps low-precision storage fast on CPUs without bf16 units."""
+    if _upcast_matmul(x, weight):
+        b = None if bias is None else bias.float()
+        return F.linear(x.float(), weight.float(), b).to(weight.dtype)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim, statistics in fp32, result in `x.dtype`."""
+    xf = x.float()
+    inv = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+    return (xf * inv).to(x.dtype) * weight.to(x.dtype)
+
+
+def modulated_layer_norm(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """`LayerNorm(x) * (1 + scale) + shift` with `shift`, `scale` of shape (B, D)."""
+    normed = F.layer_norm(x, x.shape[-1:], eps=eps)  # (B, L, D)
+    return torch.addcmul(shift[:, None], normed, 1 + scale[:, None])
+
+
+def rope_to_complex(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved cos/sin tables `(B, L, D)` to one complex multiplier `(B, L, 1, D/2)`."""
+    return torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of `x` `(B, L, H, D)` by `freqs` `(B, L, 1, D/2)` (complex).
+
+    Equals `x * cos + rotate(x) * sin` of the reference, computed in fp32 as one complex product.
+    """
+    b, n, h, d = x.shape
+    xc = torch.view_as_complex(x.float().reshape(b, n, h, d // 2, 2))  # (B, L, H, D/2)
+    return torch.view_as_real(xc * freqs).flatten(3).to(x.dtype)  # (B, L, H, D)
+
+
+def chunked_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    act,
+    rows: int = 1024,
+) -> torch.Tensor:
+    """`act(x @ w1.T + b1) @ w2.T + b2` over row chunks of `x` `(B, L, D)`.
+
+    The hidden activation is 4x wider than `x`; computing it a chunk at a time keeps it in the
+    cache instead of streaming it through memory twice. Autograd uses the plain form.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad):
+        return linear(act(linear(x, w1, b1)), w2, b2)
+    flat = x.reshape(-1, x.shape[-1])  # (B*L, D)
+    out = torch.empty(flat.shape[0], w2.shape[0], dtype=x.dtype, device=x.device)  # (B*L, Dout)
+    for start in range(0, flat.shape[0], rows):
+        part = flat[start : start + rows]
+        out[start : start + rows] = linear(act(linear(part, w1, b1)), w2, b2)
+    return out.view(*x.shape[:-1], w2.shape[0])
