@@ -56,8 +56,8 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _read_header(path: Path) -> tuple[dict, dict]:
-    """Tensor entries and metadata of a safetensors file, read from its header alone."""
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """Tensor entries, metadata and data offset of a safetensors file, read from its header alone."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -66,17 +66,47 @@ def _read_header(path: Path) -> tuple[dict, dict]:
                 raise CheckpointError(f"{path.name} is empty or truncated (no safetensors header).")
             n = int.from_bytes(head, "little")
             if n <= 0 or n > min(size - 8, 100_000_000):
+                if head.startswith(b"version "):
+                    raise CheckpointError(
+                        f"{path.name} is not a safetensors file but a git-lfs pointer; run `git lfs pull` to fetch the weights."
+                    )
                 raise CheckpointError(f"{path.name} is not a safetensors file (bad header length).")
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path.name} is not a readable safetensors file ({e}).") from None
+    malformed = CheckpointError(f"{path.name} is not a safetensors file (malformed header).")
+    if not isinstance(header, dict):
+        raise malformed
     meta = header.pop("__metadata__", None) or {}
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    end = 0
+    for entry in header.values():
+        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+        offsets = entry.get("data_offsets") if ok else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise malformed
+        if not 0 <= offsets[0] <= offsets[1]:
+            raise malformed
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path.name} is truncated: its header promises {8 + n + end} bytes, it has {size}."
         )
-    return header, meta
+    return header, meta, 8 + n
+
+
+def _read_tensor(f, entry: dict, data_start: int, name: str) -> torch.Tensor:
+    """Read one tensor into a fresh (aligned, owned) buffer: no mapping of the whole file."""
+    stored = _FLOAT_DTYPES[entry["dtype"]]
+    tensor = torch.empty(entry["shape"], dtype=stored)
+    start, stop = entry["data_offsets"]
+    if stop - start != tensor.numel() * tensor.element_size():
+        raise CheckpointError(f"{name} has {stop - start} bytes for shape {tuple(entry['shape'])}.")
+    if tensor.numel():
+        f.seek(data_start + start)
+        buf = tensor.view(-1).view(torch.uint8).numpy()
+        if f.readinto(buf) != buf.size:
+            raise CheckpointError(f"{name} could not be read in full; the file is truncated.")
+    return tensor
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
@@ -174,10 +204,8 @@ def _materialise(
         model = PackedTransformer(config)
     expected = dict(model.named_parameters())
     seen: set[str] = set()
-    from safetensors import safe_open
-
     for shard in shards:
-        header, _ = _read_header(shard)
+        header, _, data_start = _read_header(shard)
         names = {}
         for key, entry in header.items():  # check everything before reading any tensor
             name = _strip_prefix(key)
@@ -198,23 +226,21 @@ def _materialise(
                 )
             names[key] = name
         try:
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
+            with open(shard, "rb") as f:
                 for key, name in names.items():
-                    tensor = f.get_tensor(key)
-                    target = dtype or (torch.bfloat16 if tensor.dtype.itemsize == 1 else tensor.dtype)
+                    tensor = _read_tensor(f, header[key], data_start, f"{key} in {shard.name}")
+                    target = dtype or (torch.bfloat16 if tensor.element_size() == 1 else tensor.dtype)
                     module_name, _, attr = name.rpartition(".")
-                    module = model.get_submodule(module_name)
-                    param = nn.Parameter(tensor.to(device=device, dtype=target), requires_grad=False)
-                    setattr(module, attr, param)
+                    value = tensor.to(device=device, dtype=target)
+                    setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
                     seen.add(name)
-                    del tensor
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types
+                    del tensor, value
+        except OSError as e:
             raise CheckpointError(f"{shard.name} could not be read ({e}).") from None
     missing = [n for n in expected if n not in seen]
     if missing:
-        raise CheckpointError(f"the checkpoint lacks {len(missing)} weights, the first is {missing[0]!r}.")
+        what = "a weight" if len(missing) == 1 else f"{len(missing)} weights"
+        raise CheckpointError(f"the checkpoint lacks {what}, the first is {missing[0]!r}.")
     dtypes = {p.dtype for p in model.parameters()}
     if dtype is None and len(dtypes) > 1:  # mixed storage: unify on the most common dtype
         common = max(dtypes, key=lambda d: sum(p.numel() for p in model.parameters() if p.dtype == d))
@@ -233,7 +259,13 @@ def _from_hub(repo_id: str) -> Path:
     try:
         root = Path(snapshot_download(repo, allow_patterns=patterns))
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        from huggingface_hub import constants
+
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
+            "1",
+            "true",
+            "yes",
+        )
         why = "the hub is offline (HF_HUB_OFFLINE)" if offline else "the hub could not be reached"
         raise CheckpointError(
             f"{repo_id} is not in the local Hugging Face cache and {why}; download it first or pass a local path."
@@ -254,7 +286,8 @@ def load_transformer(
     as `owner/name:subfolder`. Raises `CheckpointError` with one sentence on a bad checkpoint.
     """
     p = Path(path)
-    if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w./-]+)?", str(path)):
+    looks_like_file = p.suffix in (".safetensors", ".json", ".gguf", *PICKLE_SUFFIXES)
+    if not p.exists() and not looks_like_file and re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w./-]+)?", str(path)):
         p = _from_hub(str(path))
     if p.is_dir():
         config_path = p / "config.json"
@@ -268,7 +301,7 @@ def load_transformer(
             raise _pickle_refusal(p)
         if p.suffix != ".safetensors":
             raise CheckpointError(f"{p.name} is not a .safetensors checkpoint.")
-        header, meta = _read_header(p)
+        header, meta, _ = _read_header(p)
         if "config" in meta:
             try:
                 config = TransformerConfig.from_dict(json.loads(meta["config"]))

@@ -93,7 +93,8 @@ class PackedTransformer(nn.Module):
         self.clean_x_embedder = (
             HistoryEmbedder(c.clean_kernels, c.in_channels, dim) if c.has_clean_x_embedder else None
         )
-        self.context_embedder = TokenRefiner(c.text_embed_dim, dim, heads, c.num_refiner_layers, c.mlp_ratio)
+        # The token refiner's MLP ratio is fixed at 4 in the released architecture.
+        self.context_embedder = TokenRefiner(c.text_embed_dim, dim, heads, c.num_refiner_layers, 4.0)
         self.image_projection = ImageProjection(c.image_proj_dim, dim) if c.has_image_proj else None
         self.time_text_embed = ConditionEmbedding(dim, c.pooled_projection_dim, c.guidance_embeds)
         self.transformer_blocks = nn.ModuleList(
@@ -118,6 +119,25 @@ class PackedTransformer(nn.Module):
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
+
+    def add_history_kernel(self, name: str) -> None:
+        """Give the model an input projection for a new history kernel (e.g. "k8"), for training.
+
+        The new Conv3d is initialised from the k1 projection (`init_kernel_from_base`) and the
+        config records the kernel, so a saved checkpoint loads with it.
+        """
+        if self.clean_x_embedder is None:
+            raise ValueError("this model has no history projections to extend.")
+        kernel = Kernel.parse(name)
+        if kernel.name in self.config.clean_kernels:
+            return
+        base = self.clean_x_embedder.proj
+        size = (kernel.t, kernel.h, kernel.w)
+        conv = nn.Conv3d(base.in_channels, base.out_channels, size, stride=size)
+        conv.to(device=base.weight.device, dtype=base.weight.dtype)
+        init_kernel_from_base(base, conv)
+        self.clean_x_embedder.add_module(kernel.projection_name(), conv)
+        self.config = self.config.replace(clean_kernels=(*self.config.clean_kernels, kernel.name))
 
     def _rope(
         self, indices: torch.Tensor, t: int, h: int, w: int, kernel: Kernel, batch: int
@@ -189,7 +209,9 @@ class PackedTransformer(nn.Module):
             text, text_mask = text[:, : int(text_mask.sum())], None
         ctx = self.context_embedder(text, timestep, text_mask)  # (B, M, D)
         key_mask = None
-        if image_embeds is not None and self.image_projection is not None:
+        if image_embeds is not None and self.image_projection is None:
+            raise ValueError("this model has no image projection; pass image_embeds=None.")
+        if image_embeds is not None:  # (None on a model with a projection: no image tokens)
             img = self.image_projection(image_embeds.to(dtype))  # (B, 729, D)
             ctx = torch.cat([img, ctx], dim=1)
             if text_mask is not None:
