@@ -112,7 +112,19 @@ def run(dtype_name: str, repeats: int) -> dict:
     t_ref, t_ours = statistics.median(times["diffusers"]), statistics.median(times["ours"])
     diff = (out_ours.float() - out_ref.float()).abs().max().item()
     scale = out_ref.float().abs().max().item()
-    return dict(dtype=dtype_name, diffusers=t_ref, ours=t_ours, ratio=t_ours / t_ref, diff=diff, scale=scale)
+    row = dict(dtype=dtype_name, diffusers=t_ref, ours=t_ours, ratio=t_ours / t_ref, diff=diff, scale=scale)
+    if dtype != torch.float32:  # how far each low-precision output is from the fp32 one
+        with torch.no_grad():
+            exact = ref.float()(**make_inputs(cfg, torch.float32)).sample
+        row["err_diffusers"] = (out_ref.float() - exact).abs().max().item()
+        row["err_ours"] = (out_ours.float() - exact).abs().max().item()
+    return row
+
+
+def errors(r: dict) -> str:
+    if "err_ours" not in r:
+        return ""
+    return f" (vs fp32: diffusers {r['err_diffusers']:.1e}, ours {r['err_ours']:.1e})"
 
 
 def main() -> None:
@@ -131,6 +143,10 @@ def main() -> None:
             f"ratio ours/diffusers {r['ratio']:.3f} ({1 / r['ratio']:.2f}x faster), "
             f"max |diff| {r['diff']:.2e} (output max {r['scale']:.2f})"
         )
+        if "err_ours" in r:
+            print(
+                f"  max |error| vs the fp32 output: diffusers {r['err_diffusers']:.2e}, ours {r['err_ours']:.2e}"
+            )
     if args.record:
         path = Path(__file__).with_name("RESULTS.md")
         cpu = platform.processor() or platform.machine()
@@ -139,7 +155,7 @@ def main() -> None:
                 f.write(
                     f"| transformer {r['dtype']} | {time.strftime('%Y-%m-%d')} | {cpu}, {torch.get_num_threads()} threads, "
                     f"torch {torch.__version__} | diffusers {r['diffusers']:.3f} s | ours {r['ours']:.3f} s | "
-                    f"**{r['ratio']:.3f}x** time | max diff {r['diff']:.1e} | `python bench/transformer.py --record` |\n"
+                    f"**{r['ratio']:.3f}x** time | max diff {r['diff']:.1e}{errors(r)} | `python bench/transformer.py --record` |\n"
                 )
 
 
