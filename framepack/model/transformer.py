@@ -56,10 +56,16 @@ class HistoryEmbedder(nn.Module):
 
     def __init__(self, kernels: Sequence[str], in_channels: int, dim: int) -> None:
         super().__init__()
+        self.in_channels, self.dim = in_channels, dim
         for name in kernels:
-            k = Kernel.parse(name)
-            size = (k.t, k.h, k.w)
-            self.add_module(k.projection_name(), nn.Conv3d(in_channels, dim, kernel_size=size, stride=size))
+            self.add_kernel(Kernel.parse(name))
+
+    def add_kernel(self, kernel: Kernel) -> nn.Conv3d:
+        """Create (uninitialised) and register the projection for `kernel`."""
+        size = (kernel.t, kernel.h, kernel.w)
+        conv = nn.Conv3d(self.in_channels, self.dim, kernel_size=size, stride=size)
+        self.add_module(kernel.projection_name(), conv)
+        return conv
 
     def forward(self, latents: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         conv = getattr(self, kernel.projection_name(), None)
@@ -132,11 +138,8 @@ class PackedTransformer(nn.Module):
         if kernel.name in self.config.clean_kernels:
             return
         base = self.clean_x_embedder.proj
-        size = (kernel.t, kernel.h, kernel.w)
-        conv = nn.Conv3d(base.in_channels, base.out_channels, size, stride=size)
-        conv.to(device=base.weight.device, dtype=base.weight.dtype)
+        conv = self.clean_x_embedder.add_kernel(kernel).to(device=base.weight.device, dtype=base.weight.dtype)
         init_kernel_from_base(base, conv)
-        self.clean_x_embedder.add_module(kernel.projection_name(), conv)
         self.config = self.config.replace(clean_kernels=(*self.config.clean_kernels, kernel.name))
 
     def _rope(
