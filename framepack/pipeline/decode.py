@@ -1,0 +1,95 @@
+"""Incremental decoding: the visible video grows every section without re-decoding everything.
+
+After a section, only the latents next to the already decoded block are decoded (the new window
+plus one window of overlap) and blended into the existing pixels with linear weights over
+`4 * window - 3` frames (FRAMEPACK.md section 6). Decoding a block of `n` latents gives `4n - 3`
+frames, so the blended video always has `4 * latents - 3` frames, as a one-shot decode would.
+Also the fast 16->3 latent preview used for live step previews.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["soft_join", "IncrementalDecoder", "latent_preview", "to_uint8_frames"]
+
+# Linear latent -> RGB map of the HunyuanVideo VAE latents (the factors ComfyUI uses for previews).
+_RGB_FACTORS = (
+    (-0.0395, -0.0331, 0.0445),
+    (0.0696, 0.0795, 0.0518),
+    (0.0135, -0.0945, -0.0282),
+    (0.0108, -0.0250, -0.0765),
+    (-0.0209, 0.0032, 0.0224),
+    (-0.0804, -0.0254, -0.0639),
+    (-0.0991, 0.0271, -0.0669),
+    (-0.0646, -0.0422, -0.0400),
+    (-0.0696, -0.0595, -0.0894),
+    (-0.0799, -0.0208, -0.0375),
+    (0.1166, 0.1627, 0.0962),
+    (0.1165, 0.0432, 0.0407),
+    (-0.2315, -0.1920, -0.1355),
+    (-0.0270, 0.0401, -0.0821),
+    (-0.0616, -0.0997, -0.0727),
+    (0.0249, -0.0469, -0.1703),
+)
+_RGB_BIAS = (0.0259, -0.0192, -0.0761)
+
+
+def latent_preview(latents: torch.Tensor) -> np.ndarray:
+    """`(1, 16, T, h, w)` latents to `(T, h, w, 3)` uint8 frames through the linear RGB map."""
+    weight = torch.tensor(_RGB_FACTORS, dtype=torch.float32)  # (16, 3)
+    rgb = torch.einsum("bcthw,cr->bthwr", latents[:1].float().cpu(), weight) + torch.tensor(_RGB_BIAS)
+    return (rgb[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
+    """`(1, 3, T, H, W)` pixels in [-1, 1] to `(T, H, W, 3)` uint8."""
+    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, T, H, W)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def soft_join(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Concatenate `(B, C, T, H, W)` clips in time, cross-fading the `overlap` shared frames."""
+    if overlap <= 0:
+        return torch.cat([earlier, later], dim=2)
+    w = torch.linspace(1, 0, overlap, dtype=earlier.dtype, device=earlier.device).view(1, 1, -1, 1, 1)
+    blend = earlier[:, :, -overlap:] * w + later[:, :, :overlap] * (1 - w)
+    return torch.cat([earlier[:, :, :-overlap], blend, later[:, :, overlap:]], dim=2)
+
+
+class IncrementalDecoder:
+    """Pixels of the contiguous block of latents `[lo, hi)` decoded so far, grown at either end."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], window: int) -> None:
+        self.decode, self.window = decode, window
+        self.pixels: torch.Tensor | None = None  # (1, 3, 4 * (hi - lo) - 3, H, W)
+        self.lo = self.hi = 0
+
+    def update(self, latents: torch.Tensor, lo: int, hi: int) -> bool:
+        """Show latents `[lo, hi)` of `latents` `(1, C, N, h, w)`; True if the pixels changed.
+
+        The new range must contain the current one; each end grows by decoding the new latents
+        plus `window` latents of overlap and blending over `4 * window - 3` frames.
+        """
+        if hi <= lo or (self.pixels is not None and (lo, hi) == (self.lo, self.hi)):
+            return False
+        if self.pixels is None:
+            self.pixels = self.decode(latents[:, :, lo:hi])
+            self.lo, self.hi = lo, hi
+            return True
+        assert lo <= self.lo and hi >= self.hi, "the decoded block only grows"
+        ws = self.window
+        if lo < self.lo:  # new frames before the block (inverted order)
+            ctx = min(ws, self.hi - self.lo)
+            chunk = self.decode(latents[:, :, lo : self.lo + ctx])
+            self.pixels = soft_join(chunk, self.pixels, 4 * ctx - 3)
+            self.lo = lo
+        if hi > self.hi:  # new frames after the block (forward order)
+            ctx = min(ws, self.hi - self.lo)
+            chunk = self.decode(latents[:, :, self.hi - ctx : hi])
+            self.pixels = soft_join(self.pixels, chunk, 4 * ctx - 3)
+            self.hi = hi
+        return True
