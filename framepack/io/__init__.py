@@ -1,0 +1,35 @@
+"""Input images and output files: resolution buckets, robust image loading, atomic mp4/GIF/PNG/JSON.
+
+PyAV (the `video` extra) is imported only when a video is written or read.
+"""
+
+from __future__ import annotations
+
+from framepack.io.errors import InputError
+from framepack.io.files import atomic_write, write_bytes_atomic, write_json_atomic
+from framepack.io.images import (
+    BUCKETS_640,
+    buckets,
+    fit_to_bucket,
+    load_image,
+    pick_bucket,
+    prepare_image,
+)
+from framepack.io.video import read_video, write_gif, write_mp4, write_png_frames
+
+__all__ = [
+    "BUCKETS_640",
+    "InputError",
+    "atomic_write",
+    "buckets",
+    "fit_to_bucket",
+    "load_image",
+    "pick_bucket",
+    "prepare_image",
+    "read_video",
+    "write_bytes_atomic",
+    "write_gif",
+    "write_json_atomic",
+    "write_mp4",
+    "write_png_frames",
+]

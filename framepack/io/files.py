@@ -1,0 +1,87 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never a partial one.
+
+Each write goes to a hidden temporary file in the target's directory (same file system, so the
+final `os.replace` is atomic), is flushed and fsynced, then renamed onto the target; the directory
+is fsynced too so the rename survives a crash. Any failure, including KeyboardInterrupt, removes
+the temporary file and leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from framepack.io.errors import InputError
+
+
+def _fsync_path(path: Path) -> None:
+    # "r+b", not "rb": Windows only flushes handles opened for writing.
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened (or fsynced) on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (network mounts) refuse; the data itself is synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _create_temp(target: Path) -> Path:
+    # Not `tempfile.mkstemp`: it creates mode 0600, which the rename would carry onto the output;
+    # mode 0o666 lets the umask decide, as for any ordinary file.
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write into; on success it replaces `path` atomically.
+
+    Creates missing parent directories. The temporary file exists (empty) when yielded, so
+    writers may open it by name or overwrite it.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"Cannot write {target} because it is a directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temp(target)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write `data` to `path` atomically and return the path."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write `data` as UTF-8 JSON (indented, strict: no NaN/Infinity) to `path` atomically.
+
+    Serialises before touching the disk, so unserialisable data leaves no file behind.
+    """
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return write_bytes_atomic(text.encode("utf-8"), path)
