@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, model specs and a smoke run on this machine")
     p.set_defaults(func=cmd_info)
 
+    from .generate import add_parser as add_generate
+
+    add_generate(sub)
+
     p = sub.add_parser("pack", help="token counts of a packing schedule at a frame size")
     p.add_argument(
         "schedule", nargs="?", default="inverted", help="preset or paper name, e.g. f16k4f2k2f1k1_g9"

@@ -1,0 +1,202 @@
+"""`framepack generate`: image + prompt -> mp4, with a progress bar and optional JSON events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+
+__all__ = ["add_parser", "timed_prompt_text"]
+
+
+def timed_prompt_text(prompt: str | None, prompt_at: list[str]) -> str:
+    """Merge `--prompt` and `--prompt-at TIME:TEXT` options into the timed-prompt syntax."""
+    if not prompt_at:
+        return prompt or ""
+    parts = []
+    times = []
+    for item in prompt_at:
+        when, sep, text = item.partition(":")
+        try:
+            t = float(when.strip().rstrip("s"))
+        except ValueError:
+            t = None
+        if not sep or t is None or not text.strip():
+            raise ValueError(f"--prompt-at {item!r} is not TIME:TEXT, e.g. 3:the cat sits down.")
+        times.append(t)
+        parts.append(f"[{t:g}s: {text.strip()}]")
+    if prompt and min(times) > 0:
+        parts.insert(0, f"[0s: {prompt.strip()}]")
+    return " ".join(parts)
+
+
+def _keyframes(items: list[str]) -> tuple[tuple[float, str], ...]:
+    out = []
+    for item in items:
+        when, sep, path = item.partition(":")
+        try:
+            t = float(when.strip().rstrip("s"))
+        except ValueError:
+            t = None
+        if not sep or t is None or not path:
+            raise ValueError(f"--keyframe {item!r} is not TIME:IMAGE, e.g. 2.5:pose.png.")
+        out.append((t, path))
+    return tuple(out)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
+    p.add_argument("--image", required=True, help="start image")
+    p.add_argument("--prompt", help="prompt; timed prompts like '[0s-3s: ...] [3s: ...]' work too")
+    p.add_argument(
+        "--prompt-at", action="append", default=[], metavar="TIME:TEXT", help="a prompt from TIME seconds on"
+    )
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--sections", type=int, help="number of sections instead of --seconds")
+    p.add_argument("--model", help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1)")
+    p.add_argument("--seed", type=int, default=31337)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, default=1.0, help="real CFG scale (1 = no negative pass)")
+    p.add_argument("--cfg-rescale", type=float, default=0.0)
+    p.add_argument("--distilled-cfg", type=float, help="distilled guidance scale (default 10)")
+    p.add_argument("--window", type=int, help="latent frames per section (default 9)")
+    p.add_argument("--order", choices=["inverted", "forward", "anti-drifting"])
+    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc")
+    p.add_argument("--shift", type=float, help="fixed sigma shift instead of the dynamic one")
+    p.add_argument("--end-image")
+    p.add_argument("--keyframe", action="append", default=[], metavar="TIME:IMAGE")
+    p.add_argument("--resolution", type=int, help="bucket base, e.g. 640 or 320")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--crf", type=int, default=16)
+    p.add_argument("--gif", action="store_true", help="also write a GIF")
+    p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--name", help="output file name (without extension)")
+    p.add_argument("--events", help="write one JSON line per event to this file")
+    p.set_defaults(func=cmd_generate)
+
+
+def _event_json(event) -> dict:
+    from ..pipeline.generate import Finished, SectionDone, Stage, StepEvent
+
+    if isinstance(event, StepEvent):
+        return {
+            "event": "step",
+            "section": event.section,
+            "sections": event.sections,
+            "step": event.step,
+            "steps": event.steps,
+        }
+    if isinstance(event, SectionDone):
+        return {
+            "event": "section",
+            "section": event.section,
+            "sections": event.sections,
+            "video": str(event.video) if event.video else None,
+            "frames": event.frames,
+            "seconds": round(event.seconds, 3),
+        }
+    if isinstance(event, Finished):
+        return {
+            "event": "finished",
+            "video": str(event.video),
+            "frames": event.frames,
+            "sidecar": str(event.sidecar),
+        }
+    if isinstance(event, Stage):
+        return {"event": "stage", "name": event.name}
+    return {"event": type(event).__name__}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .main import UserError
+
+    if not args.model:
+        raise UserError("no model given and no demo model is shipped yet; pass --model DIR or a bundle name.")
+
+    import diffusers.utils.logging
+    import transformers.utils.logging
+    from tqdm import tqdm
+
+    from ..pipeline.bundle import load_bundle
+    from ..pipeline.generate import (
+        Finished,
+        GenerationSettings,
+        SectionDone,
+        StepEvent,
+        generate_events,
+        prepare,
+    )
+    from ..sampling import Cancelled
+
+    for library in (transformers.utils.logging, diffusers.utils.logging):  # our bar is the one to show
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    try:
+        settings = GenerationSettings(
+            prompt=timed_prompt_text(args.prompt, args.prompt_at),
+            image=args.image,
+            negative_prompt=args.negative_prompt,
+            seconds=None if args.sections else args.seconds,
+            sections=args.sections,
+            seed=args.seed,
+            steps=args.steps,
+            cfg=args.cfg,
+            cfg_rescale=args.cfg_rescale,
+            distilled_cfg=args.distilled_cfg,
+            window=args.window,
+            order=args.order,
+            sampler=args.sampler,
+            shift=args.shift,
+            end_image=args.end_image,
+            keyframes=_keyframes(args.keyframe),
+            resolution=args.resolution,
+            width=args.width,
+            height=args.height,
+            fps=args.fps,
+            crf=args.crf,
+            gif=args.gif,
+            name=args.name,
+        )
+        bundle = load_bundle(args.model)
+        prepared = prepare(bundle, settings)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    stop = threading.Event()
+    events_file = open(args.events, "w") if args.events else None
+    total = len(prepared.plan.sections) * prepared.steps
+    bar = tqdm(total=total, unit="step", desc=f"section 1/{len(prepared.plan.sections)}", file=sys.stderr)
+    video = None
+    try:
+        for event in generate_events(bundle, prepared, args.out, cancel=stop.is_set):
+            if events_file:
+                events_file.write(json.dumps(_event_json(event)) + "\n")
+                events_file.flush()
+            if isinstance(event, StepEvent):
+                bar.set_description(f"section {event.section + 1}/{event.sections}")
+                bar.update(1)
+            elif isinstance(event, SectionDone):
+                video = event.video
+            elif isinstance(event, Finished):
+                bar.close()
+                print(event.video)
+                if event.gif:
+                    print(event.gif)
+    except KeyboardInterrupt:
+        stop.set()
+        bar.close()
+        where = f"; the video so far is {video}" if video else ""
+        raise UserError(f"interrupted{where}.") from None
+    except Cancelled:
+        bar.close()
+        raise UserError("cancelled.") from None
+    except ValueError as e:
+        bar.close()
+        raise UserError(str(e)) from None
+    finally:
+        if events_file:
+            events_file.close()

@@ -1,0 +1,392 @@
+"""The generation loop: image + prompt -> a video that grows section by section.
+
+`generate_events(bundle, settings, out_dir)` is a generator of typed events (stages, sampling
+steps with a latent preview, finished sections with the video written so far, the end). It imports
+no UI code; the CLI, the GUI and scripts all drive it. One CPU generator seeded once serves every
+section, so the same seed gives the same video. The mp4 is rewritten atomically after every
+section, so a stopped run keeps every finished section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.transformer import HistoryGroup
+from ..packing.layout import gather_history
+from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
+from .decode import IncrementalDecoder, latent_preview, to_uint8_frames
+from .plan import SectionPlan, plan_sections
+from .prompts import parse_timed_prompt
+
+__all__ = [
+    "GenerationSettings",
+    "Stage",
+    "StepEvent",
+    "SectionDone",
+    "Finished",
+    "Event",
+    "prepare",
+    "generate_events",
+    "generate",
+    "settings_from_dict",
+]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every setting of one generation; `None` takes the bundle manifest's default."""
+
+    prompt: str
+    image: str | None = None  # start image path (or pass the array to `prepare`)
+    negative_prompt: str = ""
+    seconds: float | None = 5.0
+    sections: int | None = None
+    seed: int = 31337
+    steps: int | None = None
+    cfg: float = 1.0
+    cfg_rescale: float = 0.0
+    distilled_cfg: float | None = None
+    window: int | None = None
+    order: str | None = None
+    sampler: str = "unipc"
+    shift: float | None = None
+    end_image: str | None = None
+    keyframes: tuple[tuple[float, str], ...] = ()
+    resolution: int | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: int | None = None
+    crf: int = 16
+    gif: bool = False
+    name: str | None = None  # output file stem
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Stage:
+    name: str  # "encoding", "sampling", "decoding", "writing"
+
+
+@dataclass
+class StepEvent:
+    section: int  # 0-based, in generation order
+    sections: int
+    step: int  # 0-based
+    steps: int
+    preview: np.ndarray  # (T, h, w, 3) uint8 x0 preview at latent resolution
+
+
+@dataclass
+class SectionDone:
+    section: int
+    sections: int
+    video: Path | None  # the mp4 written so far (None if this section is not visible yet)
+    frames: int  # frames in that video
+    seconds: float  # wall time of the section
+
+
+@dataclass
+class Finished:
+    video: Path
+    frames: int
+    sidecar: Path
+    gif: Path | None = None
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+Event = Stage | StepEvent | SectionDone | Finished
+
+
+@dataclass
+class Prepared:
+    """Validated inputs of one generation (no file is written before this succeeds)."""
+
+    settings: GenerationSettings
+    plan: SectionPlan
+    image: np.ndarray  # (H, W, 3) uint8 at the bucket size
+    end_image: np.ndarray | None
+    keyframe_images: list[np.ndarray]
+    prompts: list[str]
+    steps: int
+    distilled_cfg: float
+    fps: int
+
+
+def _check_number(name: str, value, low: float, high: float) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or not np.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}.")
+
+
+def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
+    """Validate the settings against the bundle and load the images; raises ValueError."""
+    from ..io import prepare_image
+
+    m = bundle.manifest
+    _check_number("steps", settings.steps, 1, 1000)
+    _check_number("cfg", settings.cfg, 0.0, 100.0)
+    _check_number("cfg rescale", settings.cfg_rescale, 0.0, 1.0)
+    _check_number("distilled guidance", settings.distilled_cfg, 0.0, 100.0)
+    _check_number("window", settings.window, 1, 33)
+    _check_number("fps", settings.fps, 1, 240)
+    _check_number("crf", settings.crf, 0, 51)
+    if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {settings.seed!r}.")
+    if settings.sampler not in ("unipc", "euler"):
+        raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
+    if not settings.prompt or not settings.prompt.strip():
+        raise ValueError("the prompt is empty.")
+    window = int(settings.window or m.window)
+    fps = int(settings.fps or m.fps)
+    order = settings.order or m.order
+    resolution = settings.resolution or m.resolution
+
+    source = image if image is not None else settings.image
+    if source is None:
+        raise ValueError("a start image is needed (--image).")
+    size = dict(resolution=resolution, width=settings.width, height=settings.height)
+    start = prepare_image(source, **size)
+    exact = dict(resolution=resolution, width=start.shape[1], height=start.shape[0])
+    end = prepare_image(settings.end_image, **exact) if settings.end_image else None
+    keyframe_images = [prepare_image(path, **exact) for _, path in settings.keyframes]
+
+    duration = settings.seconds if settings.sections is None else None
+    sections = settings.sections
+    plan_kwargs = dict(window=window, order=order, schedule=m.packing, end_image=end is not None, fps=fps)
+    draft = plan_sections(sections, seconds=duration, **plan_kwargs)  # validates length first
+    timed = parse_timed_prompt(settings.prompt, draft.duration)
+    plan = plan_sections(
+        sections,
+        seconds=duration,
+        keyframes=[t for t, _ in settings.keyframes],
+        prompts=timed,
+        **plan_kwargs,
+    )
+    return Prepared(
+        settings=settings,
+        plan=plan,
+        image=start,
+        end_image=end,
+        keyframe_images=keyframe_images,
+        prompts=[p.text for p in timed],
+        steps=int(settings.steps or m.steps),
+        distilled_cfg=float(
+            m.distilled_guidance if settings.distilled_cfg is None else settings.distilled_cfg
+        ),
+        fps=fps,
+    )
+
+
+def _pixels(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, 1, H, W) in [-1, 1]."""
+    x = torch.tensor(image, dtype=torch.float32).div(127.5).sub(1)
+    return x.permute(2, 0, 1)[None, :, None]
+
+
+def generate_events(
+    bundle,
+    prepared: Prepared,
+    out_dir: str | Path,
+    cancel: Callable[[], bool] | None = None,
+) -> Iterator[Event]:
+    """Run one prepared generation, yielding events; the video lands in `out_dir`.
+
+    Raises `framepack.sampling.Cancelled` when `cancel()` turns true (between sampling steps);
+    the video written after the last finished section stays in place.
+    """
+    from ..io import write_gif, write_json_atomic, write_mp4
+    from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
+
+    s, plan = prepared.settings, prepared.plan
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = s.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{s.seed}"
+    video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
+    started = time.perf_counter()
+    model = bundle.transformer
+    device, schedule, ws = model.device, plan.schedule, plan.window
+
+    # 1. Conditioning.
+    yield Stage("encoding")
+    with torch.no_grad():
+        prompts = [encode_prompt(bundle, p) for p in prepared.prompts]
+        negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
+        siglip = encode_image(bundle, prepared.image)
+        start_latent = vae_encode(bundle, _pixels(prepared.image)).float().cpu()  # (1, C, 1, h, w)
+        refs = [prepared.end_image] if prepared.end_image is not None else []
+        refs += prepared.keyframe_images
+        ref_latents = [vae_encode(bundle, _pixels(im)).float().cpu() for im in refs]
+
+    _, c, _, h, w = start_latent.shape
+    bank = torch.zeros(1, c, plan.total_latents + len(ref_latents), h, w)  # every latent on one axis
+    bank[:, :, 0] = start_latent[:, :, 0]
+    for i, lat in enumerate(ref_latents):
+        bank[:, :, plan.total_latents + i] = lat[:, :, 0]
+    done = np.zeros(plan.total_latents, dtype=bool)
+    done[0] = True
+
+    generator = torch.Generator("cpu").manual_seed(s.seed)
+    sampler = get_sampler(s.sampler)
+    sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
+    guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
+    decoder = IncrementalDecoder(lambda lat: vae_decode(bundle, lat.to(device)).float().cpu(), ws)
+    info = {
+        "settings": s.to_dict(),
+        "bundle": str(getattr(bundle, "root", "")),
+        "sections": len(plan.sections),
+    }
+    frames_written = 0
+
+    for section in plan.sections:
+        t0 = time.perf_counter()
+        layout = section.layout
+        history = bank[:, :, list(section.history())] if section.history() else bank[:, :, :0]
+        groups = gather_history(history, schedule, plan.packing_order)
+        anchors = bank[:, :, list(section.anchors_from)]
+        kernels = [g.kernel.name for g in schedule.groups]
+        packed = [
+            HistoryGroup(torch.cat([anchors, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
+        ]
+        packed += [
+            HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
+        ]
+        packed = [HistoryGroup(g.latents.to(device), g.indices, g.kernel) for g in packed]
+        noisy_indices = torch.tensor(layout.noisy)
+        cond, neg = prompts[section.prompt_index], negative
+
+        def denoise(
+            x: torch.Tensor, sigma: torch.Tensor, cond=cond, neg=neg, packed=packed, idx=noisy_indices
+        ):
+            t = (sigma * 1000.0).to(device)
+
+            def velocity(p):
+                return model.forward_packed(
+                    x.to(device), idx, packed, t, p.text, p.mask, p.pooled, guidance, siglip
+                ).float()
+
+            v = velocity(cond)
+            if neg is not None:
+                v = cfg_velocity(v, velocity(neg), s.cfg, s.cfg_rescale)
+            return velocity_to_x0(x, v.to(x.device), sigma)
+
+        noise = torch.randn((1, c, ws, h, w), generator=generator)  # one CPU generator, every section
+        yield Stage("sampling")
+        for event in _sample_live(
+            sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel
+        ):
+            if isinstance(event, StepEvent):
+                yield event
+            else:
+                latents = event
+        window = list(section.window)
+        bank[:, :, window] = latents.float().cpu()
+        done[window] = True
+
+        # 2. Show it: the contiguous block next to the start (forward) or the end (inverted orders).
+        if plan.packing_order == "forward":
+            lo, hi = 0, int(np.argmin(done)) if not done.all() else plan.total_latents
+        else:
+            first = plan.total_latents - int(np.argmin(done[::-1])) if not done.all() else 0
+            lo, hi = (first if first > 1 else 0), plan.total_latents
+        yield Stage("decoding")
+        with torch.no_grad():
+            changed = decoder.update(bank, lo, hi)
+        if changed:
+            frames = to_uint8_frames(decoder.pixels)
+            info["frames"] = int(frames.shape[0])
+            write_mp4(
+                frames, video_path, fps=prepared.fps, crf=s.crf, metadata={"framepack": json.dumps(info)}
+            )
+            frames_written = int(frames.shape[0])
+        yield SectionDone(
+            section.number,
+            len(plan.sections),
+            video_path if frames_written else None,
+            frames_written,
+            time.perf_counter() - t0,
+        )
+
+    yield Stage("writing")
+    gif_path = (
+        write_gif(to_uint8_frames(decoder.pixels), out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
+    )
+    info.update(
+        video=video_path.name,
+        gif=gif_path.name if gif_path else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    write_json_atomic(info, sidecar_path)
+    yield Finished(video_path, frames_written, sidecar_path, gif_path, info["seconds"], info)
+
+
+def _sample_live(sampler, denoise, noise, sigmas, number: int, sections: int, cancel) -> Iterator:
+    """Run the sampler in a worker thread, yielding a `StepEvent` as each step ends, then the latents.
+
+    The sampler calls back synchronously; a queue hands its steps to this generator so a caller
+    sees (and can show) every step while the next one runs.
+    """
+    done = object()
+    q: queue.Queue = queue.Queue()
+
+    def on_step(i, n, x, x0):
+        q.put(StepEvent(number, sections, i, n, latent_preview(x0)))
+
+    def work():
+        try:
+            with torch.no_grad():
+                q.put((done, sampler(denoise, noise, sigmas, callback=on_step, cancel=cancel)))
+        except BaseException as e:  # handed to the caller's thread
+            q.put((done, e))
+
+    thread = threading.Thread(target=work, name="framepack-sampler", daemon=True)
+    thread.start()
+    while True:
+        item = q.get()
+        if isinstance(item, tuple) and item[0] is done:
+            thread.join()
+            if isinstance(item[1], BaseException):
+                raise item[1]
+            yield item[1]
+            return
+        yield item
+
+
+def generate(
+    bundle,
+    settings: GenerationSettings,
+    out_dir: str | Path = "outputs",
+    image: np.ndarray | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Finished:
+    """Generate one video (Python API); returns the `Finished` event."""
+    prepared = prepare(bundle, settings, image)
+    last = None
+    for event in generate_events(bundle, prepared, out_dir, cancel):
+        if on_event is not None:
+            on_event(event)
+        last = event
+    assert isinstance(last, Finished)
+    return last
+
+
+def settings_from_dict(data: dict) -> GenerationSettings:
+    """Settings back from a sidecar (to reproduce or vary a video)."""
+    fields = {f.name for f in dataclasses.fields(GenerationSettings)}
+    kwargs = {k: v for k, v in data.items() if k in fields}
+    kwargs["keyframes"] = tuple(tuple(k) for k in kwargs.get("keyframes", ()))
+    return GenerationSettings(**kwargs)

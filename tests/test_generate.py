@@ -1,0 +1,190 @@
+"""End to end on a tiny bundle in the real layout: frame counts, the mp4, seeds, constant
+context per section, cancellation, and the `framepack generate` command's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from framepack.io import read_video
+from framepack.pipeline.generate import GenerationSettings, SectionDone, generate
+from framepack.sampling import Cancelled
+from framepack.testing import tiny_bundle, tiny_bundle_dir
+
+WS = 9
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = np.zeros((64, 96, 3), np.uint8)
+    img[16:48, 24:56] = rng.integers(0, 255, 3)
+    return img
+
+
+def _run(bundle, image, tmp_path, **kw):
+    settings = GenerationSettings(prompt=kw.pop("prompt", "a cat walks"), steps=kw.pop("steps", 2), **kw)
+    events = []
+    done = generate(bundle, settings, tmp_path, image=image, on_event=events.append)
+    return done, events
+
+
+@pytest.mark.parametrize("order", ["inverted", "forward", "anti-drifting"])
+@pytest.mark.parametrize("sections", [1, 2, 5])
+def test_frame_count_fps_and_bucket(bundle, image, tmp_path, order, sections, request):
+    end = None
+    if order == "anti-drifting":
+        end = str(tmp_path / "end.png")
+        Image.fromarray(image[:, ::-1].copy()).save(end)
+    context = []
+    hook = bundle.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda mod, args: context.append(args[0].shape[1])  # image-stream tokens entering block 0
+    )
+    try:
+        done, events = _run(bundle, image, tmp_path, sections=sections, order=order, end_image=end, fps=24)
+    finally:
+        hook.remove()
+    expected = 4 * (WS * sections + 1) - 3
+    frames, fps, meta = read_video(done.video)
+    assert done.frames == expected and frames.shape[0] == expected
+    assert fps == pytest.approx(24)
+    assert frames.shape[1:3] == (48, 80)  # the 64-base bucket closest to 64x96
+    assert len(set(context)) == 1 and len(context) == sections * 2  # same context length every call
+    assert json.loads(meta["framepack"])["settings"]["order"] == order
+    assert sum(isinstance(e, SectionDone) for e in events) == sections
+    sidecar = json.loads(done.sidecar.read_text())
+    assert sidecar["frames"] == expected and sidecar["video"] == done.video.name
+
+
+def test_same_seed_same_video_other_seed_differs(bundle, image, tmp_path):
+    a, _ = _run(bundle, image, tmp_path / "a", sections=2, seed=7)
+    b, _ = _run(bundle, image, tmp_path / "b", sections=2, seed=7)
+    c, _ = _run(bundle, image, tmp_path / "c", sections=2, seed=8)
+    fa, fb, fc = (read_video(x.video)[0] for x in (a, b, c))
+    assert np.array_equal(fa, fb)
+    assert not np.array_equal(fa, fc)
+
+
+def test_cancel_keeps_finished_sections(bundle, image, tmp_path):
+    sections_done = []
+
+    def on_event(event):
+        if isinstance(event, SectionDone):
+            sections_done.append(event)
+
+    settings = GenerationSettings(prompt="a dog runs", sections=3, steps=2, name="cancelled")
+    with pytest.raises(Cancelled):
+        generate(
+            bundle, settings, tmp_path, image=image, on_event=on_event, cancel=lambda: len(sections_done) >= 1
+        )
+    frames, _, _ = read_video(tmp_path / "cancelled.mp4")
+    assert frames.shape[0] == sections_done[0].frames == 4 * WS - 3  # the first section, playable
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cfg_and_timed_prompts_run(bundle, image, tmp_path):
+    done, _ = _run(
+        bundle,
+        image,
+        tmp_path,
+        sections=2,
+        prompt="[0s-0.6s: a cat walks] [0.6s: a dog runs]",
+        cfg=2.0,
+        negative_prompt="rain",
+    )
+    assert done.frames == 4 * (WS * 2 + 1) - 3
+
+
+# ---------------------------------------------------------------- the command line
+def _cli(*args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "framepack", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_generates_with_events(image, tmp_path):
+    model = tiny_bundle_dir()
+    Image.fromarray(image).save(tmp_path / "start.png")
+    r = _cli(
+        "generate", "--model", str(model), "--image", "start.png", "--prompt", "a cat walks",
+        "--sections", "2", "--steps", "2", "--out", "out", "--events", "events.jsonl", "--gif",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    mp4 = tmp_path / r.stdout.splitlines()[0]
+    assert mp4.suffix == ".mp4" and read_video(mp4)[0].shape[0] == 4 * (WS * 2 + 1) - 3
+    assert (tmp_path / r.stdout.splitlines()[1]).suffix == ".gif"
+    kinds = [json.loads(line)["event"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("step") == 4 and kinds.count("section") == 2 and kinds[-1] == "finished"
+
+
+BAD = [
+    (["--image", "missing.png"], "missing.png"),
+    (["--image", "corrupt.png"], "corrupt.png"),
+    (["--seconds", "0"], "second"),
+    (["--seconds", "-3"], "second"),
+    (["--seconds", "1e9"], "second"),
+    (["--model", "no/such-model-here"], "no/such-model-here"),
+    (["--keyframe", "99:start.png"], "keyframe"),
+    (["--keyframe", "soon:start.png"], "TIME:IMAGE"),
+    (["--width", "100", "--height", "64"], "16"),
+    (["--steps", "0"], "steps"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_cli_bad_input_is_one_sentence_and_writes_nothing(image, tmp_path, extra, needle):
+    Image.fromarray(image).save(tmp_path / "start.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    args = [
+        "generate",
+        "--model",
+        str(tiny_bundle_dir()),
+        "--image",
+        "start.png",
+        "--prompt",
+        "a cat",
+        "--out",
+        "out",
+    ]
+    for i in range(0, len(extra), 2):  # later options override earlier ones
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i : i + 2]
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("framepack: "), r.stderr
+    assert "Traceback" not in r.stderr and needle.lower() in lines[0].lower(), lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_context_is_bounded_for_long_histories(bundle, image, tmp_path):
+    """The history grows with every section, the image-stream tokens do not (FramePack's promise)."""
+    tokens = []
+    hook = bundle.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda mod, args: tokens.append(args[0].shape[1])
+    )
+    try:
+        _run(bundle, image, tmp_path, sections=8, steps=1, order="forward")
+    finally:
+        hook.remove()
+    assert len(tokens) == 8 and len(set(tokens)) == 1
