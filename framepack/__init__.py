@@ -1,7 +1,8 @@
 """FramePack: next-section video diffusion with packed frame context.
 
 Public API (imported lazily, so `import framepack` stays cheap and side-effect free):
-`load_transformer`, `save_transformer`, `PackedTransformer`, `TransformerConfig`, `CheckpointError`.
+`generate`, `generate_iter`, `load_bundle`, `GenerationSettings`, `load_transformer`,
+`save_transformer`, `PackedTransformer`, `TransformerConfig`, `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ _LAZY = {
     "HistoryGroup": "framepack.model.transformer",
     "TransformerConfig": "framepack.model.config",
     "get_spec": "framepack.model.config",
+    "generate": "framepack.pipeline.api",
+    "generate_iter": "framepack.pipeline.api",
+    "load_bundle": "framepack.pipeline.bundle",
+    "GenerationSettings": "framepack.pipeline.generate",
 }
 
 __all__ = ["__version__", *_LAZY]

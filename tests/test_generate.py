@@ -188,3 +188,28 @@ def test_context_is_bounded_for_long_histories(bundle, image, tmp_path):
     finally:
         hook.remove()
     assert len(tokens) == 8 and len(set(tokens)) == 1
+
+
+def test_python_api_generate_and_iter(image, tmp_path):
+    import framepack
+    from framepack.pipeline.generate import StepEvent
+
+    model = tiny_bundle_dir()
+    Image.fromarray(image).save(tmp_path / "start.png")
+    done = framepack.generate(
+        model, tmp_path / "out", image=str(tmp_path / "start.png"), prompt="a cat", sections=1, steps=2
+    )
+    assert read_video(done.video)[0].shape[0] == 4 * (WS + 1) - 3
+    events = list(
+        framepack.generate_iter(model, tmp_path / "out2", image=image, prompt="a cat", sections=1, steps=2)
+    )
+    assert sum(isinstance(e, StepEvent) for e in events) == 2
+    with pytest.raises(ValueError, match="unknown generation setting"):
+        framepack.generate(model, tmp_path / "out3", image=image, prompt="a cat", frobnicate=1)
+
+
+def test_download_offline_is_one_sentence(tmp_path):
+    r = _cli("download", "hunyuan-i2v", "--cache-dir", str(tmp_path / "hub"), cwd=tmp_path)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "offline" in lines[0], r.stderr

@@ -91,6 +91,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"smoke test: one packed section (tiny random model) -> velocity {tuple(v.shape)} in {ms:.0f} ms")
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    """Fetch a named bundle's files into the Hugging Face cache (resumes partial downloads)."""
+    from ..pipeline.bundle import download_bundle
+
+    try:
+        dirs = download_bundle(args.name, progress=True, cache_dir=args.cache_dir)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for component, path in dirs.items():
+        print(f"{component:<18} {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .generate import add_parser as add_generate
 
     add_generate(sub)
+
+    p = sub.add_parser("download", help="fetch a named model bundle (hunyuan-i2v, hunyuan-f1)")
+    p.add_argument("name", help="named bundle: hunyuan-i2v or hunyuan-f1")
+    p.add_argument("--cache-dir", help="Hugging Face cache folder (default: the hub's own)")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("pack", help="token counts of a packing schedule at a frame size")
     p.add_argument(
