@@ -124,13 +124,14 @@ def test_cli_generates_with_events(image, tmp_path):
     Image.fromarray(image).save(tmp_path / "start.png")
     r = _cli(
         "generate", "--model", str(model), "--image", "start.png", "--prompt", "a cat walks",
-        "--sections", "2", "--steps", "2", "--out", "out", "--events", "events.jsonl", "--gif",
+        "--sections", "2", "--steps", "2", "--out", "out", "--events", "events.jsonl", "--gif", "--png", "--name", "clip",
         cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     mp4 = tmp_path / r.stdout.splitlines()[0]
     assert mp4.suffix == ".mp4" and read_video(mp4)[0].shape[0] == 4 * (WS * 2 + 1) - 3
     assert (tmp_path / r.stdout.splitlines()[1]).suffix == ".gif"
+    assert len(list((tmp_path / "out" / "clip_frames").glob("frame_*.png"))) == 4 * (WS * 2 + 1) - 3
     kinds = [json.loads(line)["event"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert kinds.count("step") == 4 and kinds.count("section") == 2 and kinds[-1] == "finished"
 

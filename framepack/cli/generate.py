@@ -73,6 +73,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fps", type=int)
     p.add_argument("--crf", type=int, default=16)
     p.add_argument("--gif", action="store_true", help="also write a GIF")
+    p.add_argument("--png", action="store_true", help="also write every frame as a PNG")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name (without extension)")
     p.add_argument("--events", help="write one JSON line per event to this file")
@@ -159,6 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             fps=args.fps,
             crf=args.crf,
             gif=args.gif,
+            png=args.png,
             name=args.name,
         )
         bundle = load_bundle(args.model)

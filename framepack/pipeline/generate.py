@@ -68,6 +68,7 @@ class GenerationSettings:
     fps: int | None = None
     crf: int = 16
     gif: bool = False
+    png: bool = False  # also write every frame as a PNG into `<name>_frames/`
     name: str | None = None  # output file stem
 
     def to_dict(self) -> dict:
@@ -208,7 +209,7 @@ def generate_events(
     Raises `framepack.sampling.Cancelled` when `cancel()` turns true (between sampling steps);
     the video written after the last finished section stays in place.
     """
-    from ..io import write_gif, write_json_atomic, write_mp4
+    from ..io import write_gif, write_json_atomic, write_mp4, write_png_frames
     from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
 
     s, plan = prepared.settings, prepared.plan
@@ -321,6 +322,8 @@ def generate_events(
         )
 
     yield Stage("writing")
+    if s.png:
+        write_png_frames(to_uint8_frames(decoder.pixels), out / f"{stem}_frames")
     gif_path = (
         write_gif(to_uint8_frames(decoder.pixels), out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
     )
