@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     from .generate import add_parser as add_generate
+    from .prepare import add_parser as add_prepare
 
     add_generate(sub)
+    add_prepare(sub)
 
     p = sub.add_parser("download", help="fetch a named model bundle (hunyuan-i2v, hunyuan-f1)")
     p.add_argument("name", help="named bundle: hunyuan-i2v or hunyuan-f1")
