@@ -24,7 +24,7 @@ import torch
 from ..model.transformer import HistoryGroup
 from ..packing.layout import gather_history
 from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
-from .decode import IncrementalDecoder, latent_preview, to_uint8_frames
+from .decode import IncrementalDecoder, latent_preview
 from .plan import SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 
@@ -307,7 +307,7 @@ def generate_events(
         with torch.no_grad():
             changed = decoder.update(bank, lo, hi)
         if changed:
-            frames = to_uint8_frames(decoder.pixels)
+            frames = decoder.frames
             info["frames"] = int(frames.shape[0])
             write_mp4(
                 frames, video_path, fps=prepared.fps, crf=s.crf, metadata={"framepack": json.dumps(info)}
@@ -323,10 +323,8 @@ def generate_events(
 
     yield Stage("writing")
     if s.png:
-        write_png_frames(to_uint8_frames(decoder.pixels), out / f"{stem}_frames")
-    gif_path = (
-        write_gif(to_uint8_frames(decoder.pixels), out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
-    )
+        write_png_frames(decoder.frames, out / f"{stem}_frames")
+    gif_path = write_gif(decoder.frames, out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
     info.update(
         video=video_path.name,
         gif=gif_path.name if gif_path else None,
