@@ -45,6 +45,18 @@ def _keyframes(items: list[str]) -> tuple[tuple[float, str], ...]:
     return tuple(out)
 
 
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda.") from None
+    return name
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
     p.add_argument("--image", required=True, help="start image")
@@ -74,6 +86,7 @@ def add_parser(sub) -> None:
     p.add_argument("--crf", type=int, default=16)
     p.add_argument("--gif", action="store_true", help="also write a GIF")
     p.add_argument("--png", action="store_true", help="also write every frame as a PNG")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name (without extension)")
     p.add_argument("--events", help="write one JSON line per event to this file")
@@ -163,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             png=args.png,
             name=args.name,
         )
-        bundle = load_bundle(args.model)
+        bundle = load_bundle(args.model, device=_device(args.device))
         prepared = prepare(bundle, settings)
     except ValueError as e:
         raise UserError(str(e)) from None
