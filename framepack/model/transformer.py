@@ -186,7 +186,7 @@ class PackedTransformer(nn.Module):
             guidance = guidance.to(self.device).reshape(-1).expand(b)
 
         # 1. Image stream: history groups (largest kernel first), then the noisy window.
-        tokens = [self.x_embedder(noisy.to(dtype))]  # (B, N_noisy, D)
+        tokens = [self.x_embedder(noisy.to(self.device, dtype))]  # (B, N_noisy, D)
         ropes = [self._rope(noisy_indices, t, h, w, base, b)]
         groups = sorted(
             ((Kernel.parse(g.kernel), g) for g in history if g.latents.shape[2] > 0),
@@ -199,15 +199,15 @@ class PackedTransformer(nn.Module):
                 raise ValueError(
                     f"history latents are {tuple(group.latents.shape[3:])}, noisy ones {(h, w)}."
                 )
-            tokens.insert(0, self.clean_x_embedder(group.latents.to(dtype), kernel))
+            tokens.insert(0, self.clean_x_embedder(group.latents.to(self.device, dtype), kernel))
             ropes.insert(0, self._rope(group.indices, group.latents.shape[2], h, w, kernel, b))
         x = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
         rope = torch.cat(ropes, dim=1) if len(ropes) > 1 else ropes[0]  # (B, N, 1, Dh/2)
         n_noisy = tokens[-1].shape[1]
 
         # 2. Conditioning: global embedding, refined text, SigLIP tokens before the text.
-        temb = self.time_text_embed(timestep, pooled.to(dtype), guidance)  # (B, D)
-        text = text.to(dtype)
+        temb = self.time_text_embed(timestep, pooled.to(self.device, dtype), guidance)  # (B, D)
+        text = text.to(self.device, dtype)
         if text_mask is not None and b == 1:  # batch 1: crop the padding, no mask needed
             text, text_mask = text[:, : int(text_mask.sum())], None
         ctx = self.context_embedder(text, timestep, text_mask)  # (B, M, D)
@@ -215,7 +215,7 @@ class PackedTransformer(nn.Module):
         if image_embeds is not None and self.image_projection is None:
             raise ValueError("this model has no image projection; pass image_embeds=None.")
         if image_embeds is not None:  # (None on a model with a projection: no image tokens)
-            img = self.image_projection(image_embeds.to(dtype))  # (B, 729, D)
+            img = self.image_projection(image_embeds.to(self.device, dtype))  # (B, 729, D)
             ctx = torch.cat([img, ctx], dim=1)
             if text_mask is not None:
                 text_mask = F.pad(text_mask, (img.shape[1], 0), value=1)
