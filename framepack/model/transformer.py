@@ -208,6 +208,7 @@ class PackedTransformer(nn.Module):
         # 2. Conditioning: global embedding, refined text, SigLIP tokens before the text.
         temb = self.time_text_embed(timestep, pooled.to(self.device, dtype), guidance)  # (B, D)
         text = text.to(self.device, dtype)
+        text_mask = None if text_mask is None else text_mask.to(self.device)
         if text_mask is not None and b == 1:  # batch 1: crop the padding, no mask needed
             text, text_mask = text[:, : int(text_mask.sum())], None
         ctx = self.context_embedder(text, timestep, text_mask)  # (B, M, D)
