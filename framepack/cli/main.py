@@ -135,11 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run a subcommand: bad input becomes one sentence on stderr and exit status 2."""
     try:
-        args.func(args)
+        func(args)
     except UserError as e:
         print(f"framepack: {e}", file=sys.stderr)
         return 2
@@ -147,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print("framepack: interrupted.", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ every config key.
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["add_parser", "add_arguments", "cmd_train", "main"]
 
@@ -67,17 +66,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m framepack.train CONFIG`: the same as `framepack train CONFIG`."""
-    from .main import UserError
+    from .main import run_command
 
     parser = argparse.ArgumentParser(prog="python -m framepack.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        cmd_train(args)
-    except UserError as e:
-        print(f"framepack: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("framepack: interrupted.", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(cmd_train, args)
