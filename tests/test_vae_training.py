@@ -20,13 +20,13 @@ from framepack.training.vae import (
     train_vae,
 )
 
-TINY = dict(channels=(8, 8, 16, 16), groups=4, size=32, clip_frames=5, batch=2, heldout=2)
+TINY = dict(channels=(8, 8, 16, 16), groups=2, size=32, clip_frames=5, batch=2, heldout=2)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae")
-    config = VAETrainConfig(**TINY, steps=40, lr=3e-3, warmup=0, image_every=4)
+    config = VAETrainConfig(**TINY, steps=40, lr=3e-4, warmup=0, image_every=4)
     vae, report = train_vae(config, out, progress=False)
     return config, vae, report, out
 
@@ -78,7 +78,7 @@ def test_loss_goes_down(trained):
     _, _, report, out = trained
     assert report.steps == 40 and len(report.losses) == 40
     assert np.isfinite(report.losses).all()
-    assert np.mean(report.losses[-10:]) < 0.8 * np.mean(report.losses[:10])
+    assert np.mean(report.losses[-10:]) < 0.9 * np.mean(report.losses[:10])
     with open(out / "loss.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 40 and {r["frames"] for r in rows} == {"1", "5"}  # clips and single frames
@@ -125,7 +125,7 @@ def test_psnr_is_sane(trained):
 
 
 def test_cli_trains_and_rejects_bad_input(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--steps", "2", "--channels", "8,8,16,16", "--groups", "4"]
+    args = ["--out", str(tmp_path), "--steps", "2", "--channels", "8,8,16,16", "--groups", "2"]
     assert main(args + ["--size", "32", "--clip-frames", "5", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
@@ -135,3 +135,15 @@ def test_cli_trains_and_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--channels", "8,x"])
     assert "four comma-separated" in capsys.readouterr().err
+
+
+def test_schedule_warms_up_and_anneals_by_steps_or_clock():
+    from framepack.training.vae import _lr_at
+
+    config = VAETrainConfig(steps=100, warmup=10, lr=1e-4)
+    assert _lr_at(0, config) == pytest.approx(1e-5)
+    assert _lr_at(10, config) == pytest.approx(1e-4)
+    assert _lr_at(99, config) == pytest.approx(1e-5, rel=1e-2)
+    timed = VAETrainConfig(steps=100, warmup=10, lr=1e-4, max_minutes=1.0)
+    assert _lr_at(20, timed, elapsed=0.0) == pytest.approx(_lr_at(20, config))
+    assert _lr_at(20, timed, elapsed=60.0) == pytest.approx(1e-5)  # the clock ran out first

@@ -8,13 +8,23 @@ latents), four blocks, only narrower. Clips are drawn on the fly from the demo w
 Every `image_every`-th step trains on single first frames instead, the start images that the
 image-to-video pipeline encodes alone (`T = 1`).
 
-The loss is the L1 reconstruction of a posterior sample plus `kl_weight` times the KL divergence
-to N(0, 1) per pixel value (the Stable Diffusion VAE's balance, both sums divided by the pixel
-count). After training, `latent_stats` measures the posterior-mean latents of held-out scenes
-and the scaling factor is `1 / std`, so scaled latents have unit standard deviation (the bundle
-manifest's `vae_scaling_factor`; also stored in the VAE's config).
+The loss is the L1 plus `mse_weight` times the squared error of the reconstruction of a posterior
+sample, plus `kl_weight` times the KL divergence to N(0, 1) per pixel value (the Stable Diffusion
+VAE's balance: both sums divided by the pixel count); AdamW with warmup, cosine decay and gradient
+clipping.
 
-    python -m framepack.training.vae --out demo-work/vae --steps 2000
+Two settings matter far more than the rest for these flat frames. GroupNorm statistics cover whole
+clips, and a plain background makes a clip nearly constant, so each group must span several
+channels to carry its colour: with 2 channels per group (8 groups of 16) the output collapses to
+one colour for every clip; `groups=2` learns. And the step size must stay small: at `lr` 1e-4 and
+above the reconstruction stalls at the mean colour, at 2e-5..3e-5 it falls steadily.
+
+After training, `latent_stats` measures the posterior-mean latents of held-out scenes and the
+scaling factor is `1 / std`, so scaled latents have unit standard deviation (the bundle manifest's
+`vae_scaling_factor`; also stored in the VAE's config). The demo bundle's VAE (on a shared 2-core
+CPU; passive OpenMP waiting keeps two threads from stalling when another job holds a core)::
+
+    OMP_WAIT_POLICY=PASSIVE python -m framepack.training.vae --out demo-work/vae --steps 2400 --max-minutes 20
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ class VAETrainConfig:
     resnets per encoder block (the decoder has one more); `groups` the GroupNorm groups, dividing
     every width. `clip_frames` must be `4k + 1`. `image_every`: every that many steps a batch of
     `batch * clip_frames` single frames is trained on (0: never). `max_minutes` stops early, and
-    still saves, when training runs past it.
+    still saves, when training runs past it; the learning rate then decays on that clock.
     """
 
     channels: tuple[int, int, int, int] = (16, 32, 48, 48)
@@ -161,8 +171,8 @@ def build_vae(config: VAETrainConfig) -> AutoencoderKLHunyuanVideo:
             spatial_compression_ratio=SPATIAL,
             temporal_compression_ratio=TEMPORAL,
         )
-    # The posterior's log-variance (quant_conv's second half) starts at INIT_LOGVAR, not ~0: with a
-    # small KL weight the encoder would otherwise spend its first thousand steps drowning out unit noise.
+    # The posterior's log-variance (quant_conv's second half) starts at INIT_LOGVAR, not ~0, so the
+    # decoder sees nearly deterministic latents from the first step instead of unit noise.
     with torch.no_grad():
         vae.quant_conv.weight[LATENT_CHANNELS:].zero_()
         vae.quant_conv.bias[LATENT_CHANNELS:].fill_(INIT_LOGVAR)
@@ -229,11 +239,14 @@ def reconstruction_psnr(vae: AutoencoderKLHunyuanVideo, clips: torch.Tensor, chu
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def _lr_at(step: int, config: VAETrainConfig) -> float:
-    """Linear warmup, then cosine decay to a tenth of `lr`."""
+def _lr_at(step: int, config: VAETrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to a tenth of `lr` by the last step, or by `max_minutes`
+    when that comes first (so a run stopped by the clock still ends annealed)."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(config.steps - config.warmup, 1)
+    if config.max_minutes is not None:
+        progress = max(progress, elapsed / (60 * config.max_minutes))
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -242,7 +255,8 @@ def train_vae(
 ) -> tuple[AutoencoderKLHunyuanVideo, VAETrainReport]:
     """Train `build_vae(config)` on demo-world clips; returns the VAE (eval mode) and its report.
 
-    Step `s` draws `batch` fresh scenes (seeds `seed + s * batch + j`), so a run is repeatable.
+    Step `s` draws `batch` fresh scenes (seeds `seed + s * batch + j`; image steps draw first
+    frames from negative seeds), so a run is repeatable (except for where `max_minutes` stops it).
     With `out_dir`, writes `loss.csv` as it goes, then the weights (`save_pretrained`, safetensors;
     `scaling_factor` set from `latent_stats` of held-out scenes) and `train_report.json`.
     """
@@ -254,7 +268,6 @@ def train_vae(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=config.lr,
-        betas=(0.9, 0.99),
     )
     noise = torch.Generator(device).manual_seed(config.seed)
     folder = Path(out_dir) if out_dir is not None else None
@@ -278,8 +291,9 @@ def train_vae(
                 x = demo_clips(seeds, config, frames=1).to(device)  # (B * T, 3, 1, H, W)
             else:
                 x = demo_clips(seeds, config).to(device)  # (B, 3, T, H, W)
+            lr = _lr_at(step, config, time.monotonic() - start)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
+                group["lr"] = lr
 
             posterior = vae.encode(x).latent_dist  # mean, std: (B, 16, t, h, w)
             z = posterior.sample(generator=noise)  # (B, 16, t, h, w)
@@ -301,7 +315,7 @@ def train_vae(
             elapsed = time.monotonic() - start
             if log is not None:
                 row = [step, x.shape[2], f"{losses[-1]:.6f}", f"{recons[-1]:.6f}", f"{kls[-1]:.4f}"]
-                writer.writerow(row + [f"{_lr_at(step, config):.3g}", f"{elapsed:.1f}"])
+                writer.writerow(row + [f"{lr:.3g}", f"{elapsed:.1f}"])
                 log.flush()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if config.max_minutes is not None and elapsed > 60 * config.max_minutes:
