@@ -86,6 +86,13 @@ def add_parser(sub) -> None:
     p.add_argument("--crf", type=int, default=16)
     p.add_argument("--gif", action="store_true", help="also write a GIF")
     p.add_argument("--png", action="store_true", help="also write every frame as a PNG")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (PEFT/diffusers, kohya/musubi-tuner or our training's folder); repeatable",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name (without extension)")
@@ -135,6 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import transformers.utils.logging
     from tqdm import tqdm
 
+    from ..lora import parse_lora_arg
     from ..pipeline.bundle import load_bundle
     from ..pipeline.generate import (
         Finished,
@@ -175,6 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             gif=args.gif,
             png=args.png,
             name=args.name,
+            loras=tuple(parse_lora_arg(item) for item in args.lora),
         )
         bundle = load_bundle(args.model, device=_device(args.device))
         prepared = prepare(bundle, settings)

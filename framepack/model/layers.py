@@ -36,11 +36,21 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def lora_delta(layer: nn.Module):
+    """The on-the-fly LoRA update attached to `layer` as its `lora` submodule, or None."""
+    return layer._modules.get("lora")
+
+
 class Linear(nn.Linear):
-    """`nn.Linear` whose bf16 weights stay fast on CPUs without bf16 units (see `ops.linear`)."""
+    """`nn.Linear` whose bf16 weights stay fast on CPUs without bf16 units (see `ops.linear`).
+
+    A LoRA applied on the fly (`framepack.lora`) sits in the `lora` slot and adds its update.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        delta = lora_delta(self)
+        return y if delta is None else y + delta(x)
 
 
 def patch_embed(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -96,7 +106,16 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.net[0].proj, self.net[2]
-        return chunked_mlp(x, up.weight, up.bias, down.weight, down.bias, self.act)
+        return chunked_mlp(
+            x,
+            up.weight,
+            up.bias,
+            down.weight,
+            down.bias,
+            self.act,
+            delta1=lora_delta(up),
+            delta2=lora_delta(down),
+        )
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -337,9 +356,19 @@ class SingleStreamBlock(nn.Module):
         out = attention(q, k, v, key_mask)  # (B, R, D)
 
         w_attn, w_mlp = self.proj_out.weight[:, : self.dim], self.proj_out.weight[:, self.dim :]
+        lora_mlp, lora_out = lora_delta(self.proj_mlp), lora_delta(self.proj_out)
         # proj_out(cat[attn, gelu(mlp)]) without the concatenation: the MLP half in cache-sized chunks.
         mixed = chunked_mlp(
-            normed, self.proj_mlp.weight, self.proj_mlp.bias, w_mlp, self.proj_out.bias, _gelu_tanh
+            normed,
+            self.proj_mlp.weight,
+            self.proj_mlp.bias,
+            w_mlp,
+            self.proj_out.bias,
+            _gelu_tanh,
+            delta1=lora_mlp,
+            delta2=None if lora_out is None else lora_out.columns(self.dim, None),
         )
         mixed = mixed + linear(out, w_attn, None)  # (B, R, D)
+        if lora_out is not None:
+            mixed = mixed + lora_out.columns(0, self.dim)(out)
         return torch.addcmul(h, mixed, gate[:, None])

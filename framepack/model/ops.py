@@ -7,6 +7,7 @@ products is spent moving activations, so every function here writes its result o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,17 +82,29 @@ def chunked_mlp(
     b2: torch.Tensor | None,
     act,
     rows: int = 1024,
+    delta1: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    delta2: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`act(x @ w1.T + b1) @ w2.T + b2` over row chunks of `x` `(B, L, D)`.
 
     The hidden activation is 4x wider than `x`; computing it a chunk at a time keeps it in the
     cache instead of streaming it through memory twice. Autograd uses the plain form.
+    `delta1`/`delta2` add to each product's output a function of its input (a LoRA's low-rank
+    update applied on the fly, `framepack.lora`).
     """
+
+    def mlp(part: torch.Tensor) -> torch.Tensor:
+        hidden = linear(part, w1, b1)
+        if delta1 is not None:
+            hidden = hidden + delta1(part)
+        hidden = act(hidden)
+        y = linear(hidden, w2, b2)
+        return y if delta2 is None else y + delta2(hidden)
+
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad):
-        return linear(act(linear(x, w1, b1)), w2, b2)
+        return mlp(x)
     flat = x.reshape(-1, x.shape[-1])  # (B*L, D)
     out = torch.empty(flat.shape[0], w2.shape[0], dtype=x.dtype, device=x.device)  # (B*L, Dout)
     for start in range(0, flat.shape[0], rows):
-        part = flat[start : start + rows]
-        out[start : start + rows] = linear(act(linear(part, w1, b1)), w2, b2)
+        out[start : start + rows] = mlp(flat[start : start + rows])
     return out.view(*x.shape[:-1], w2.shape[0])

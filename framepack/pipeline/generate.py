@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..lora import applied_loras, load_loras
 from ..model.transformer import HistoryGroup
 from ..packing.layout import gather_history
 from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
@@ -70,6 +71,7 @@ class GenerationSettings:
     gif: bool = False
     png: bool = False  # also write every frame as a PNG into `<name>_frames/`
     name: str | None = None  # output file stem
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, applied on the fly
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,6 +126,7 @@ class Prepared:
     steps: int
     distilled_cfg: float
     fps: int
+    loras: list = field(default_factory=list)  # (framepack.lora.Lora, scale) pairs
 
 
 def _check_number(name: str, value, low: float, high: float) -> None:
@@ -189,6 +192,7 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
             m.distilled_guidance if settings.distilled_cfg is None else settings.distilled_cfg
         ),
         fps=fps,
+        loras=load_loras(bundle.transformer, settings.loras),
     )
 
 
@@ -207,8 +211,14 @@ def generate_events(
     """Run one prepared generation, yielding events; the video lands in `out_dir`.
 
     Raises `framepack.sampling.Cancelled` when `cancel()` turns true (between sampling steps);
-    the video written after the last finished section stays in place.
+    the video written after the last finished section stays in place. LoRAs are applied on the
+    fly for the run and removed after it, leaving the bundle's transformer as it was.
     """
+    with applied_loras(bundle.transformer, prepared.loras):
+        yield from _run(bundle, prepared, out_dir, cancel)
+
+
+def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Event]:
     from ..io import write_gif, write_json_atomic, write_mp4, write_png_frames
     from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
 
@@ -390,4 +400,5 @@ def settings_from_dict(data: dict) -> GenerationSettings:
     fields = {f.name for f in dataclasses.fields(GenerationSettings)}
     kwargs = {k: v for k, v in data.items() if k in fields}
     kwargs["keyframes"] = tuple(tuple(k) for k in kwargs.get("keyframes", ()))
+    kwargs["loras"] = tuple(tuple(k) for k in kwargs.get("loras", ()))
     return GenerationSettings(**kwargs)
