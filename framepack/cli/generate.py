@@ -59,7 +59,12 @@ def _device(name: str) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
-    p.add_argument("--image", required=True, help="start image")
+    p.add_argument("--image", help="start image (leave out for text-to-video from a plain frame)")
+    p.add_argument(
+        "--t2v-colour",
+        metavar="COLOUR",
+        help="text-to-video: the plain start frame's colour (default #808080)",
+    )
     p.add_argument("--prompt", help="prompt; timed prompts like '[0s-3s: ...] [3s: ...]' work too")
     p.add_argument(
         "--prompt-at", action="append", default=[], metavar="TIME:TEXT", help="a prompt from TIME seconds on"
@@ -182,6 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             crf=args.crf,
             gif=args.gif,
             png=args.png,
+            t2v_colour=args.t2v_colour,
             name=args.name,
             loras=tuple(parse_lora_arg(item) for item in args.lora),
         )

@@ -28,6 +28,7 @@ from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, 
 from .decode import IncrementalDecoder, latent_preview
 from .plan import SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
+from .text_to_video import neutral_frame
 
 __all__ = [
     "GenerationSettings",
@@ -72,6 +73,7 @@ class GenerationSettings:
     png: bool = False  # also write every frame as a PNG into `<name>_frames/`
     name: str | None = None  # output file stem
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, applied on the fly
+    t2v_colour: str | None = None  # no image: the plain start frame's colour (default mid-grey)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,8 +162,10 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
     resolution = settings.resolution or m.resolution
 
     source = image if image is not None else settings.image
-    if source is None:
-        raise ValueError("a start image is needed (--image).")
+    if source is None:  # text-to-video: a plain start frame (framepack.pipeline.text_to_video)
+        source = neutral_frame(settings.t2v_colour, settings.height, settings.width)
+    elif settings.t2v_colour is not None:
+        raise ValueError("a text-to-video colour is only used without a start image; drop one of them.")
     size = dict(resolution=resolution, width=settings.width, height=settings.height)
     start = prepare_image(source, **size)
     exact = dict(resolution=resolution, width=start.shape[1], height=start.shape[0])
