@@ -23,7 +23,7 @@ import torch
 
 from .pipeline.bundle import HUNYUAN_PROMPT_TEMPLATE, MANIFEST_NAME, Bundle, Manifest, load_bundle
 
-__all__ = ["TINY_MANIFEST", "make_tiny_bundle", "tiny_bundle", "tiny_bundle_dir"]
+__all__ = ["TINY_MANIFEST", "make_tiny_bundle", "random_packed_inputs", "tiny_bundle", "tiny_bundle_dir"]
 
 # Generation defaults of the tiny bundles (the template crop is computed per tokenizer).
 TINY_MANIFEST = dict(resolution=64, steps=4, window=9)
@@ -251,3 +251,34 @@ def tiny_bundle_dir(order: str = "inverted", seed: int = 0) -> Path:
 def tiny_bundle(order: str = "inverted", seed: int = 0) -> Bundle:
     """A freshly loaded tiny bundle (fp32, CPU) from the per-process cache."""
     return load_bundle(tiny_bundle_dir(order, seed))
+
+
+def random_packed_inputs(
+    config, height: int, width: int, window: int = 9, text_tokens: int = 16, seed: int = 0, batch: int = 1
+) -> dict:
+    """Seeded random `forward_packed` arguments for `config`: the released history (start + 1 at
+    k1, 2 at k2, 16 at k4) around a `window` of noisy latents of `height` x `width` (latent units)."""
+    from .model import HistoryGroup
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    c, hw = config.in_channels, (height, width)
+    history = [
+        HistoryGroup(randn(batch, c, 2, *hw), torch.tensor([0, window + 1]), "k1"),
+        HistoryGroup(randn(batch, c, 2, *hw), torch.tensor([window + 2, window + 3]), "k2"),
+        HistoryGroup(randn(batch, c, 16, *hw), torch.arange(window + 4, window + 20), "k4"),
+    ]
+    return dict(
+        noisy=randn(batch, c, window, *hw),
+        noisy_indices=torch.arange(1, window + 1),
+        history=history,
+        timestep=torch.full((batch,), 900.0),
+        text=randn(batch, text_tokens, config.text_embed_dim),
+        text_mask=torch.ones(batch, text_tokens, dtype=torch.long),
+        pooled=randn(batch, config.pooled_projection_dim),
+        guidance=torch.full((batch,), 10000.0),
+        image_embeds=randn(batch, 4, config.image_proj_dim) if config.has_image_proj else None,
+    )

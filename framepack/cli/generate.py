@@ -57,6 +57,27 @@ def _device(name: str) -> str:
     return name
 
 
+def _cache_option(args: argparse.Namespace) -> tuple[str | None, float, tuple[float, ...] | None]:
+    """(cache name, threshold, coefficients) from --teacache / --cache / --cache-calibration."""
+    if args.teacache is not None and args.cache:
+        raise ValueError("give either --teacache or --cache, not both.")
+    name, threshold = None, 0.15
+    if args.teacache is not None:
+        name, threshold = "teacache", args.teacache
+    elif args.cache:
+        name, sep, value = args.cache.partition(":")
+        try:
+            threshold = float(value) if sep else threshold
+        except ValueError:
+            raise ValueError(f"--cache {args.cache!r} is not NAME:THRESHOLD, e.g. fbcache:0.1.") from None
+    coefficients = None
+    if args.cache_calibration:
+        from ..caching.calibrate import load_coefficients
+
+        coefficients = load_coefficients(args.cache_calibration, name or "teacache")
+    return name, threshold, coefficients
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
     p.add_argument("--image", help="start image (leave out for text-to-video from a plain frame)")
@@ -99,6 +120,16 @@ def add_parser(sub) -> None:
         help="apply a LoRA (PEFT/diffusers, kohya/musubi-tuner or our training's folder); repeatable",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument(
+        "--vram-budget", metavar="GB|auto", help="device memory for the transformer; blocks beyond it stream"
+    )
+    p.add_argument(
+        "--teacache", type=float, metavar="THRESH", help="TeaCache threshold (0.15: ~2x, 0: exact)"
+    )
+    p.add_argument("--cache", metavar="NAME:THRESH", help="step cache teacache|fbcache, e.g. fbcache:0.1")
+    p.add_argument(
+        "--cache-calibration", metavar="FILE", help="JSON from python -m framepack.caching.calibrate"
+    )
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name (without extension)")
     p.add_argument("--events", help="write one JSON line per event to this file")
@@ -163,6 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         library.disable_progress_bar()
         library.set_verbosity_error()
     try:
+        cache, cache_threshold, cache_coefficients = _cache_option(args)
         settings = GenerationSettings(
             prompt=timed_prompt_text(args.prompt, args.prompt_at),
             image=args.image,
@@ -190,6 +222,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             t2v_colour=args.t2v_colour,
             name=args.name,
             loras=tuple(parse_lora_arg(item) for item in args.lora),
+            cache=cache,
+            cache_threshold=cache_threshold,
+            cache_coefficients=cache_coefficients,
+            vram_budget=args.vram_budget,
         )
         bundle = load_bundle(args.model, device=_device(args.device))
         prepared = prepare(bundle, settings)

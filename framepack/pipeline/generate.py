@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..lora import applied_loras, load_loras
+from ..memory.runtime import accelerate, check_speed_settings
 from ..model.transformer import HistoryGroup
 from ..packing.layout import gather_history
 from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
@@ -74,6 +75,10 @@ class GenerationSettings:
     name: str | None = None  # output file stem
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, applied on the fly
     t2v_colour: str | None = None  # no image: the plain start frame's colour (default mid-grey)
+    cache: str | None = None  # step cache: "teacache" or "fbcache" (framepack.caching)
+    cache_threshold: float = 0.15
+    cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.caching.calibrate`
+    vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,6 +161,7 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
     if not settings.prompt or not settings.prompt.strip():
         raise ValueError("the prompt is empty.")
+    check_speed_settings(settings.cache, settings.cache_threshold, settings.vram_budget)
     window = int(settings.window or m.window)
     fps = int(settings.fps or m.fps)
     order = settings.order or m.order
@@ -233,6 +239,9 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
     video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     started = time.perf_counter()
     model = bundle.transformer
+    speed = accelerate(
+        model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients
+    )  # weight streaming and the step cache, as hooks
     device, schedule, ws = model.device, plan.schedule, plan.window
 
     # 1. Conditioning.
@@ -299,6 +308,7 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
             return velocity_to_x0(x, v.to(x.device), sigma)
 
         noise = torch.randn((1, c, ws, h, w), generator=generator)  # one CPU generator, every section
+        speed.new_section(len(sigmas) - 1, 1 if neg is None else 2)
         yield Stage("sampling")
         for event in _sample_live(
             sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel
@@ -343,6 +353,7 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
         video=video_path.name,
         gif=gif_path.name if gif_path else None,
         seconds=round(time.perf_counter() - started, 3),
+        **speed.info(),
     )
     write_json_atomic(info, sidecar_path)
     yield Finished(video_path, frames_written, sidecar_path, gif_path, info["seconds"], info)
@@ -405,4 +416,6 @@ def settings_from_dict(data: dict) -> GenerationSettings:
     kwargs = {k: v for k, v in data.items() if k in fields}
     kwargs["keyframes"] = tuple(tuple(k) for k in kwargs.get("keyframes", ()))
     kwargs["loras"] = tuple(tuple(k) for k in kwargs.get("loras", ()))
+    if kwargs.get("cache_coefficients") is not None:
+        kwargs["cache_coefficients"] = tuple(kwargs["cache_coefficients"])
     return GenerationSettings(**kwargs)

@@ -1,0 +1,156 @@
+"""Calibrate the step caches' rescale polynomials on a model: `python -m framepack.caching.calibrate`.
+
+TeaCache's release coefficients map HunyuanVideo's input change to its output change; another
+model (the demo model, a fine-tune) needs its own. A `Recorder` computes every step and records,
+for each pair of consecutive steps, both caches' signals (the relative L1 change of block 0's
+modulated input, and of block 0's residual) and what skipping would have got wrong (the relative
+L1 change of the blocks' residual on the read-out tokens). `fit` maps each signal to that change
+with a least-squares polynomial, as TeaCache's authors fitted theirs.
+
+    python -m framepack.caching.calibrate --model BUNDLE [--sections 2] [--steps 25] --out calib.json
+    framepack generate ... --cache fbcache:0.05 --cache-calibration calib.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .step_cache import StepCache, first_block_residual, image_tokens, modulated_input, rel_l1
+
+__all__ = ["Recorder", "fit", "load_coefficients", "calibrate", "main"]
+
+DEGREES = {"teacache": 4, "fbcache": 2}
+
+
+class Recorder(StepCache):
+    """Computes every step (threshold 0) and records (teacache signal, fbcache signal, change)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float, float]] = []
+        super().__init__(0.0)
+
+    def decide(self, st, block, forward, args, kwargs, forced):
+        x, temb, n = image_tokens(block, args, kwargs)
+        modulated = modulated_input(block, x, temb)
+        out = forward(*args, **kwargs)
+        _, residual = first_block_residual(block, x, out, n)
+        prev = st.extra
+        st.extra = {"modulated": modulated, "residual": residual}
+        if prev:
+            st.extra["pending"] = (
+                rel_l1(modulated, prev["modulated"]),
+                rel_l1(residual, prev["residual"]),
+            )
+        st.anchor = x
+        return out, False
+
+    def finish(self, block, st, out, args, kwargs):
+        previous = st.residual
+        out = super().finish(block, st, out, args, kwargs)
+        pending = st.extra.pop("pending", None)
+        if previous is not None and pending is not None:
+            self.rows.append((*pending, rel_l1(st.residual, previous)))
+        return out
+
+
+def fit(rows: list[tuple[float, float, float]]) -> dict:
+    """Least-squares polynomials from each signal to the output change, with their R^2."""
+    data = np.asarray(rows, dtype=np.float64)
+    if len(data) < 6:
+        raise ValueError(f"{len(data)} recorded step pairs are too few to fit; run more steps or sections.")
+    out = {"points": len(data)}
+    target = data[:, 2]
+    for col, (name, degree) in enumerate(DEGREES.items()):
+        coeffs = np.polyfit(data[:, col], target, degree)
+        pred = np.polyval(coeffs, data[:, col])
+        ss = float(((target - target.mean()) ** 2).sum()) or 1.0
+        out[name] = {
+            "coefficients": [float(c) for c in coeffs],
+            "r2": 1 - float(((target - pred) ** 2).sum()) / ss,
+        }
+    return out
+
+
+def load_coefficients(path: str | Path, name: str) -> tuple[float, ...]:
+    """The coefficients for cache `name` from a calibration file; ValueError (one sentence) if unusable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        coeffs = tuple(float(c) for c in data[name]["coefficients"])
+    except FileNotFoundError:
+        raise ValueError(f"the cache calibration file {path} does not exist.") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a cache calibration file with coefficients for {name}.") from None
+    if not coeffs:
+        raise ValueError(f"{path} holds no coefficients for {name}.")
+    return coeffs
+
+
+def calibrate(
+    bundle, image: np.ndarray | str, prompt: str, sections: int = 2, steps: int | None = None
+) -> dict:
+    """Run an uncached generation on `bundle` (start `image`: an array or a path) with a `Recorder`
+    attached, and fit both caches."""
+    from ..pipeline.generate import GenerationSettings, generate
+
+    recorder = Recorder().attach(bundle.transformer)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = image if isinstance(image, str) else None
+            settings = GenerationSettings(prompt, path, sections=sections, steps=steps, name="calibration")
+            generate(bundle, settings, tmp, image=None if path else image)
+    finally:
+        recorder.detach()
+    return fit(recorder.rows)
+
+
+def demo_image(height: int = 64, width: int = 96) -> np.ndarray:
+    """A plain test picture (a gradient with a square), for calibrating without an image file."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    img[height // 4 : 3 * height // 4, width // 4 : width // 2] = (230, 40, 40)
+    return img.astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", required=True, help="bundle directory or name ('tiny': a tiny random bundle)"
+    )
+    parser.add_argument("--image", help="start image (default: a generated test picture)")
+    parser.add_argument("--prompt", default="a red square moves to the right")
+    parser.add_argument("--sections", type=int, default=2)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    from ..io import write_json_atomic
+    from ..pipeline.bundle import load_bundle
+
+    try:
+        if args.model == "tiny":
+            from ..testing import tiny_bundle_dir
+
+            args.model = str(tiny_bundle_dir())
+        bundle = load_bundle(args.model, device=args.device)
+        result = calibrate(bundle, args.image or demo_image(), args.prompt, args.sections, args.steps)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json_atomic(result, Path(args.out))
+    for name in DEGREES:
+        r = result[name]
+        print(f"{name}: coefficients {[round(c, 6) for c in r['coefficients']]}, R^2 {r['r2']:.3f}")
+    print(f"{result['points']} step pairs; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Step caches: skip every transformer block at sampling steps where the output barely changes.
+
+Both caches hook the blocks from outside (`framepack.memory.add_hook`) and reuse the residual
+`blocks(x) - x` of the last fully computed step for the image tokens the head reads. The first
+block decides; when it says skip, the other blocks pass their inputs through untouched and the
+last one adds the cached residual. Call `reset_caches(model, steps, branches)` at every section
+(the pipeline does): the first and last steps of a section are always computed.
+
+- `TeaCache` is the release's rule (FRAMEPACK.md section 7): the relative L1 change of block 0's
+  AdaLN-modulated input, rescaled by a polynomial fitted for HunyuanVideo, is accumulated; the
+  blocks are computed again once the sum reaches the threshold.
+- `FirstBlockCache` always computes block 0 and compares its residual with the one of the last
+  computed step (rescaled by a polynomial that `framepack.caching.calibrate` fits on the model at
+  hand; identity by default): the network's own response is the signal, not its input.
+
+A threshold of 0 computes every step and gives exactly the uncached output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..memory.hooks import HookHandle, add_hook, hooks_of
+from ..memory.streaming import blocks_of
+from ..model.layers import DualStreamBlock
+from ..model.ops import modulated_layer_norm
+
+__all__ = [
+    "TEACACHE_HUNYUAN",
+    "CacheStats",
+    "StepCache",
+    "TeaCache",
+    "FirstBlockCache",
+    "CACHES",
+    "make_cache",
+    "reset_caches",
+    "rel_l1",
+    "modulated_input",
+    "first_block_residual",
+    "image_tokens",
+]
+
+# The release's TeaCache rescale polynomial for HunyuanVideo, highest power first.
+TEACACHE_HUNYUAN = (733.226126, -401.131952, 67.5869174, -3.149878, 0.0961237896)
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean|a - b| / mean|b| (as the release computes it)."""
+    return ((a - b).abs().mean() / b.abs().mean()).item()
+
+
+@dataclass
+class CacheStats:
+    evaluations: int = 0  # model calls seen
+    skipped: int = 0  # calls whose blocks were (all but block 0 for FirstBlockCache) skipped
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.skipped / self.evaluations if self.evaluations else 0.0
+
+    def as_dict(self) -> dict:
+        return {"evaluations": self.evaluations, "skipped": self.skipped}
+
+
+@dataclass
+class _Branch:
+    """State of one sequence of calls (the conditional or the negative pass of CFG)."""
+
+    step: int = 0
+    previous: torch.Tensor | None = None  # last signal tensor
+    accumulated: float = 0.0
+    residual: torch.Tensor | None = None  # blocks' residual for the read-out tokens
+    anchor: torch.Tensor | None = None  # image tokens the residual is added to (this call)
+    extra: dict = field(default_factory=dict)
+
+
+def image_tokens(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(image tokens (B, N, D), temb (B, D), N) from a block's call arguments."""
+    if isinstance(block, DualStreamBlock):
+        x, temb, rope = args[0], args[2], args[3]
+        return x, temb, x.shape[1]
+    h, temb, rope = args[0], args[1], args[2]
+    n = rope.shape[1]
+    return h[:, :n], temb, n
+
+
+def modulated_input(block: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """Block 0's AdaLN-modulated image tokens (B, N, D): TeaCache's signal."""
+    norm = block.norm1 if isinstance(block, DualStreamBlock) else block.norm
+    shift, scale = norm(temb)[:2]
+    return modulated_layer_norm(x, shift, scale)
+
+
+def first_block_residual(block: nn.Module, x: torch.Tensor, out, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block 0's image-token output y, its residual y - x) from the block's output."""
+    y = out[0] if isinstance(out, tuple) else out[:, :n]  # (B, N, D), fewer rows if it reads out
+    return y, y - x[:, x.shape[1] - y.shape[1] :]
+
+
+class StepCache:
+    """Base class: hook plumbing, per-section state, statistics. Subclasses implement `decide`."""
+
+    name = "cache"
+    priority = 10  # outside weight streaming (except on block 0): skipped blocks are never loaded
+
+    def __init__(self, threshold: float, coefficients: tuple[float, ...] | None = None) -> None:
+        if not threshold >= 0:
+            raise ValueError(f"a cache threshold must be a number >= 0, got {threshold!r}.")
+        self.threshold = float(threshold)
+        self.coefficients = tuple(coefficients) if coefficients is not None else self.default_coefficients
+        self.stats = CacheStats()
+        self.handles: list[HookHandle] = []
+        self.reset()
+
+    default_coefficients: tuple[float, ...] = (1.0, 0.0)
+
+    def rescale(self, x: float) -> float:
+        return float(np.polyval(self.coefficients, x))
+
+    # ------------------------------------------------------------------ attach / reset
+    def attach(self, model: nn.Module) -> StepCache:
+        blocks = blocks_of(model)
+        if not blocks:
+            raise ValueError("this model has no blocks to cache.")
+        self.last = len(blocks) - 1
+        for j, block in enumerate(blocks):
+            self.handles.append(add_hook(block, _CacheHook(self, j)))
+        return self
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.reset()
+
+    def reset(self, steps: int | None = None, branches: int = 1) -> None:
+        """Start a section of `steps` sampling steps with `branches` model calls per step."""
+        self.steps, self.branches = steps, max(int(branches), 1)
+        self.state = [_Branch() for _ in range(self.branches)]
+        self.calls = 0
+        self.skipping = False
+        self.current: _Branch | None = None
+
+    # ------------------------------------------------------------------ the hooks
+    def first(self, block: nn.Module, forward, args: tuple, kwargs: dict):
+        st = self.state[self.calls % self.branches]
+        self.calls += 1
+        self.current = st
+        forced = st.step == 0 or (self.steps is not None and st.step >= self.steps - 1) or st.residual is None
+        self.stats.evaluations += 1
+        out, skip = self.decide(st, block, forward, args, kwargs, forced or self.threshold <= 0)
+        self.skipping = skip
+        st.step += 1
+        if skip:
+            self.stats.skipped += 1
+        if self.last == 0:  # a single block: it is also the last one
+            return self.finish(block, st, out, args, kwargs)
+        if out is not None:
+            return out
+        return self.passthrough(block, args, kwargs, False)
+
+    def decide(self, st: _Branch, block, forward, args, kwargs, forced: bool):
+        """Return (block 0's output or None when not run, skip the remaining blocks?)."""
+        raise NotImplementedError
+
+    def finish(self, block: nn.Module, st: _Branch, out, args: tuple, kwargs: dict):
+        """After the last block of a computed step: store the residual; on a skipped one, apply it."""
+        if self.skipping:
+            return self.passthrough(block, args, kwargs, True)
+        if isinstance(block, DualStreamBlock):
+            img = out[0]  # (B, N, D)
+        else:  # (B, keep_last, D), or (B, N + M, D) without keep_last
+            keep = kwargs.get("keep_last", args[4] if len(args) > 4 else None)
+            img = out if keep is not None else out[:, : args[2].shape[1]]
+        st.residual = img - st.anchor[:, st.anchor.shape[1] - img.shape[1] :]
+        st.anchor = None
+        return out
+
+    def passthrough(self, block: nn.Module, args: tuple, kwargs: dict, last: bool):
+        """A skipped block: inputs unchanged; the last one adds the cached residual."""
+        residual = self.current.residual
+        if isinstance(block, DualStreamBlock):  # (x, c, temb, rope, key_mask)
+            x, c = args[0], args[1]
+            return (x + residual, c) if last else (x, c)
+        h, rope = args[0], args[2]  # (h, temb, rope, key_mask, keep_last)
+        keep = kwargs.get("keep_last", args[4] if len(args) > 4 else None)
+        n = rope.shape[1]
+        if keep is None:
+            return torch.cat([h[:, :n] + residual, h[:, n:]], dim=1) if last else h
+        rows = h[:, n - keep : n]  # (B, keep, D) the noisy tokens, as the block would return
+        return rows + residual if last else rows
+
+
+class _CacheHook:
+    def __init__(self, cache: StepCache, j: int) -> None:
+        self.cache, self.j = cache, j
+        # Block 0 decides from its own weights, so weight streaming loads it first (runs outside);
+        # around the other blocks the cache runs outside, so a skipped block is never loaded.
+        self.priority = -cache.priority if j == 0 else cache.priority
+
+    def __call__(self, module, forward, *args, **kwargs):
+        cache = self.cache
+        if self.j == 0:
+            return cache.first(module, forward, args, kwargs)
+        if cache.skipping:
+            return cache.passthrough(module, args, kwargs, self.j == cache.last)
+        out = forward(*args, **kwargs)
+        if self.j == cache.last:
+            return cache.finish(module, cache.current, out, args, kwargs)
+        return out
+
+
+class TeaCache(StepCache):
+    """The release's TeaCache: accumulate the rescaled change of block 0's modulated input."""
+
+    name = "teacache"
+    default_coefficients = TEACACHE_HUNYUAN
+
+    def decide(self, st, block, forward, args, kwargs, forced):
+        x, temb, _ = image_tokens(block, args, kwargs)
+        signal = modulated_input(block, x, temb)  # (B, N, D)
+        if forced or st.previous is None:
+            compute = True
+            st.accumulated = 0.0
+        else:
+            st.accumulated += self.rescale(rel_l1(signal, st.previous))
+            compute = st.accumulated >= self.threshold
+            if compute:
+                st.accumulated = 0.0
+        st.previous = signal
+        if not compute:
+            return None, True
+        st.anchor = x
+        return forward(*args, **kwargs), False
+
+
+class FirstBlockCache(StepCache):
+    """Compute block 0; skip the rest while its residual stays close to the last computed one."""
+
+    name = "fbcache"
+
+    def decide(self, st, block, forward, args, kwargs, forced):
+        x, _, n = image_tokens(block, args, kwargs)
+        out = forward(*args, **kwargs)
+        y, signal = first_block_residual(block, x, out, n)
+        skip = (
+            not forced
+            and st.previous is not None
+            and self.rescale(rel_l1(signal, st.previous)) < self.threshold
+        )
+        if not skip:
+            st.previous = signal  # compared with the last *computed* step
+            st.anchor = y
+        return out, skip
+
+
+CACHES: dict[str, type[StepCache]] = {"teacache": TeaCache, "fbcache": FirstBlockCache}
+
+
+def make_cache(name: str, threshold: float, coefficients: tuple[float, ...] | None = None) -> StepCache:
+    """A cache by name (`teacache`, `fbcache`); ValueError for unknown names."""
+    try:
+        cls = CACHES[name]
+    except KeyError:
+        raise ValueError(f"unknown step cache {name!r}; choose one of {', '.join(CACHES)}.") from None
+    return cls(threshold, coefficients)
+
+
+def reset_caches(model: nn.Module, steps: int | None = None, branches: int = 1) -> list[StepCache]:
+    """Reset every step cache attached to `model` for a new section; returns them."""
+    blocks = blocks_of(model)
+    found = []
+    for hook in hooks_of(blocks[0]) if blocks else []:
+        cache = getattr(hook, "cache", None)
+        if isinstance(cache, StepCache) and cache not in found:
+            cache.reset(steps, branches)
+            found.append(cache)
+    return found

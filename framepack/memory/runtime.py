@@ -1,0 +1,114 @@
+"""One place where the pipeline fits the transformer to the device: weight streaming + step cache.
+
+`accelerate(model, device, ...)` detaches whatever an earlier call attached to the same model,
+then plans and attaches weight streaming (when a budget is given) and a step cache (when named).
+The returned `Accelerated` resets the cache at every section and reports what happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .streaming import GIB, ByteLedger, WeightStreamer, budget_bytes, parse_budget, plan_memory
+
+__all__ = ["Accelerated", "accelerate", "check_speed_settings", "default_reserve"]
+
+_ATTACHED = "_framepack_accelerated"
+
+
+def default_reserve(total: int | None, device: torch.device) -> int:
+    """Bytes of a CUDA budget kept for activations (2 GiB or a quarter, whichever is smaller)."""
+    if total is None or device.type != "cuda":
+        return 0
+    return int(min(2 * GIB, total // 4))
+
+
+def check_speed_settings(cache: str | None, threshold: float, vram_budget) -> None:
+    """Raise ValueError (one sentence) for a bad cache name, threshold or VRAM budget."""
+    from ..caching import CACHES
+
+    if cache is not None and cache not in CACHES:
+        raise ValueError(f"unknown step cache {cache!r}; choose one of {', '.join(CACHES)}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 10:
+        raise ValueError(f"the cache threshold must be a number from 0 to 10, got {threshold!r}.")
+    parse_budget(vram_budget)
+
+
+@dataclass
+class Accelerated:
+    model: nn.Module
+    streamer: WeightStreamer | None = None
+    cache: object | None = None  # a framepack.caching.StepCache
+    ledger: ByteLedger | None = None
+
+    def new_section(self, steps: int, branches: int = 1) -> None:
+        """Reset every step cache on the model (ours and any attached by hand, e.g. a calibration
+        recorder): a section of `steps` steps, `branches` model calls per step."""
+        from ..caching import reset_caches
+
+        reset_caches(self.model, steps, branches)
+
+    def info(self) -> dict:
+        out: dict = {}
+        if self.streamer is not None:
+            out["memory_plan"] = self.streamer.plan.describe()
+            out["weights_peak_gib"] = round(self.ledger.peak / GIB, 3)
+        if self.cache is not None:
+            out["cache"] = {
+                "name": self.cache.name,
+                "threshold": self.cache.threshold,
+                **self.cache.stats.as_dict(),
+            }
+        return out
+
+    def detach(self) -> None:
+        if self.cache is not None:
+            self.cache.detach()
+        if self.streamer is not None:
+            self.streamer.detach()
+        self.model.__dict__.pop(_ATTACHED, None)
+
+
+def accelerate(
+    model: nn.Module,
+    device: torch.device | str,
+    vram_budget: str | float | None = None,
+    cache: str | None = None,
+    threshold: float = 0.15,
+    coefficients: tuple[float, ...] | None = None,
+    fp8: bool = False,
+    reserve: int | None = None,
+) -> Accelerated:
+    """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`.
+
+    With neither, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
+    kept for activations (default: `default_reserve`).
+    """
+    from ..caching import make_cache
+
+    device = torch.device(device)
+    previous = model.__dict__.get(_ATTACHED)
+    if previous is not None:
+        previous.detach()  # streamed weights come back on the host
+    run = Accelerated(model)
+    total = budget_bytes(parse_budget(vram_budget), device, model)
+    if total is not None or fp8:
+        weights = (
+            None
+            if total is None
+            else total - (default_reserve(total, device) if reserve is None else reserve)
+        )
+        plan = plan_memory(model, weights, fp8=fp8)
+        if plan.streamed:
+            run.ledger = ByteLedger(keep_events=False)
+            run.streamer = WeightStreamer(model, plan, device, run.ledger).attach()
+    if run.streamer is None:
+        model.to(device)
+    if cache is not None:
+        run.cache = make_cache(cache, threshold, coefficients).attach(model)
+    if run.streamer is not None or run.cache is not None:
+        model.__dict__[_ATTACHED] = run
+    return run

@@ -1,0 +1,371 @@
+"""Weight streaming: keep what fits on the device, stream the other blocks through two slots.
+
+`plan_memory` decides, for a device memory budget, which transformer blocks stay resident; the
+others live in host memory (pinned on CUDA) and `WeightStreamer` copies each one to the device
+just before it runs and drops it right after. With two slots (double buffering) the copy of the
+next streamed block runs on a side CUDA stream while the current block computes; the resident
+blocks are spread evenly between the streamed ones, so every copy has compute to hide behind.
+On a CPU the streams are no-ops, but the weights are still really copied in and dropped, so the
+CPU tests exercise the same bookkeeping. A `ByteLedger` records the bytes on the device at every
+moment. Optional fp8 (e4m3) host copies with one scale per output row halve host memory and
+transfers; each tensor is upcast on the device just before its block runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .hooks import HookHandle, add_hook
+
+__all__ = [
+    "GIB",
+    "ByteLedger",
+    "MemoryPlan",
+    "WeightStreamer",
+    "blocks_of",
+    "budget_bytes",
+    "parse_budget",
+    "plan_memory",
+]
+
+GIB = 1024**3
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in execution order: dual-stream, then single-stream."""
+    return [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of `module` (each once)."""
+    seen, out = set(), []
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _quantizable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dim() >= 2
+
+
+def parse_budget(value: str | float | None) -> str | float | None:
+    """Validate a budget given by a person: None, "auto" or a positive number of GiB."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("gb").strip()
+        if text in ("auto", "none", "unlimited"):
+            return None if text != "auto" else "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"the VRAM budget {value!r} is not a number of GB or 'auto'.") from None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"the VRAM budget must be a positive number of GB or 'auto', got {value!r}.")
+    return float(value)
+
+
+def budget_bytes(
+    budget: str | float | None, device: torch.device | str, model: nn.Module | None = None
+) -> int | None:
+    """Bytes for a parsed budget on `device`; None means no limit (everything resident).
+
+    "auto" is the device's free memory plus what `model` already holds there (CUDA); on a CPU it
+    means no limit.
+    """
+    device = torch.device(device)
+    if budget is None:
+        return None
+    if budget == "auto":
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        held = 0 if model is None else _nbytes([t for t in _tensors(model) if t.device == device])
+        return int(free + held)
+    return int(float(budget) * GIB)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Which blocks stay on the device; the rest stream through `slots` device slots."""
+
+    budget: int | None  # bytes for weights; None = no limit
+    base_bytes: int  # everything outside the blocks (embedders, refiner, head): always resident
+    block_bytes: tuple[int, ...]  # device bytes of each block, execution order
+    load_bytes: tuple[int, ...]  # device bytes while a streamed block is loaded (fp8: + its upcast)
+    resident: tuple[bool, ...]
+    slots: int  # 0 (nothing streamed), 1 (synchronous) or 2 (double buffering)
+    fp8: bool = False
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.resident) if not r)
+
+    @property
+    def peak_bytes(self) -> int:
+        """An upper bound of the weight bytes on the device at any moment."""
+        resident = sum(b for b, r in zip(self.block_bytes, self.resident, strict=True) if r)
+        loads = sorted((self.load_bytes[i] for i in self.streamed), reverse=True)
+        return self.base_bytes + resident + sum(loads[: self.slots])
+
+    def describe(self) -> str:
+        n, s = len(self.resident), len(self.streamed)
+        budget = "no limit" if self.budget is None else f"{self.budget / GIB:.2f} GiB"
+        slots = {0: "", 1: ", synchronous", 2: ", double-buffered"}[self.slots]
+        return (
+            f"{n - s}/{n} blocks resident, {s} streamed{slots}{', fp8 host copies' if self.fp8 else ''}; "
+            f"weights on the device at most {self.peak_bytes / GIB:.2f} GiB ({budget})"
+        )
+
+
+def _spread(n: int, r: int) -> list[bool]:
+    """`r` of `n` positions chosen evenly spaced."""
+    return [(i + 1) * r // n > i * r // n for i in range(n)]
+
+
+def plan_memory(model: nn.Module, budget: int | None, fp8: bool = False) -> MemoryPlan:
+    """Plan for a weight budget in bytes (None: everything resident). Raises ValueError if too small.
+
+    The smallest workable budget holds the non-block weights and one streamed block (copied
+    synchronously); two slots (double buffering) are used whenever they fit. Within the budget
+    as many blocks as fit stay resident, spread evenly, then any smaller block that still fits.
+    """
+    blocks = blocks_of(model)
+    in_blocks = {id(t) for b in blocks for t in _tensors(b)}
+    base = _nbytes([t for t in _tensors(model) if id(t) not in in_blocks])
+    sizes = tuple(_nbytes(_tensors(b)) for b in blocks)
+    extra = []
+    for b in blocks:  # fp8: the raw copy of the tensor being upcast sits beside the block
+        quant = [t.numel() for t in _tensors(b) if _quantizable(t)]
+        extra.append(max(quant, default=0) if fp8 else 0)
+    loads = tuple(s + e for s, e in zip(sizes, extra, strict=True))
+    n = len(blocks)
+    if budget is None or base + sum(sizes) <= budget:
+        return MemoryPlan(budget, base, sizes, loads, (True,) * n, 0, fp8)
+    for slots in (2, 1):
+        room = budget - base - slots * max(loads)
+        if room < 0:
+            continue
+        resident = [False] * n
+        for r in range(n, -1, -1):  # the most evenly spread blocks that fit
+            cand = _spread(n, r)
+            if sum(s for s, c in zip(sizes, cand, strict=True) if c) <= room:
+                resident = cand
+                break
+        used = sum(s for s, c in zip(sizes, resident, strict=True) if c)
+        for i in sorted(range(n), key=lambda i: sizes[i]):  # top up with the small ones
+            if not resident[i] and used + sizes[i] <= room:
+                resident[i], used = True, used + sizes[i]
+        if all(resident):  # cannot happen (the model did not fit), but keep one slot honest
+            resident[min(range(n), key=lambda i: sizes[i])] = False
+        return MemoryPlan(budget, base, sizes, loads, tuple(resident), slots, fp8)
+    need = base + max(loads)
+    raise ValueError(
+        f"a weight budget of {budget / GIB:.2f} GiB is too small: this model needs at least "
+        f"{need / GIB:.2f} GiB (its non-block weights and one block)."
+    )
+
+
+@dataclass
+class ByteLedger:
+    """Bytes of weights on the device, updated at every load and drop; `peak` is the maximum."""
+
+    current: int = 0
+    peak: int = 0
+    events: list[tuple[str, int]] = field(default_factory=list)  # (what happened, bytes after)
+    keep_events: bool = True
+
+    def add(self, n: int, what: str) -> None:
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        if self.keep_events:
+            self.events.append((f"+{what}", self.current))
+
+    def remove(self, n: int, what: str) -> None:
+        self.current -= n
+        assert self.current >= 0, "dropped more bytes than were loaded"
+        if self.keep_events:
+            self.events.append((f"-{what}", self.current))
+
+
+@dataclass
+class _Entry:
+    """One streamed tensor: its host copy (maybe fp8 with row scales) and its device version."""
+
+    tensor: torch.Tensor  # the parameter / buffer whose `.data` is swapped
+    host: torch.Tensor
+    empty: torch.Tensor  # the placeholder while the block is not on the device
+    scale: torch.Tensor | None = None  # fp8: (rows, 1, ...) powers of two, in the tensor's dtype
+    staged: torch.Tensor | None = None  # on the device, not yet upcast (fp8) / not yet installed
+
+    def full(self) -> torch.Tensor:
+        """The weight at its own precision from the host copy (exact: the scales are powers of 2)."""
+        if self.scale is None:
+            return self.host
+        return self.host.to(self.empty.dtype).mul_(self.scale)
+
+
+class WeightStreamer:
+    """Streams the non-resident blocks of `model` according to `plan` (attach / detach)."""
+
+    priority = 0  # step caches (higher) run outside and skip the load of a skipped block
+
+    def __init__(
+        self, model: nn.Module, plan: MemoryPlan, device: torch.device | str, ledger: ByteLedger | None = None
+    ) -> None:
+        self.model, self.plan, self.device = model, plan, torch.device(device)
+        self.ledger = ledger if ledger is not None else ByteLedger()
+        self.blocks = blocks_of(model)
+        self.order = plan.streamed  # block indices, execution order
+        self.entries: dict[int, list[_Entry]] = {}
+        self.loaded: dict[int, object] = {}  # block -> copy-done event (None on a CPU)
+        self.installed: set[int] = set()
+        self.handles: list[HookHandle] = []
+        self.cuda = self.device.type == "cuda"
+        self.side = None
+        self.transfers = 0  # bytes copied host -> device
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> WeightStreamer:
+        """Move the resident weights to the device, the streamed ones to the host; add the hooks."""
+        for i in self.order:
+            entries = []
+            for t in _tensors(self.blocks[i]):
+                entries.append(self._offload(t))
+            self.entries[i] = entries
+        self.model.to(self.device)  # the placeholders are empty: this moves base + resident blocks
+        resident = self.plan.base_bytes + sum(
+            b for b, r in zip(self.plan.block_bytes, self.plan.resident, strict=True) if r
+        )
+        self.ledger.add(resident, "resident")
+        if self.cuda:
+            self.side = torch.cuda.Stream(self.device)
+        for k, i in enumerate(self.order):
+            self.handles.append(add_hook(self.blocks[i], _BlockHook(self, k)))
+        return self
+
+    def _offload(self, t: torch.Tensor) -> _Entry:
+        data = t.data
+        scale = None
+        if self.plan.fp8 and _quantizable(data):
+            # One power-of-two scale per output row, so the upcast is an exact multiplication.
+            rows = data.float().reshape(data.shape[0], -1)
+            amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (rows, 1)
+            scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+            host = (rows / scale).to(FP8).reshape(data.shape).cpu()
+            scale = scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
+        elif data.device.type == "cpu" and not self.cuda:
+            host = data  # the CPU "device" copy is made at load time; this is the host copy
+        else:
+            host = data.to("cpu")
+        if self.cuda:
+            host = host.pin_memory()
+            scale = None if scale is None else scale.pin_memory()
+        empty = torch.empty(0, dtype=data.dtype, device=self.device)
+        t.data = empty
+        return _Entry(t, host, empty, scale)
+
+    def detach(self) -> None:
+        """Remove the hooks; the streamed weights go back into their tensors, on the host (CPU)."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for i in list(self.loaded):
+            self._drop(i)
+        for entries in self.entries.values():
+            for e in entries:
+                e.tensor.data = e.full()
+        self.entries.clear()
+        self.ledger.remove(self.ledger.current, "resident")
+
+    # ------------------------------------------------------------------ loads and drops
+    def _load(self, i: int) -> None:
+        """Start copying block `i` to the device (on the side stream when on CUDA)."""
+        entries = self.entries[i]
+        self.ledger.add(self.plan.load_bytes[i], f"block {i}")
+        for e in entries:  # allocated in the compute stream's order: the memory of dropped blocks is reused
+            e.staged = torch.empty(e.host.shape, dtype=e.host.dtype, device=self.device)
+        if self.cuda:
+            ready = torch.cuda.current_stream(self.device).record_event()
+            with torch.cuda.stream(self.side):
+                self.side.wait_event(ready)
+                for e in entries:
+                    e.staged.copy_(e.host, non_blocking=True)
+                done = self.side.record_event()
+        else:
+            for e in entries:
+                e.staged.copy_(e.host)
+            done = None
+        self.transfers += sum(e.host.numel() * e.host.element_size() for e in entries)
+        self.loaded[i] = done
+
+    def _install(self, i: int) -> None:
+        """Wait for block `i`'s copy and put its weights in place (upcasting fp8 tensor by tensor)."""
+        done = self.loaded[i]
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        for e in self.entries[i]:
+            if e.scale is None:
+                e.tensor.data = e.staged
+            else:  # per-tensor upcast: at most one fp8 tensor beside the block at a time
+                e.tensor.data = e.staged.to(e.empty.dtype).mul_(e.scale.to(self.device, non_blocking=True))
+            e.staged = None
+        self.installed.add(i)
+
+    def _drop(self, i: int) -> None:
+        for e in self.entries[i]:
+            e.staged = None
+            e.tensor.data = e.empty
+        self.loaded.pop(i)
+        self.installed.discard(i)
+        self.ledger.remove(self.plan.load_bytes[i], f"block {i}")
+
+    def enter(self, k: int) -> None:
+        """Before the k-th streamed block runs: have it in place, start copying the next one."""
+        i = self.order[k]
+        nxt = self.order[(k + 1) % len(self.order)] if self.plan.slots == 2 else i
+        for j in [j for j in self.loaded if j not in (i, nxt)]:  # left over after an error
+            self._drop(j)
+        if i not in self.loaded:
+            self._load(i)
+        if i not in self.installed:
+            self._install(i)
+        if nxt not in self.loaded:
+            self._load(nxt)
+
+    def leave(self, k: int) -> None:
+        self._drop(self.order[k])
+
+
+class _BlockHook:
+    """Brackets one streamed block's forward with the streamer's enter / leave."""
+
+    priority = WeightStreamer.priority
+
+    def __init__(self, streamer: WeightStreamer, k: int) -> None:
+        self.streamer, self.k = streamer, k
+
+    def __call__(self, module, forward, *args, **kwargs):
+        self.streamer.enter(self.k)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self.streamer.leave(self.k)

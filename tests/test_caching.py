@@ -1,0 +1,190 @@
+"""Step caches: threshold 0 is exactly uncached, skips follow the release's rule, sections reset,
+weight streaming never loads a skipped block, and the pipeline and calibration use them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from framepack.caching import TEACACHE_HUNYUAN, FirstBlockCache, TeaCache, make_cache, rel_l1, reset_caches
+from framepack.caching.calibrate import fit, load_coefficients
+from framepack.memory import WeightStreamer, blocks_of, hooks_of, plan_memory
+from framepack.model import PackedTransformer, get_spec
+from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0
+from framepack.testing import random_packed_inputs
+
+CFG = get_spec("tiny").replace(num_layers=2, num_single_layers=3)
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def model() -> PackedTransformer:
+    torch.manual_seed(0)
+    return PackedTransformer(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict:
+    return random_packed_inputs(CFG, 4, 6, seed=2)
+
+
+def sample(model, inputs, cfg: float = 1.0) -> torch.Tensor:
+    """UniPC over STEPS steps, optionally with real CFG (two model calls per step)."""
+    sigmas = sigma_schedule(STEPS, seq_len=54)
+    negative = {**inputs, "text": inputs["text"].flip(1)}
+
+    def denoise(x, sigma):
+        t = sigma.reshape(1) * 1000
+        v = model.forward_packed(**{**inputs, "noisy": x, "timestep": t})
+        if cfg != 1.0:
+            v_neg = model.forward_packed(**{**negative, "noisy": x, "timestep": t})
+            v = v_neg + cfg * (v - v_neg)
+        return velocity_to_x0(x, v, sigma)
+
+    with torch.no_grad():
+        return get_sampler("unipc")(denoise, inputs["noisy"], sigmas)
+
+
+@pytest.fixture(scope="module")
+def reference(model, inputs) -> torch.Tensor:
+    return sample(model, inputs)
+
+
+@pytest.mark.parametrize("name", ["teacache", "fbcache"])
+def test_threshold_zero_is_exactly_uncached(model, inputs, reference, name):
+    cache = make_cache(name, 0.0).attach(model)
+    try:
+        for _ in range(2):  # two sections
+            reset_caches(model, STEPS)
+            assert torch.equal(sample(model, inputs), reference)
+        assert cache.stats.skipped == 0 and cache.stats.evaluations == 2 * STEPS
+    finally:
+        cache.detach()
+    assert all(hooks_of(b) == [] and "forward" not in b.__dict__ for b in blocks_of(model))
+
+
+@pytest.mark.parametrize("cls", [TeaCache, FirstBlockCache])
+def test_big_threshold_skips_all_but_first_and_last(model, inputs, reference, cls):
+    cache = cls(1e9).attach(model)
+    try:
+        cache.reset(STEPS)
+        out = sample(model, inputs)
+        assert cache.stats.skipped == STEPS - 2  # the first and last steps are always computed
+        cache.reset(STEPS)  # a new section: its first step is computed again
+        sample(model, inputs)
+        assert cache.stats.skipped == 2 * (STEPS - 2)
+    finally:
+        cache.detach()
+    err = ((out - reference).norm() / reference.norm()).item()
+    assert 0 < err < 0.5 and torch.isfinite(out).all()
+
+
+def test_teacache_follows_the_release_rule(model, inputs):
+    """Replay the release's accumulation on the signals the cache saw: the same decisions."""
+    log = []
+
+    class Logged(TeaCache):
+        def decide(self, st, block, forward, args, kwargs, forced):
+            before = st.previous
+            out, skip = super().decide(st, block, forward, args, kwargs, forced)
+            log.append((None if before is None else rel_l1(st.previous, before), skip))
+            return out, skip
+
+    cache = Logged(0.15).attach(model)
+    try:
+        cache.reset(STEPS)
+        sample(model, inputs)
+    finally:
+        cache.detach()
+    expected, acc = [False], 0.0
+    for rel, _ in log[1:-1]:  # the release: compute the first and last steps, else accumulate
+        acc += np.polyval(TEACACHE_HUNYUAN, rel)
+        expected.append(acc < 0.15)
+        acc = acc if acc < 0.15 else 0.0
+    expected.append(False)
+    assert [skip for _, skip in log] == expected
+    assert any(expected)
+
+
+def test_cfg_branches_are_separate(model, inputs):
+    uncached = sample(model, inputs, cfg=3.0)
+    cache = TeaCache(0.0).attach(model)
+    try:
+        cache.reset(STEPS, branches=2)
+        assert torch.equal(sample(model, inputs, cfg=3.0), uncached)
+        assert len(cache.state) == 2 and cache.stats.evaluations == 2 * STEPS
+    finally:
+        cache.detach()
+
+
+def test_streaming_does_not_load_skipped_blocks(model, inputs, reference):
+    plan0 = plan_memory(model, None)
+    plan = plan_memory(model, plan0.base_bytes + max(plan0.block_bytes))
+    streamer = WeightStreamer(model, plan, "cpu").attach()
+    cache = TeaCache(0.0).attach(model)
+    try:
+        cache.reset(STEPS)
+        assert torch.equal(sample(model, inputs), reference)  # both hooks, bit-identical
+        full = streamer.transfers
+        cache.threshold = 1e9
+        cache.reset(STEPS)
+        streamer.transfers = 0
+        sample(model, inputs)
+    finally:
+        cache.detach()
+        streamer.detach()
+    per_step = full / STEPS
+    block0 = plan.block_bytes[0]
+    # 2 computed steps load everything; the skipped ones load block 0 only (it decides).
+    assert streamer.transfers == pytest.approx(2 * per_step + (STEPS - 2) * block0)
+
+
+def test_calibration_fits_and_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 0.3, 40)
+    rows = [(a, 2 * a, 0.5 * a + 0.01) for a in x]
+    result = fit(rows)
+    assert result["fbcache"]["r2"] > 0.999
+    assert np.polyval(result["fbcache"]["coefficients"], 0.2) == pytest.approx(0.06, abs=1e-6)
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(result))
+    assert len(load_coefficients(path, "teacache")) == 5
+    with pytest.raises(ValueError, match="calibration"):
+        load_coefficients(tmp_path / "missing.json", "fbcache")
+    with pytest.raises(ValueError):
+        fit(rows[:3])
+
+
+def test_bad_names_and_thresholds():
+    with pytest.raises(ValueError, match="unknown step cache"):
+        make_cache("magic", 0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        TeaCache(-1)
+
+
+def test_pipeline_streams_and_caches_exactly_at_threshold_zero(tmp_path):
+    from framepack.io import read_video
+    from framepack.pipeline.generate import GenerationSettings, generate
+    from framepack.testing import tiny_bundle
+
+    bundle = tiny_bundle()
+    image = np.full((64, 96, 3), 90, np.uint8)
+    image[16:48, 24:56] = (200, 30, 30)
+    base = dict(prompt="a cat walks", sections=2, steps=4)
+    plain = generate(bundle, GenerationSettings(**base, name="plain"), tmp_path, image=image)
+    plan = plan_memory(bundle.transformer, None)
+    budget = (plan.base_bytes + max(plan.block_bytes)) / 2**30
+    fast = GenerationSettings(**base, name="fast", cache="teacache", cache_threshold=0.0, vram_budget=budget)
+    done = generate(bundle, fast, tmp_path, image=image)
+    assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])
+    info = json.loads(done.sidecar.read_text())
+    assert info["cache"]["evaluations"] == 8 and info["cache"]["skipped"] == 0
+    assert "streamed" in info["memory_plan"]
+    skipping = GenerationSettings(**base, name="skip", cache="teacache", cache_threshold=10.0)
+    info = generate(bundle, skipping, tmp_path, image=image).info
+    assert info["cache"]["skipped"] == 2 * (4 - 2) and "memory_plan" not in info
+    with pytest.raises(ValueError, match="step cache"):
+        generate(bundle, GenerationSettings(**base, cache="nope"), tmp_path, image=image)
