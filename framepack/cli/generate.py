@@ -119,6 +119,18 @@ def add_parser(sub) -> None:
         metavar="FILE[:SCALE]",
         help="apply a LoRA (PEFT/diffusers, kohya/musubi-tuner or our training's folder); repeatable",
     )
+    p.add_argument(
+        "--one-frame",
+        type=int,
+        metavar="INDEX",
+        help="one-frame mode: a single PNG at this latent time index (e.g. 9) instead of a video",
+    )
+    p.add_argument(
+        "--one-frame-groups",
+        default="post,k2,k4",
+        metavar="GROUPS",
+        help="one-frame mode: the history groups fed to the model (comma list from post,k2,k4)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument(
         "--vram-budget", metavar="GB|auto", help="device memory for the transformer; blocks beyond it stream"
@@ -166,6 +178,22 @@ def _event_json(event) -> dict:
     if isinstance(event, Stage):
         return {"event": "stage", "name": event.name}
     return {"event": type(event).__name__}
+
+
+def _one_frame(bundle, prepared, args: argparse.Namespace) -> None:
+    """`--one-frame INDEX`: one PNG (and its JSON sidecar) instead of a video."""
+    from ..pipeline.one_frame import generate_frame
+    from ..sampling import Cancelled
+    from .main import UserError
+
+    groups = [g.strip() for g in args.one_frame_groups.split(",") if g.strip()]
+    try:
+        done = generate_frame(bundle, prepared, args.out, index=args.one_frame, groups=groups)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except Cancelled:
+        raise UserError("cancelled.") from None
+    print(done.image)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -231,6 +259,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prepared = prepare(bundle, settings)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.one_frame is not None:
+        _one_frame(bundle, prepared, args)
+        return
 
     stop = threading.Event()
     events_file = open(args.events, "w") if args.events else None

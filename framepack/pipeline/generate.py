@@ -291,21 +291,7 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
         packed = [HistoryGroup(g.latents.to(device), g.indices, g.kernel) for g in packed]
         noisy_indices = torch.tensor(layout.noisy)
         cond, neg = prompts[section.prompt_index], negative
-
-        def denoise(
-            x: torch.Tensor, sigma: torch.Tensor, cond=cond, neg=neg, packed=packed, idx=noisy_indices
-        ):
-            t = (sigma * 1000.0).to(device)
-
-            def velocity(p):
-                return model.forward_packed(
-                    x.to(device), idx, packed, t, p.text, p.mask, p.pooled, guidance, siglip
-                ).float()
-
-            v = velocity(cond)
-            if neg is not None:
-                v = cfg_velocity(v, velocity(neg), s.cfg, s.cfg_rescale)
-            return velocity_to_x0(x, v.to(x.device), sigma)
+        denoise = make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, s)
 
         noise = torch.randn((1, c, ws, h, w), generator=generator)  # one CPU generator, every section
         speed.new_section(len(sigmas) - 1, 1 if neg is None else 2)
@@ -357,6 +343,28 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
     )
     write_json_atomic(info, sidecar_path)
     yield Finished(video_path, frames_written, sidecar_path, gif_path, info["seconds"], info)
+
+
+def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, s: GenerationSettings):
+    """The x0 prediction `denoise(x, sigma)` the samplers call for one section's packed inputs.
+
+    One model call for the velocity, a second for the negative prompt when real CFG is on.
+    """
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = (sigma * 1000.0).to(device)
+
+        def velocity(p):
+            return model.forward_packed(
+                x.to(device), noisy_indices, packed, t, p.text, p.mask, p.pooled, guidance, siglip
+            ).float()
+
+        v = velocity(cond)
+        if neg is not None:
+            v = cfg_velocity(v, velocity(neg), s.cfg, s.cfg_rescale)
+        return velocity_to_x0(x, v.to(x.device), sigma)
+
+    return denoise
 
 
 def _sample_live(sampler, denoise, noise, sigmas, number: int, sections: int, cancel) -> Iterator:
