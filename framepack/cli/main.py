@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, model specs and a smoke run on this machine")
     p.set_defaults(func=cmd_info)
 
+    from .batch import add_parser as add_batch
     from .eval import add_parser as add_eval
     from .generate import add_parser as add_generate
     from .prepare import add_parser as add_prepare
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare(sub)
     add_train(sub)
     add_eval(sub)
+    add_batch(sub)
 
     p = sub.add_parser("download", help="fetch a named model bundle (hunyuan-i2v, hunyuan-f1)")
     p.add_argument("name", help="named bundle: hunyuan-i2v or hunyuan-f1")

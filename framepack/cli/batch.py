@@ -1,0 +1,109 @@
+"""`framepack batch JOBS.jsonl`: many generations, skipping finished ones, sharded under torchrun.
+
+One line per job on stdout: `done NAME PATH (rank R)` or `skipped NAME PATH (rank R)`. A job whose
+settings are rejected is reported on stderr and the others still run; the command then exits
+with status 2 naming how many failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="run many generations from a JSON-lines file (skips finished jobs; shards under torchrun)",
+    )
+    p.add_argument(
+        "jobs", help="JSON-lines file: one object of generation settings (+ model, one_frame) per line"
+    )
+    p.add_argument("--model", help="bundle for jobs that name none (default: the shipped demo model)")
+    p.add_argument("--out", default="outputs", help="output folder of every job")
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, ... (auto: this rank's GPU when there is one)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="only list this process's jobs and whether they are finished"
+    )
+    p.set_defaults(func=cmd_batch)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda.") from None
+        return name
+    if torch.cuda.is_available():  # one GPU per process under torchrun
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def _run_job(bundle, job, out: str) -> None:
+    from ..pipeline.generate import generate_events, prepare
+    from ..pipeline.one_frame import generate_frame
+
+    prepared = prepare(bundle, job.settings)
+    if job.one_frame is not None:
+        generate_frame(bundle, prepared, out, index=job.one_frame, groups=job.one_frame_groups)
+        return
+    for _ in generate_events(bundle, prepared, out):
+        pass
+
+
+def cmd_batch(args: argparse.Namespace) -> None:
+    from ..pipeline.batch import is_finished, job_outputs, process_rank, read_jobs, shard
+    from .main import UserError
+
+    try:
+        jobs = read_jobs(args.jobs)
+        rank, world = process_rank()
+        device = _device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    mine = shard(jobs, rank, world)
+    if args.list:
+        for job in mine:
+            state = "finished" if is_finished(job, args.out) else "to do"
+            print(f"{job.name} (line {job.line}, rank {rank}): {state}")
+        return
+
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (transformers.utils.logging, diffusers.utils.logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    from ..pipeline.api import default_model
+    from ..pipeline.bundle import load_bundle
+
+    loaded: tuple[str, object] | None = None  # one bundle at a time: a 13B model is big
+    failed: list[str] = []
+    for job in mine:
+        output = job_outputs(job, args.out)[0]
+        if is_finished(job, args.out):
+            print(f"skipped {job.name} {output} (rank {rank})", flush=True)
+            continue
+        try:
+            model = job.model or args.model or str(default_model())
+            if loaded is None or loaded[0] != model:
+                loaded = None
+                loaded = (model, load_bundle(model, device=device))
+            _run_job(loaded[1], job, args.out)
+        except ValueError as e:
+            failed.append(job.name)
+            print(f"framepack: job {job.name} (line {job.line}): {e}", file=sys.stderr, flush=True)
+            continue
+        print(f"done {job.name} {output} (rank {rank})", flush=True)
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(mine)} jobs failed (first: {failed[0]}); rerun to retry them."
+        )

@@ -1,0 +1,156 @@
+"""Batch runs: many generations from a JSON-lines file, resumable and sharded over processes.
+
+Each non-blank line of the jobs file is one JSON object: the fields of `GenerationSettings`
+(`prompt`, `image`, `seconds`, `seed`, `loras`, ...), plus optionally `model` (a bundle; the
+batch's default otherwise) and `one_frame` / `one_frame_groups` (a one-frame job writes a PNG).
+A job without a `name` is named after its position and content, so a rerun finds it again.
+A job is finished when its output (video or PNG) and its JSON sidecar exist; the sidecar is
+written last, so a job stopped half-way runs again. Under `torchrun --nproc-per-node N` (env
+`RANK`, `WORLD_SIZE`) job i goes to rank `i % N`; the processes need no communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .generate import GenerationSettings, settings_from_dict
+
+__all__ = ["Job", "read_jobs", "job_outputs", "is_finished", "shard", "process_rank"]
+
+_EXTRA = ("model", "one_frame", "one_frame_groups")
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of a jobs file."""
+
+    index: int  # 0-based, among the jobs
+    line: int  # 1-based line number in the file
+    settings: GenerationSettings  # with its `name` filled in
+    model: str | None = None
+    one_frame: int | None = None
+    one_frame_groups: tuple[str, ...] = ("post", "k2", "k4")
+
+    @property
+    def name(self) -> str:
+        assert self.settings.name is not None
+        return self.settings.name
+
+
+def _check_type(key: str, value, where: str) -> None:
+    annotation = str(_FIELDS[key].type)
+    if annotation.startswith("tuple"):
+        ok = isinstance(value, (list, tuple)) or (value is None and "None" in annotation)
+    else:
+        kinds = tuple(t for part in annotation.split("|") for t in _SCALARS.get(part.strip(), ()))
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise ValueError(
+            f"{where}: {key} has the wrong type ({type(value).__name__}, expected {annotation})."
+        )
+
+
+def _loras(value, where: str) -> list:
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            from ..lora import parse_lora_arg
+
+            out.append(parse_lora_arg(item))
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
+            out.append(tuple(item))
+        else:
+            raise ValueError(f'{where}: each LoRA is "FILE[:SCALE]" or [FILE, SCALE], got {item!r}.')
+    return out
+
+
+def _job(data: dict, index: int, line: int, where: str) -> Job:
+    unknown = [k for k in data if k not in _FIELDS and k not in _EXTRA]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (a generation setting, model or one_frame).")
+    if "prompt" not in data:
+        raise ValueError(f"{where}: the job has no prompt.")
+    for key, value in data.items():
+        if key in _FIELDS:
+            _check_type(key, value, where)
+    fields = {k: v for k, v in data.items() if k in _FIELDS}
+    if "loras" in fields:
+        fields["loras"] = _loras(fields["loras"], where)
+    if not fields.get("name"):
+        digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+        fields["name"] = f"job{index:04d}-{digest}"
+    elif "/" in fields["name"] or "\\" in fields["name"] or fields["name"].startswith("."):
+        raise ValueError(f"{where}: the name {fields['name']!r} must be a plain file name.")
+    model, one_frame = data.get("model"), data.get("one_frame")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"{where}: model must be a bundle directory or name.")
+    if one_frame is not None and (not isinstance(one_frame, int) or isinstance(one_frame, bool)):
+        raise ValueError(f"{where}: one_frame must be a whole number (the latent time index).")
+    groups = data.get("one_frame_groups", ["post", "k2", "k4"])
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise ValueError(f'{where}: one_frame_groups must be a list of group names such as ["post", "k4"].')
+    return Job(index, line, settings_from_dict(fields), model, one_frame, tuple(groups))
+
+
+def read_jobs(path: str | os.PathLike) -> list[Job]:
+    """Parse a jobs file; ValueError naming the first bad line. Names must be unique."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the jobs file {path} ({type(e).__name__}).") from None
+    jobs: list[Job] = []
+    names: dict[str, int] = {}
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"{path.name} line {number}"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON ({e.msg}).") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} is not a JSON object of settings.")
+        job = _job(data, len(jobs), number, where)
+        if job.name in names:
+            raise ValueError(f"{where}: the name {job.name!r} is already used on line {names[job.name]}.")
+        names[job.name] = number
+        jobs.append(job)
+    if not jobs:
+        raise ValueError(f"the jobs file {path} has no jobs.")
+    return jobs
+
+
+def job_outputs(job: Job, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """The job's output (mp4, or PNG for a one-frame job) and its sidecar."""
+    out = Path(out_dir)
+    suffix = ".png" if job.one_frame is not None else ".mp4"
+    return out / f"{job.name}{suffix}", out / f"{job.name}.json"
+
+
+def is_finished(job: Job, out_dir: str | os.PathLike) -> bool:
+    """True when the job's output and its sidecar (written last) both exist."""
+    return all(p.is_file() for p in job_outputs(job, out_dir))
+
+
+def process_rank() -> tuple[int, int]:
+    """`(rank, world size)` from torchrun's environment; `(0, 1)` outside it."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ValueError("RANK and WORLD_SIZE must be whole numbers.") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
+    return rank, world
+
+
+def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
+    """This process's jobs: job i goes to rank `i % world`."""
+    return [job for job in jobs if job.index % world == rank]

@@ -1,0 +1,126 @@
+"""`framepack batch`: parsing jobs files, reruns skip finished jobs, and two torchrun processes
+split the jobs with none done twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from framepack.cli.main import main
+from framepack.io import read_video
+from framepack.pipeline.batch import is_finished, read_jobs, shard
+from framepack.testing import tiny_bundle_dir
+
+WS = 9
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("images") / "start.png"
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[8:40, 16:48] = (220, 120, 20)
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+def write_jobs(path, jobs: list[dict]) -> str:
+    path.write_text("\n".join(json.dumps(j) for j in jobs) + "\n\n")  # a trailing blank line is fine
+    return str(path)
+
+
+def test_reading_jobs(tmp_path):
+    jobs = read_jobs(write_jobs(tmp_path / "a.jsonl", [
+        {"prompt": "a cat", "seed": 1},
+        {"prompt": "a dog", "name": "dog", "loras": ["x.safetensors:0.5", ["y.safetensors", 2]]},
+        {"prompt": "a pose", "one_frame": 9, "one_frame_groups": ["k4"], "model": "other"},
+    ]))  # fmt: skip
+    assert [j.index for j in jobs] == [0, 1, 2] and jobs[1].name == "dog"
+    assert jobs[0].name.startswith("job0000-") and read_jobs(tmp_path / "a.jsonl")[0].name == jobs[0].name
+    assert jobs[1].settings.loras == (("x.safetensors", 0.5), ("y.safetensors", 2))
+    assert jobs[2].one_frame == 9 and jobs[2].one_frame_groups == ("k4",) and jobs[2].model == "other"
+    assert [j.index for j in shard(jobs, 1, 2)] == [1] and [j.index for j in shard(jobs, 0, 2)] == [0, 2]
+
+    bad = {
+        "{not json": "not valid JSON",
+        "[1, 2]": "JSON object",
+        '{"prompt": "a", "colour": 3}': "unknown key 'colour'",
+        '{"seed": 3}': "no prompt",
+        '{"prompt": "a", "steps": "many"}': "steps has the wrong type",
+        '{"prompt": "a", "gif": 1}': "gif has the wrong type",
+        '{"prompt": "a", "name": "../x"}': "plain file name",
+        '{"prompt": "a", "one_frame": "9"}': "one_frame",
+    }
+    for text, needle in bad.items():
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n' + text + "\n")
+        with pytest.raises(ValueError, match=re.escape(needle)) as e:
+            read_jobs(tmp_path / "bad.jsonl")
+        assert "line 2" in str(e.value)
+    (tmp_path / "dup.jsonl").write_text('{"prompt": "a", "name": "x"}\n{"prompt": "b", "name": "x"}\n')
+    with pytest.raises(ValueError, match="already used on line 1"):
+        read_jobs(tmp_path / "dup.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no jobs"):
+        read_jobs(tmp_path / "empty.jsonl")
+
+
+def _lines(out: str, kind: str) -> list[str]:
+    return [line.split()[1] for line in out.splitlines() if line.startswith(kind + " ")]
+
+
+def test_batch_runs_reruns_skip_finished_jobs(tmp_path, start, capsys):
+    common = {"image": start, "sections": 1, "steps": 1}
+    path = write_jobs(tmp_path / "jobs.jsonl", [
+        {"prompt": "a cat", "seed": 1, "name": "cat", **common},
+        {"prompt": "a dog", "seed": 2, **common},
+        {"prompt": "a cat waves", "one_frame": 5, "name": "wave", **common},
+        {"prompt": "broken", "steps": 0, "name": "broken", "image": start},
+    ])  # fmt: skip
+    out = str(tmp_path / "out")
+    args = ["batch", path, "--model", str(tiny_bundle_dir()), "--out", out, "--device", "cpu"]
+    assert main(args) == 2  # the broken job fails, the others run
+    captured = capsys.readouterr()
+    jobs = read_jobs(path)
+    assert _lines(captured.out, "done") == [j.name for j in jobs[:3]]
+    assert "job broken (line 4)" in captured.err and "1 of 4 jobs failed" in captured.err
+    assert read_video(tmp_path / "out" / "cat.mp4")[0].shape[0] == 4 * (WS + 1) - 3
+    assert (tmp_path / "out" / "wave.png").is_file() and is_finished(jobs[2], out)
+    assert not is_finished(jobs[3], out)
+
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "out" / "cat.json").unlink()  # as if stopped before the end: runs again
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert _lines(captured.out, "done") == ["cat"]
+    assert _lines(captured.out, "skipped") == [jobs[1].name, "wave"]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert all(after[n] == t for n, t in before.items() if not n.startswith("cat"))
+
+
+def test_bad_jobs_file_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a", "sedd": 3}\n')
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "unknown key 'sedd'" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_two_torchrun_processes_split_the_jobs(tmp_path, start):
+    jobs = [{"prompt": f"shape {i}", "seed": i, "image": start, "sections": 1, "steps": 1} for i in range(5)]
+    path = write_jobs(tmp_path / "jobs.jsonl", jobs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "framepack", "batch", path, "--model", str(tiny_bundle_dir()), "--out", str(tmp_path / "out"),
+           "--device", "cpu"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    done = re.findall(r"^done (\S+) \S+ \(rank (\d)\)$", run.stdout, flags=re.M)
+    names = [j.name for j in read_jobs(path)]
+    assert sorted(n for n, _ in done) == sorted(names)  # all done, none twice
+    assert {n: int(r) for n, r in done} == {n: i % 2 for i, n in enumerate(names)}  # job i on rank i % 2
+    assert all(is_finished(j, tmp_path / "out") for j in read_jobs(path))
