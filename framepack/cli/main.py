@@ -114,12 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import add_parser as add_eval
     from .generate import add_parser as add_generate
     from .prepare import add_parser as add_prepare
+    from .serve import add_parser as add_serve
     from .train import add_parser as add_train
 
     add_generate(sub)
     add_prepare(sub)
     add_train(sub)
     add_eval(sub)
+    add_serve(sub)
     add_batch(sub)
 
     p = sub.add_parser("download", help="fetch a named model bundle (hunyuan-i2v, hunyuan-f1)")

@@ -1,0 +1,100 @@
+"""`framepack serve`: the web GUI, on loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "parse_auth", "LOOPBACK"]
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the web GUI: a job queue, live previews, the video as it grows")
+    p.add_argument("--model", help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--outputs", default="outputs", help="folder for videos (the only one served)")
+    p.add_argument("--auth", help="USER:PASSWORD, or a file with one USER:PASSWORD per line")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.set_defaults(func=cmd_serve)
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """`USER:PASSWORD` or a file of such lines (blank lines and # comments skipped); raises ValueError."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"the --auth file {path} cannot be read ({e}).") from None
+        where = f"the --auth file {path}"
+    else:
+        lines, where = [value], "--auth"
+    pairs = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"{where} must hold USER:PASSWORD (or name a file of such lines).")
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise ValueError(f"{where} holds no USER:PASSWORD line.")
+    return pairs
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .generate import _device
+    from .main import UserError
+
+    if not args.model:
+        raise UserError("no model given and no demo model is shipped yet; pass --model DIR or a bundle name.")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, got {args.port}.")
+    try:
+        auth = parse_auth(args.auth)
+        device = _device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.host not in LOOPBACK:
+        print(
+            f"framepack: warning: listening on {args.host}, so anyone who can reach this machine can use "
+            f"the GUI and its device{'' if auth else ' (no --auth given)'}.",
+            file=sys.stderr,
+        )
+    outputs = Path(args.outputs).resolve()
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"the outputs folder {outputs} cannot be created ({e.strerror}).") from None
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local GUI phones nobody
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    from ..gui.app import build_app, launch
+    from ..gui.jobs import JobQueue
+    from ..pipeline.bundle import load_bundle
+
+    for library in (transformers.utils.logging, diffusers.utils.logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    try:
+        bundle = load_bundle(args.model, device=device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    queue = JobQueue(bundle, outputs)
+    app = build_app(queue, outputs)
+    try:
+        launch(app, outputs, host=args.host, port=args.port, auth=auth)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e}).") from None
+    finally:
+        queue.close(timeout=5)

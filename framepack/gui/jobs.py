@@ -1,0 +1,295 @@
+"""The job queue behind the GUI: one worker thread owns the device and runs jobs in order.
+
+Jobs are submitted from any thread (every browser tab, the `/generate` API); their settings are
+validated at once (`prepare`), so bad input fails as a job with one sentence and never reaches the
+worker. The worker drives `generate_events` and copies each event into its job (latent preview,
+section/step, the video so far), so a reader sees the live state with `get(job_id)`. Cancelling a
+queued job drops it; cancelling a running one stops it within one sampling step, keeping the
+sections it finished. A failing job records its error and the worker goes on with the next.
+Nothing here imports Gradio.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..pipeline.generate import (
+    Finished,
+    GenerationSettings,
+    Prepared,
+    SectionDone,
+    Stage,
+    StepEvent,
+    generate_events,
+    prepare,
+)
+from ..sampling import Cancelled
+
+__all__ = ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "ENDED", "Job", "JobQueue", "describe_error"]
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+ENDED = (DONE, FAILED, CANCELLED)
+
+
+@dataclass
+class Job:
+    """One generation and its live state (readers get copies; only the queue mutates a job)."""
+
+    id: int
+    prompt: str
+    settings: GenerationSettings | None  # None when the form itself was rejected
+    state: str = QUEUED
+    error: str | None = None
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    stage: str = ""
+    sections: int = 0  # S, from the section plan
+    section: int = 0  # 0-based, in generation order, of the last step seen
+    sections_done: int = 0
+    step: int = 0  # 1-based step within the current section
+    steps: int = 0
+    steps_done: int = 0  # over every section
+    fps: int = 30
+    preview: np.ndarray | None = field(default=None, repr=False)  # (T, h, w, 3) uint8
+    video: Path | None = None  # the mp4 so far (final once done)
+    frames: int = 0
+    gif: Path | None = None
+    sidecar: Path | None = None
+    version: int = 0  # bumped on every change, so a view can skip unchanged jobs
+    video_version: int = 0  # bumped when the mp4 is rewritten
+    prepared: Prepared | None = field(default=None, repr=False)
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def total_steps(self) -> int:
+        return self.sections * self.steps
+
+    @property
+    def ended_state(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def video_seconds(self) -> float:
+        """Seconds of video made so far."""
+        return self.frames / self.fps if self.fps else 0.0
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left, from the mean time per sampling step so far (None before the first step)."""
+        if self.state != RUNNING or not self.steps_done or self.started is None:
+            return None
+        elapsed = (time.time() if now is None else now) - self.started
+        return max(0.0, elapsed / self.steps_done * (self.total_steps - self.steps_done))
+
+
+def describe_error(e: BaseException) -> str:
+    """One sentence for a failed job (tracebacks go to the server log, never to the page)."""
+    if isinstance(e, ValueError):
+        text = str(e)
+    elif isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        text = "the device ran out of memory; try a lower resolution, fewer seconds or a smaller window"
+    elif isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        text = f"could not read or write a file{where}: {e.strerror or e}"
+    else:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = f"generation failed with {type(e).__name__}" + (f": {first}" if first else "")
+    text = " ".join(text.split())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+class JobQueue:
+    """Jobs in submission order and the one worker thread that runs them on `bundle`'s device."""
+
+    def __init__(self, bundle, out_dir: str | Path, start: bool = True):
+        self.bundle = bundle
+        self.out_dir = Path(out_dir)
+        self._cond = threading.Condition()
+        self._jobs: dict[int, Job] = {}
+        self._pending: deque[int] = deque()
+        self._names: set[str] = set()
+        self._next_id = 1
+        self._closed = False
+        self._version = 0
+        self._thread = threading.Thread(target=self._work, name="framepack-worker", daemon=True)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ public API (any thread)
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Cancel everything and stop the worker."""
+        with self._cond:
+            self._closed = True
+            for job in self._jobs.values():
+                job.cancel_requested.set()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def version(self) -> int:
+        """Bumped whenever any job changes."""
+        return self._version
+
+    def submit(self, settings: GenerationSettings, image: np.ndarray | None = None) -> Job:
+        """Validate and queue one generation; returns a copy of the job (state FAILED on bad input)."""
+        try:
+            prepared = prepare(self.bundle, settings, image)
+        except ValueError as e:
+            return self.reject(settings.prompt, describe_error(e), settings)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the job queue is closed.")
+            if settings.name is None:
+                prepared.settings = settings = dataclasses.replace(settings, name=self._unique_name(settings))
+            job = self._add(settings.prompt, settings)
+            job.prepared = prepared
+            job.sections, job.steps, job.fps = len(prepared.plan.sections), prepared.steps, prepared.fps
+            self._pending.append(job.id)
+            self._cond.notify_all()
+            return copy.copy(job)
+
+    def reject(self, prompt: str, error: str, settings: GenerationSettings | None = None) -> Job:
+        """Record a job that failed before it could be queued (bad input); returns a copy."""
+        with self._cond:
+            job = self._add(prompt, settings)
+            job.state, job.error, job.ended = FAILED, error, time.time()
+            self._touch(job)
+            return copy.copy(job)
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a queued job (dropped) or a running one (stops within a sampling step).
+
+        Returns False when the job is unknown or already ended.
+        """
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.ended_state:
+                return False
+            job.cancel_requested.set()
+            if job.state == QUEUED:
+                self._pending.remove(job_id)
+                job.state, job.ended, job.prepared = CANCELLED, time.time(), None
+            self._touch(job)
+            return True
+
+    def get(self, job_id: int) -> Job | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return copy.copy(job) if job is not None else None
+
+    def jobs(self) -> list[Job]:
+        """Copies of every job, oldest first."""
+        with self._cond:
+            return [copy.copy(j) for j in self._jobs.values()]
+
+    def position(self, job_id: int) -> int | None:
+        """How many jobs run before this queued one (0: it is next), None when it is not queued."""
+        with self._cond:
+            try:
+                return self._pending.index(job_id) + sum(j.state == RUNNING for j in self._jobs.values())
+            except ValueError:
+                return None
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Job | None:
+        """Block until the job has ended (or `timeout` passed); returns a copy of it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (job := self._jobs.get(job_id)) is not None and not job.ended_state:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            return copy.copy(job) if job is not None else None
+
+    # ------------------------------------------------------------------------------- internals
+    def _add(self, prompt: str, settings: GenerationSettings | None) -> Job:
+        job = Job(id=self._next_id, prompt=prompt, settings=settings)
+        self._next_id += 1
+        self._jobs[job.id] = job
+        self._touch(job)
+        return job
+
+    def _touch(self, job: Job) -> None:
+        job.version += 1
+        self._version += 1
+        self._cond.notify_all()
+
+    def _unique_name(self, settings: GenerationSettings) -> str:
+        """An output stem no other job and no file in the outputs folder uses."""
+        base = time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{settings.seed}"
+        name, k = base, 1
+        while name in self._names or any(self.out_dir.glob(f"{name}.*")):
+            k += 1
+            name = f"{base}-{k}"
+        self._names.add(name)
+        return name
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._jobs[self._pending.popleft()]
+                job.state, job.started = RUNNING, time.time()
+                self._touch(job)
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        state, error = DONE, None
+        try:
+            events = generate_events(
+                self.bundle, job.prepared, self.out_dir, cancel=job.cancel_requested.is_set
+            )
+            for event in events:
+                self._apply(job, event)
+        except Cancelled:
+            state = CANCELLED
+        except Exception as e:  # a failed job must never stop the worker
+            log.exception("job %d failed", job.id)
+            state, error = FAILED, describe_error(e)
+        with self._cond:
+            job.state, job.error, job.ended, job.prepared = state, error, time.time(), None
+            job.stage = ""
+            self._touch(job)
+
+    def _apply(self, job: Job, event) -> None:
+        with self._cond:
+            if isinstance(event, StepEvent):
+                job.section, job.sections = event.section, event.sections
+                job.step, job.steps = event.step + 1, event.steps
+                job.steps_done += 1
+                job.preview = event.preview
+            elif isinstance(event, SectionDone):
+                job.sections_done = event.section + 1
+                if event.video is not None:
+                    job.video, job.frames = event.video, event.frames
+                    job.video_version += 1
+            elif isinstance(event, Finished):
+                job.video, job.frames, job.gif, job.sidecar = (
+                    event.video,
+                    event.frames,
+                    event.gif,
+                    event.sidecar,
+                )
+                job.video_version += 1
+            elif isinstance(event, Stage):
+                job.stage = event.name
+            self._touch(job)
