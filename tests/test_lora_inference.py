@@ -272,3 +272,59 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "LoRA" in lines[0], r.stderr
         assert not (tmp_path / "cli").exists() or not any((tmp_path / "cli").iterdir())
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-streaming", "streaming-then-lora"])
+def test_loras_work_with_weight_streaming(tmp_path, inputs, lora_first):
+    from framepack.memory.runtime import accelerate
+    from framepack.memory.streaming import GIB, plan_memory
+
+    model = tiny_model()
+    lora = read_lora(write("kohya", tmp_path / "a.safetensors", factors(model, seed=5)), model)
+    with applied_loras(model, [(lora, 0.8)]):
+        expected = velocity(model, inputs)
+
+    def one_block_budget() -> float:  # room for one block: every block streams
+        plan = plan_memory(model, None)
+        return (plan.base_bytes + max(plan.block_bytes)) / GIB
+
+    if lora_first:  # the LoRA factors stream with their blocks
+        handle = attach_loras(model, [(lora, 0.8)])
+        run = accelerate(model, "cpu", vram_budget=one_block_budget())
+    else:  # the factors stay put and follow the input to its device
+        run = accelerate(model, "cpu", vram_budget=one_block_budget())
+        handle = attach_loras(model, [(lora, 0.8)])
+    assert run.streamer is not None and run.streamer.plan.streamed
+    streamed = velocity(model, inputs)
+    handle.remove()
+    base_streamed = velocity(model, inputs)
+    run.detach()
+    torch.testing.assert_close(streamed, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(base_streamed, velocity(model, inputs))
+
+
+def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
+    import numpy as np
+
+    from framepack.io import read_video
+    from framepack.memory.runtime import accelerate
+    from framepack.memory.streaming import GIB, plan_memory
+    from framepack.pipeline.generate import GenerationSettings, generate
+    from framepack.testing import tiny_bundle
+
+    bundle = tiny_bundle()
+    lora = write("peft", tmp_path / "style", factors(bundle.transformer, seed=6))
+    image = np.full((64, 64, 3), 90, np.uint8)
+    with applied_loras(bundle.transformer, load_loras(bundle.transformer, [(lora, 1.0)])):
+        plan = plan_memory(bundle.transformer, None)  # the LoRA factors stream with their blocks
+    budget = (plan.base_bytes + max(plan.block_bytes)) / GIB  # room for one block: all stream
+    frames = []
+    for name, vram in (("resident", None), ("streamed", budget), ("again", budget)):
+        s = GenerationSettings(
+            prompt="a cat", sections=1, steps=2, name=name, loras=((str(lora), 1.0),), vram_budget=vram
+        )
+        done = generate(bundle, s, tmp_path / "out", image=image)
+        frames.append(read_video(done.video)[0])
+        assert vram is None or "streamed" in done.info["memory_plan"]
+    accelerate(bundle.transformer, bundle.transformer.device)  # back to all resident
+    assert all(np.array_equal(f, frames[0]) for f in frames[1:])
