@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from framepack.cli.main import main
-from framepack.io import read_video
+from framepack.io import read_video, write_mp4
 from framepack.pipeline.batch import is_finished, read_jobs, shard
 from framepack.testing import tiny_bundle_dir
 
@@ -40,12 +40,14 @@ def test_reading_jobs(tmp_path):
         {"prompt": "a cat", "seed": 1},
         {"prompt": "a dog", "name": "dog", "loras": ["x.safetensors:0.5", ["y.safetensors", 2]]},
         {"prompt": "a pose", "one_frame": 9, "one_frame_groups": ["k4"], "model": "other"},
+        {"prompt": "more", "video": "clip.mp4"},
     ]))  # fmt: skip
-    assert [j.index for j in jobs] == [0, 1, 2] and jobs[1].name == "dog"
+    assert [j.index for j in jobs] == [0, 1, 2, 3] and jobs[1].name == "dog"
     assert jobs[0].name.startswith("job0000-") and read_jobs(tmp_path / "a.jsonl")[0].name == jobs[0].name
     assert jobs[1].settings.loras == (("x.safetensors", 0.5), ("y.safetensors", 2))
     assert jobs[2].one_frame == 9 and jobs[2].one_frame_groups == ("k4",) and jobs[2].model == "other"
-    assert [j.index for j in shard(jobs, 1, 2)] == [1] and [j.index for j in shard(jobs, 0, 2)] == [0, 2]
+    assert jobs[3].video == "clip.mp4" and jobs[3].one_frame is None
+    assert [j.index for j in shard(jobs, 1, 2)] == [1, 3] and [j.index for j in shard(jobs, 0, 2)] == [0, 2]
 
     bad = {
         "{not json": "not valid JSON",
@@ -56,6 +58,7 @@ def test_reading_jobs(tmp_path):
         '{"prompt": "a", "gif": 1}': "gif has the wrong type",
         '{"prompt": "a", "name": "../x"}': "plain file name",
         '{"prompt": "a", "one_frame": "9"}': "one_frame",
+        '{"prompt": "a", "video": "v.mp4", "one_frame": 9}': "not a one-frame job",
     }
     for text, needle in bad.items():
         (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n' + text + "\n")
@@ -76,19 +79,24 @@ def _lines(out: str, kind: str) -> list[str]:
 
 def test_batch_runs_reruns_skip_finished_jobs(tmp_path, start, capsys):
     common = {"image": start, "sections": 1, "steps": 1}
+    video = str(tmp_path / "clip.mp4")
+    write_mp4(np.full((13, 64, 64, 3), 100, np.uint8), video, fps=20)
     path = write_jobs(tmp_path / "jobs.jsonl", [
         {"prompt": "a cat", "seed": 1, "name": "cat", **common},
         {"prompt": "a dog", "seed": 2, **common},
         {"prompt": "a cat waves", "one_frame": 5, "name": "wave", **common},
         {"prompt": "broken", "steps": 0, "name": "broken", "image": start},
+        {"prompt": "more", "video": video, "model": str(tiny_bundle_dir("forward")), "window": 3, "sections": 1,
+         "steps": 1, "name": "longer"},
     ])  # fmt: skip
     out = str(tmp_path / "out")
     args = ["batch", path, "--model", str(tiny_bundle_dir()), "--out", out, "--device", "cpu"]
     assert main(args) == 2  # the broken job fails, the others run
     captured = capsys.readouterr()
     jobs = read_jobs(path)
-    assert _lines(captured.out, "done") == [j.name for j in jobs[:3]]
-    assert "job broken (line 4)" in captured.err and "1 of 4 jobs failed" in captured.err
+    assert _lines(captured.out, "done") == [j.name for j in jobs[:3]] + ["longer"]
+    assert "job broken (line 4)" in captured.err and "1 of 5 jobs failed" in captured.err
+    assert read_video(tmp_path / "out" / "longer.mp4")[0].shape[0] == 13 + 4 * 3  # the extended video
     assert read_video(tmp_path / "out" / "cat.mp4")[0].shape[0] == 4 * (WS + 1) - 3
     assert (tmp_path / "out" / "wave.png").is_file() and is_finished(jobs[2], out)
     assert not is_finished(jobs[3], out)
@@ -98,7 +106,7 @@ def test_batch_runs_reruns_skip_finished_jobs(tmp_path, start, capsys):
     assert main(args) == 2
     captured = capsys.readouterr()
     assert _lines(captured.out, "done") == ["cat"]
-    assert _lines(captured.out, "skipped") == [jobs[1].name, "wave"]
+    assert _lines(captured.out, "skipped") == [jobs[1].name, "wave", "longer"]
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     assert all(after[n] == t for n, t in before.items() if not n.startswith("cat"))
 

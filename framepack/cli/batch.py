@@ -51,6 +51,13 @@ def _run_job(bundle, job, out: str) -> None:
     from ..pipeline.generate import generate_events, prepare
     from ..pipeline.one_frame import generate_frame
 
+    if job.video is not None:
+        from ..pipeline.extend import extend_events, prepare_extension
+
+        prepared, source = prepare_extension(bundle, job.settings, job.video)
+        for _ in extend_events(bundle, prepared, source, out):
+            pass
+        return
     prepared = prepare(bundle, job.settings)
     if job.one_frame is not None:
         generate_frame(bundle, prepared, out, index=job.one_frame, groups=job.one_frame_groups)

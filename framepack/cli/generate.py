@@ -81,6 +81,7 @@ def _cache_option(args: argparse.Namespace) -> tuple[str | None, float, tuple[fl
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
     p.add_argument("--image", help="start image (leave out for text-to-video from a plain frame)")
+    p.add_argument("--video", help="a video to extend: the new sections continue it (forward order)")
     p.add_argument(
         "--t2v-colour",
         metavar="COLOUR",
@@ -256,7 +257,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
             vram_budget=args.vram_budget,
         )
         bundle = load_bundle(args.model, device=_device(args.device))
-        prepared = prepare(bundle, settings)
+        source = None
+        if args.video:
+            from ..pipeline.extend import prepare_extension
+
+            if args.one_frame is not None:
+                raise ValueError("--one-frame makes one image from a start image; drop --video.")
+            prepared, source = prepare_extension(bundle, settings, args.video)
+        else:
+            prepared = prepare(bundle, settings)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.one_frame is not None:
@@ -269,7 +278,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     bar = tqdm(total=total, unit="step", desc=f"section 1/{len(prepared.plan.sections)}", file=sys.stderr)
     video = None
     try:
-        for event in generate_events(bundle, prepared, args.out, cancel=stop.is_set):
+        if source is not None:
+            from ..pipeline.extend import extend_events
+
+            events = extend_events(bundle, prepared, source, args.out, cancel=stop.is_set)
+        else:
+            events = generate_events(bundle, prepared, args.out, cancel=stop.is_set)
+        for event in events:
             if events_file:
                 events_file.write(json.dumps(_event_json(event)) + "\n")
                 events_file.flush()

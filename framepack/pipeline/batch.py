@@ -2,7 +2,8 @@
 
 Each non-blank line of the jobs file is one JSON object: the fields of `GenerationSettings`
 (`prompt`, `image`, `seconds`, `seed`, `loras`, ...), plus optionally `model` (a bundle; the
-batch's default otherwise) and `one_frame` / `one_frame_groups` (a one-frame job writes a PNG).
+batch's default otherwise), `video` (a video to extend) and `one_frame` / `one_frame_groups`
+(a one-frame job writes a PNG).
 A job without a `name` is named after its position and content, so a rerun finds it again.
 A job is finished when its output (video or PNG) and its JSON sidecar exist; the sidecar is
 written last, so a job stopped half-way runs again. Under `torchrun --nproc-per-node N` (env
@@ -22,7 +23,7 @@ from .generate import GenerationSettings, settings_from_dict
 
 __all__ = ["Job", "read_jobs", "job_outputs", "is_finished", "shard", "process_rank"]
 
-_EXTRA = ("model", "one_frame", "one_frame_groups")
+_EXTRA = ("model", "video", "one_frame", "one_frame_groups")
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
 _SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
 
@@ -37,6 +38,7 @@ class Job:
     model: str | None = None
     one_frame: int | None = None
     one_frame_groups: tuple[str, ...] = ("post", "k2", "k4")
+    video: str | None = None  # a video to extend (framepack.pipeline.extend)
 
     @property
     def name(self) -> str:
@@ -88,15 +90,17 @@ def _job(data: dict, index: int, line: int, where: str) -> Job:
         fields["name"] = f"job{index:04d}-{digest}"
     elif "/" in fields["name"] or "\\" in fields["name"] or fields["name"].startswith("."):
         raise ValueError(f"{where}: the name {fields['name']!r} must be a plain file name.")
-    model, one_frame = data.get("model"), data.get("one_frame")
+    model, one_frame, video = data.get("model"), data.get("one_frame"), data.get("video")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"{where}: model must be a bundle directory or name.")
+    if video is not None and (not isinstance(video, str) or one_frame is not None):
+        raise ValueError(f"{where}: video must be the path of a video to extend (and not a one-frame job).")
     if one_frame is not None and (not isinstance(one_frame, int) or isinstance(one_frame, bool)):
         raise ValueError(f"{where}: one_frame must be a whole number (the latent time index).")
     groups = data.get("one_frame_groups", ["post", "k2", "k4"])
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise ValueError(f'{where}: one_frame_groups must be a list of group names such as ["post", "k4"].')
-    return Job(index, line, settings_from_dict(fields), model, one_frame, tuple(groups))
+    return Job(index, line, settings_from_dict(fields), model, one_frame, tuple(groups), video)
 
 
 def read_jobs(path: str | os.PathLike) -> list[Job]:
