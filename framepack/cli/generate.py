@@ -83,6 +83,11 @@ def add_parser(sub) -> None:
     p.add_argument("--image", help="start image (leave out for text-to-video from a plain frame)")
     p.add_argument("--video", help="a video to extend: the new sections continue it (forward order)")
     p.add_argument(
+        "--loop",
+        action="store_true",
+        help="end on the start frame: a seamless loop (its seam goes in the sidecar)",
+    )
+    p.add_argument(
         "--t2v-colour",
         metavar="COLOUR",
         help="text-to-video: the plain start frame's colour (default #808080)",
@@ -249,6 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             gif=args.gif,
             png=args.png,
             t2v_colour=args.t2v_colour,
+            loop=args.loop,
             name=args.name,
             loras=tuple(parse_lora_arg(item) for item in args.lora),
             cache=cache,

@@ -27,6 +27,7 @@ from ..model.transformer import HistoryGroup
 from ..packing.layout import gather_history
 from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
 from .decode import IncrementalDecoder, latent_preview
+from .loop import record_loop_seam
 from .plan import SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 from .text_to_video import neutral_frame
@@ -75,6 +76,7 @@ class GenerationSettings:
     name: str | None = None  # output file stem
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, applied on the fly
     t2v_colour: str | None = None  # no image: the plain start frame's colour (default mid-grey)
+    loop: bool = False  # end on the start frame: a seamless loop (framepack.pipeline.loop)
     cache: str | None = None  # step cache: "teacache" or "fbcache" (framepack.caching)
     cache_threshold: float = 0.15
     cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.caching.calibrate`
@@ -175,7 +177,11 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
     size = dict(resolution=resolution, width=settings.width, height=settings.height)
     start = prepare_image(source, **size)
     exact = dict(resolution=resolution, width=start.shape[1], height=start.shape[0])
+    if settings.loop and settings.end_image:
+        raise ValueError("a loop ends on its start image; drop the end image.")
     end = prepare_image(settings.end_image, **exact) if settings.end_image else None
+    if settings.loop:  # the start frame is also the end frame
+        end = start
     keyframe_images = [prepare_image(path, **exact) for _, path in settings.keyframes]
 
     duration = settings.seconds if settings.sections is None else None
@@ -225,7 +231,10 @@ def generate_events(
     fly for the run and removed after it, leaving the bundle's transformer as it was.
     """
     with applied_loras(bundle.transformer, prepared.loras):
-        yield from _run(bundle, prepared, out_dir, cancel)
+        for event in _run(bundle, prepared, out_dir, cancel):
+            if isinstance(event, Finished) and prepared.settings.loop:
+                event.info["loop_seam"] = record_loop_seam(event.video, event.sidecar)
+            yield event
 
 
 def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Event]:
