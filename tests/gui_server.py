@@ -17,6 +17,18 @@ import pytest
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "gui"
 
 
+def write_start_image(path: Path) -> str:
+    """A 64x96 start image (a coloured square on black) for the GUI tests; returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.zeros((64, 96, 3), np.uint8)
+    img[16:48, 24:56] = (220, 120, 40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

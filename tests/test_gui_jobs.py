@@ -92,6 +92,9 @@ def test_bad_input_fails_as_one_sentence_and_the_worker_goes_on(queue, image, tm
     bad = queue.submit(_settings(prompt="[3s-1s: a cat]"), image=image)
     assert bad.state == FAILED and bad.error.count(".") >= 1 and "Traceback" not in bad.error
     assert "starts at 3 s, outside the 1.2 s video" in bad.error
+    assert (
+        "VRAM budget 'lots' is not a number" in queue.submit(_settings(vram_budget="lots"), image=image).error
+    )
     # A failure inside the worker (a folder sits where the mp4 is to be written) ...
     (queue.out_dir / "blocked.mp4").mkdir(parents=True)
     broken = queue.submit(_settings(name="blocked"), image=image)
@@ -135,6 +138,7 @@ def test_form_validation_and_stored_images(image, tmp_path):
         (dict(steps=2.5), "steps must be a whole number"),
         (dict(crf=60), "crf"),
         (dict(seconds=float("nan")), "seconds"),
+        (dict(cache_threshold=-1.0), "cache threshold"),
     ]:
         with pytest.raises(ValueError, match=needle):
             settings_from_form(FormValues(**{**form.__dict__, **change}), tmp_path)
@@ -143,6 +147,7 @@ def test_form_validation_and_stored_images(image, tmp_path):
 def test_settings_load_back_from_sidecar_and_mp4(queue, bundle, image, tmp_path):
     form = FormValues(image=image, end_image=None, prompt="[0s-1s: a cat] [1s: a dog]", seed="11", steps=2)
     form.seconds, form.resolution, form.crf, form.gif = 2.4, 64, 20, True
+    form.cache, form.cache_threshold = "teacache", 0.1  # the step cache, a switch of the library
     job = queue.wait(queue.submit(settings_from_form(form, queue.out_dir)).id, 120)
     assert job.state == DONE and job.gif.is_file(), job.error
     from_json = load_sidecar(job.sidecar)
@@ -152,6 +157,8 @@ def test_settings_load_back_from_sidecar_and_mp4(queue, bundle, image, tmp_path)
     assert values["prompt"] == form.prompt and values["seed"] == "11" and values["steps"] == 2
     assert values["seconds"] == 2.4 and values["crf"] == 20 and values["gif"] is True
     assert values["order"] == bundle.manifest.order and values["window"] == bundle.manifest.window
+    assert (values["cache"], values["cache_threshold"], values["vram_budget"]) == ("teacache", 0.1, "")
+    assert json.loads(job.sidecar.read_text())["cache"]["name"] == "teacache"
     # A sidecar may not make the server read files outside its outputs folder.
     elsewhere = save_input_image(image, tmp_path / "elsewhere")
     assert (

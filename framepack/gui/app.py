@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..caching import CACHES
 from .form import (
     FIELDS,
     QUICK_PROMPTS,
@@ -67,7 +68,7 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
                     info="One prompt, or timed ones: [0s-2s: the cat sits] [2s: the cat walks away]",
                 )
                 gr.Examples([[p] for p in QUICK_PROMPTS], inputs=[prompt], label="Quick prompts")
-                negative_prompt = gr.Textbox(label="Negative prompt (used when CFG > 1)")
+                negative_prompt = gr.Textbox("", label="Negative prompt (used when CFG > 1)")
                 with gr.Row():
                     seconds = gr.Slider(1, 120, value=5, step=0.1, label="Seconds", elem_id="fp-seconds")
                     seed = gr.Textbox(value="31337", label="Seed (a number, or 'random')", elem_id="fp-seed")
@@ -89,6 +90,14 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
                         )
                         crf = gr.Slider(0, 51, value=16, step=1, label="mp4 quality (crf; lower is better)")
                         gif = gr.Checkbox(False, label="Also write a GIF")
+                    with gr.Row():
+                        cache = gr.Dropdown(["off", *CACHES], value="off", label="Step cache (faster, lossy)")
+                        cache_threshold = gr.Slider(
+                            0, 0.5, value=0.15, step=0.01, label="Cache threshold (0.15: ~2x, 0.1: ~1.6x)"
+                        )
+                        vram_budget = gr.Textbox(
+                            "", label="Memory budget (GB or 'auto'; empty: all on the device)"
+                        )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="fp-generate")
                 with gr.Accordion("Load settings of a finished video", open=False):
                     sidecar_upload = gr.File(
@@ -124,6 +133,7 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
             height=260,
             preview=False,
             object_fit="contain",
+            fit_columns=False,
             elem_id="fp-gallery",
             interactive=False,
         )
@@ -136,7 +146,8 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
         api_info = gr.JSON(visible=False, label="info")
 
         form_inputs = [image, end_image, prompt, negative_prompt, seconds, seed, steps]
-        form_inputs += [distilled_cfg, cfg, window, order, resolution, crf, gif]
+        form_inputs += [distilled_cfg, cfg, window, order, resolution, crf, gif, cache, cache_threshold]
+        form_inputs += [vram_budget]
         by_name = dict(zip(FIELDS, form_inputs, strict=True))
 
         def choices():
@@ -157,6 +168,9 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
             resolution,
             crf,
             gif,
+            cache,
+            cache_threshold,
+            vram_budget,
         ):
             """Queue one generation and wait for it; returns (job id, the mp4, an info dict)."""
             form = FormValues(**{k: v for k, v in locals().items() if k in FIELDS})
@@ -182,7 +196,7 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
                 "gif": job.gif.name if job.gif else None,
                 "sidecar": job.sidecar.name if job.sidecar else None,
             }
-            yield {api_video: str(job.video) if job.video else None, api_info: info}
+            yield {api_job: job.id, api_video: str(job.video) if job.video else None, api_info: info}
 
         generate_button.click(
             generate,

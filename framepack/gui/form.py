@@ -46,6 +46,9 @@ FIELDS = (
     "resolution",
     "crf",
     "gif",
+    "cache",
+    "cache_threshold",
+    "vram_budget",
 )
 
 QUICK_PROMPTS = (
@@ -74,6 +77,9 @@ class FormValues:
     resolution: int | float = 640
     crf: int | float = 16
     gif: bool = False
+    cache: str | None = "off"  # step cache: off, teacache or fbcache
+    cache_threshold: float = 0.15
+    vram_budget: str | None = ""  # GiB of device memory for the transformer, "auto", or empty: all of it
 
 
 def orders_for(model_order: str) -> list[str]:
@@ -158,6 +164,9 @@ def settings_from_form(form: FormValues, outputs: str | Path) -> GenerationSetti
         resolution=_number("resolution", form.resolution, 64, 2048, whole=True),
         crf=_number("mp4 quality (crf)", form.crf, 0, 51, whole=True),
         gif=bool(form.gif),
+        cache=None if form.cache in (None, "", "off") else form.cache,
+        cache_threshold=_number("cache threshold", form.cache_threshold, 0.0, 10.0),
+        vram_budget=(form.vram_budget or "").strip() or None,
     )
 
 
@@ -230,4 +239,7 @@ def form_from_settings(settings: dict, outputs: str | Path, manifest) -> dict:
         "resolution": int(pick("resolution", manifest.resolution)),
         "crf": int(pick("crf", 16)),
         "gif": bool(settings.get("gif", False)),
+        "cache": str(settings.get("cache") or "off"),
+        "cache_threshold": float(pick("cache_threshold", 0.15)),
+        "vram_budget": str(settings.get("vram_budget") or ""),
     }

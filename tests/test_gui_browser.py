@@ -1,0 +1,172 @@
+"""The GUI in a real browser (the system's Chromium, driven by Playwright) against `framepack serve`
+on a tiny bundle: generate with a live preview and a playable video, queue and cancel jobs from
+another tab, a bad input's error. Screenshots go to test-artifacts/gui/."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from gui_server import ARTIFACTS, Server, chromium_path, write_start_image
+
+from framepack.io import read_video
+from framepack.testing import tiny_bundle_dir
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+WS = 9
+TIMEOUT = 120_000  # ms; the machine running the tests may be busy
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tiny_bundle_dir(), tmp_path_factory.mktemp("gui") / "outputs")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> str:
+    return write_start_image(tmp_path_factory.mktemp("img") / "start.png")
+
+
+@pytest.fixture
+def page(browser, server):
+    """A new tab on the GUI; fails the test if the page asked anything of another server."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1500})
+    tab = context.new_page()
+    tab.set_default_timeout(TIMEOUT)
+    outside = []
+    tab.on(
+        "request",
+        lambda r: outside.append(r.url) if not r.url.startswith((server.url, "data:", "blob:")) else 0,
+    )
+    tab.goto(server.url)
+    tab.wait_for_selector("#fp-generate")
+    yield tab
+    context.close()
+    assert not outside, f"the page fetched from elsewhere: {outside[:3]}"
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _number(page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _fill(page, image_file: str, prompt: str, seconds: float, steps: int) -> None:
+    if not page.locator("#fp-image img").count():
+        page.locator("#fp-image input[type=file]").set_input_files(image_file)
+        page.wait_for_selector("#fp-image img")
+    page.locator("#fp-prompt textarea").fill(prompt)
+    _number(page, "fp-seconds", seconds)
+    if not page.locator("#fp-steps").is_visible():
+        page.get_by_text("More settings").click()
+    _number(page, "fp-steps", steps)
+
+
+def _progress(page, state: str, job: int | None = None):
+    where = f"[data-job='{job}']" if job is not None else ""
+    page.wait_for_selector(f"#fp-progress .fp-progress{where}[data-state='{state}']")
+    el = page.locator("#fp-progress .fp-progress")
+    return int(el.get_attribute("data-job")), el.locator("span").inner_text()
+
+
+def _video_frames(page, tmp_path) -> int:
+    """Fetch the shown video through the server, decode it, return its frame count."""
+    src = page.locator("#fp-video video").get_attribute("src")
+    data = page.request.get(src).body()
+    path = tmp_path / "shown.mp4"
+    path.write_bytes(data)
+    return read_video(path)[0].shape[0]
+
+
+def test_generate_shows_the_preview_then_a_playable_video(page, image_file, tmp_path):
+    _fill(page, image_file, "a cat walks in the rain", seconds=2.4, steps=16)  # 2 sections
+    page.locator("#fp-generate").click()
+    page.wait_for_function(
+        "document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'running'"
+        " && document.querySelector('#fp-preview img')?.naturalWidth > 0",
+        timeout=TIMEOUT,
+    )
+    _shot(page, "1-running-with-preview")
+    _, text = _progress(page, "done")
+    assert re.search(r"done in .*: 73 frames \(2\.4 s of video\)", text), text
+    page.wait_for_selector("#fp-files a, #fp-files [download]")
+    _shot(page, "2-done")
+    playable = page.evaluate(
+        """async () => {
+            const v = document.querySelector('#fp-video video');
+            v.muted = true;
+            for (let i = 0; i < 100 && v.readyState < 2; i++) await new Promise(r => setTimeout(r, 100));
+            await v.play();
+            await new Promise(r => setTimeout(r, 400));
+            return {ready: v.readyState, width: v.videoWidth, duration: v.duration, time: v.currentTime};
+        }"""
+    )
+    assert playable["ready"] >= 2 and playable["width"] > 0 and playable["time"] > 0, playable
+    assert abs(playable["duration"] - 73 / 30) < 0.1, playable
+    assert _video_frames(page, tmp_path) == 4 * (WS * 2 + 1) - 3
+    assert "mp4" in page.locator("#fp-files").inner_text()
+
+
+def test_queue_a_second_job_and_cancel_both(page, image_file, tmp_path):
+    _fill(page, image_file, "a dog runs down the street", seconds=6, steps=30)  # 5 long sections
+    page.locator("#fp-generate").click()
+    first, _ = _progress(page, "running")
+    page.locator("#fp-prompt textarea").fill("a man walks")
+    page.locator("#fp-generate").click()
+    second, text = _progress(page, "queued", first + 1)
+    assert "queued" in text
+    page.wait_for_selector(f"#fp-queue tr[data-job='{second}'][data-state='queued']")
+    _shot(page, "3-second-job-queued")
+
+    page.locator("#fp-cancel").click()  # the watched job: the queued one
+    _, text = _progress(page, "cancelled", second)
+    assert "before it started" in text
+    page.wait_for_selector(f"#fp-queue tr[data-job='{second}'][data-state='cancelled']")
+
+    page.locator("#fp-watch input").click()  # watch the running one again, and cancel it
+    page.locator("[role=option]", has_text=f"#{first} ").click()
+    page.wait_for_function(
+        f"document.querySelector('#fp-progress .fp-progress[data-job=\"{first}\"] span')"
+        "?.textContent.includes('frames')",
+        timeout=TIMEOUT,
+    )
+    page.locator("#fp-cancel").click()
+    _, text = _progress(page, "cancelled", first)
+    kept = re.search(r"kept (\d+) finished section\(s\): (\d+) frames", text)
+    assert kept and 1 <= int(kept[1]) < 5, text
+    page.wait_for_selector("#fp-video video")
+    _shot(page, "4-cancelled-keeps-finished-sections")
+    assert _video_frames(page, tmp_path) == int(kept[2])
+
+
+def test_bad_input_shows_its_error_and_the_next_job_runs(page, image_file):
+    _fill(page, image_file, "[1s-0.5s: a cat]", seconds=1.2, steps=4)
+    page.locator("#fp-generate").click()
+    failed, text = _progress(page, "failed")
+    assert text.endswith("ends at 0.5 s, not after its start at 1 s."), text
+    page.get_by_text("not after its start at 1 s").first.wait_for()  # also in the error toast
+    page.wait_for_selector(f"#fp-queue tr[data-job='{failed}'][data-state='failed']")
+    _shot(page, "5-bad-input-error")
+
+    page.locator("#fp-prompt textarea").fill("a cat walks")
+    page.locator("#fp-generate").click()
+    _, text = _progress(page, "done", failed + 1)
+    assert "37 frames" in text
+    page.wait_for_selector(f"#fp-queue tr[data-job='{failed + 1}'][data-state='done']")
