@@ -170,3 +170,21 @@ def test_bad_input_shows_its_error_and_the_next_job_runs(page, image_file):
     _, text = _progress(page, "done", failed + 1)
     assert "37 frames" in text
     page.wait_for_selector(f"#fp-queue tr[data-job='{failed + 1}'][data-state='done']")
+    page.wait_for_selector("#fp-gallery video, #fp-gallery img")  # finished videos are listed
+
+
+def test_settings_load_back_from_a_sidecar(page, server, image_file):
+    _fill(page, image_file, "a woman dancing", seconds=1.2, steps=3)
+    page.locator("#fp-seed textarea, #fp-seed input").first.fill("4242")
+    page.locator("#fp-generate").click()
+    _progress(page, "done")
+    sidecar = max(server.outputs.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    page.locator("#fp-prompt textarea").fill("something else")
+    page.locator("#fp-seed textarea, #fp-seed input").first.fill("1")
+    _number(page, "fp-steps", 9)
+    page.get_by_text("Load settings of a finished video").click()
+    page.locator("#fp-sidecar input[type=file]").set_input_files(str(sidecar))
+    page.wait_for_function("document.querySelector('#fp-prompt textarea').value === 'a woman dancing'")
+    assert page.locator("#fp-seed textarea, #fp-seed input").first.input_value() == "4242"
+    assert page.locator("#fp-steps input[type=number]").input_value() == "3"
+    _shot(page, "6-settings-loaded")
