@@ -58,7 +58,7 @@ def test_generate_endpoint_with_gradio_client(client, server, image_file):
     assert isinstance(again["seed"], int) and again["seed"] != 5
 
 
-def test_generate_bad_input_is_one_sentence_and_the_server_goes_on(client, image_file):
+def test_generate_bad_input_is_one_sentence_and_the_server_goes_on(client, server, image_file):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=r"^Job #\d+ failed: .*ends at 0.5 s, not after its start at 1 s\.$"):
@@ -67,6 +67,12 @@ def test_generate_bad_input_is_one_sentence_and_the_server_goes_on(client, image
         client.predict(
             handle_file(image_file), None, "a cat", **{**ONE_SECTION, "seed": "x"}, api_name="/generate"
         )
+    not_an_image = server.outputs.parent / "notes.png"
+    not_an_image.write_text("a text file named like an image")
+    with pytest.raises(
+        AppError, match=r"^The start image: notes.png is not an image file that can be read\.$"
+    ):
+        client.predict(handle_file(str(not_an_image)), None, "a cat", **ONE_SECTION, api_name="/generate")
     _, _, info = client.predict(handle_file(image_file), None, "a cat", **ONE_SECTION, api_name="/generate")
     assert info["state"] == "done"
     with pytest.raises(AppError, match="nothing to cancel"):

@@ -40,6 +40,27 @@ tr[data-state="done"] .fp-state { color: #2e7d32; }
 """
 
 
+def _readable_image(component: gr.Image) -> gr.Image:
+    """Make an unreadable upload fail with one sentence instead of Gradio's generic error.
+
+    (Wrapped on the instance: a `gr.Image` subclass would make Gradio write a .pyi file here.)
+    """
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except Exception:
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            what = (component.label or "image").lower()
+            raise gr.Error(
+                f"The {what}: {name} is not an image file that can be read.", print_exception=False
+            ) from None
+
+    component.preprocess = checked
+    return component
+
+
 def _theme():
     # System fonts only: the page loads nothing from outside this server.
     return gr.themes.Default(
@@ -59,8 +80,12 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Row():
-                    image = gr.Image(type="numpy", label="Start image", height=260, elem_id="fp-image")
-                    end_image = gr.Image(type="numpy", label="End image (optional)", height=260)
+                    image = _readable_image(
+                        gr.Image(type="numpy", label="Start image", height=260, elem_id="fp-image")
+                    )
+                    end_image = _readable_image(
+                        gr.Image(type="numpy", label="End image (optional)", height=260)
+                    )
                 prompt = gr.Textbox(
                     label="Prompt",
                     lines=3,
