@@ -209,8 +209,13 @@ class PackedTransformer(nn.Module):
         temb = self.time_text_embed(timestep, pooled.to(self.device, dtype), guidance)  # (B, D)
         text = text.to(self.device, dtype)
         text_mask = None if text_mask is None else text_mask.to(self.device)
-        if text_mask is not None and b == 1:  # batch 1: crop the padding, no mask needed
-            text, text_mask = text[:, : int(text_mask.sum())], None
+        if text_mask is not None:  # crop the padding every row has (exact: masks are prefixes)
+            keep = int(text_mask.sum(dim=1).max())
+            if b == 1:  # batch 1: no mask needed
+                text, text_mask = text[:, :keep], None
+            else:
+                text, text_mask = text[:, : max(keep, 1)], text_mask[:, : max(keep, 1)]
+                text_mask = None if bool(text_mask.all()) else text_mask
         ctx = self.context_embedder(text, timestep, text_mask)  # (B, M, D)
         key_mask = None
         if image_embeds is not None and self.image_projection is None:

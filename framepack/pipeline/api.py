@@ -10,9 +10,17 @@ import numpy as np
 
 from .generate import Event, Finished, GenerationSettings, generate_events, prepare
 
-__all__ = ["generate", "generate_iter", "DEFAULT_MODEL"]
+__all__ = ["generate", "generate_iter", "DEFAULT_MODEL", "default_model"]
 
-DEFAULT_MODEL = None  # the shipped demo bundle, once it exists (issue 4)
+# The demo bundle shipped inside the package (trained by `framepack.training.demo`).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+
+
+def default_model() -> Path:
+    """The shipped demo bundle; ValueError if this installation lacks it."""
+    if not (DEFAULT_MODEL / "framepack.json").is_file():
+        raise ValueError(f"no model given and the demo model is missing from {DEFAULT_MODEL}; pass a bundle.")
+    return DEFAULT_MODEL
 
 
 @functools.lru_cache(maxsize=2)
@@ -39,11 +47,12 @@ def generate_iter(
 ) -> Iterator[Event]:
     """Yield the events of one generation (stages, steps with previews, sections, the end).
 
-    `model` is a bundle directory or a named bundle; the loaded bundle is kept for the next call.
+    `model` is a bundle directory or a named bundle (default: the shipped demo model); the loaded
+    bundle is kept for the next call.
     `settings` are the fields of `GenerationSettings` (prompt, image, seconds, seed, ...).
     """
     if model is None:
-        raise ValueError("no model given and no demo model is shipped yet; pass model=DIR or a bundle name.")
+        model = default_model()
     bundle = _bundle(str(model), device)
     yield from generate_events(bundle, prepare(bundle, _settings(settings), image), out_dir, cancel)
 

@@ -20,15 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEMO_TRANSFORMER", "build_demo_bundle", "main"]
+__all__ = ["DEMO_TRANSFORMER", "EXAMPLES", "build_demo_bundle", "main", "write_examples"]
 
-# The demo transformer: the tiny encoders' widths, a few blocks of inner dim 256.
+# The demo transformer: the tiny encoders' widths, a few blocks of inner dim 192 (sized so that
+# training fits about an hour on a shared 2-core CPU).
 DEMO_TRANSFORMER = dict(
-    num_attention_heads=4,
+    num_attention_heads=3,
     attention_head_dim=64,
     rope_axes_dim=[8, 28, 28],
-    num_layers=3,
-    num_single_layers=6,
+    num_layers=2,
+    num_single_layers=4,
     num_refiner_layers=1,
 )
 DEMO_MANIFEST = dict(name="framepack-demo", resolution=64, steps=25, window=9, fps=30)
@@ -51,6 +52,31 @@ def _loss_table(csv_path: Path, rows: int = 12) -> str:
     lines = ["| step | loss |", "| --- | --- |"]
     lines += [f"| {r['step']} | {float(r['loss']):.4f} |" for r in pick]
     return "\n".join(lines)
+
+
+# Start images for the README and the GUI's examples: scenes from seeds no training run drew.
+EXAMPLES = (
+    ("red circle moves right", "a red circle moves right on a blue background", 900_001),
+    ("yellow square moves up", "a yellow square moves up on a black background", 900_002),
+    ("white triangle moves left", "a white triangle moves left on a purple background", 900_003),
+    ("green circle moves down", "a green circle moves down on a yellow background", 900_004),
+)
+
+
+def write_examples(folder: Path, size: int = 64) -> list[Path]:
+    """Write each example's start image (`<name>.png`) and caption (`<name>.txt`) into `folder`."""
+    from PIL import Image
+
+    from .world import first_frame, scene_from_caption
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for title, caption, seed in EXAMPLES:
+        stem = folder / title.replace(" ", "_")
+        Image.fromarray(first_frame(scene_from_caption(caption, seed), size)).save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(caption + "\n")
+        written.append(stem.with_suffix(".png"))
+    return written
 
 
 def build_demo_bundle(
@@ -92,6 +118,7 @@ def build_demo_bundle(
     shutil.rmtree(staging / "transformer")
     save_transformer(PackedTransformer(cfg), staging / "transformer")  # replaced after training
 
+    work = work.resolve()
     clip_dir, cache = work / "clips", work / "cache"
     if not (clip_dir / "manifest.jsonl").exists():
         write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)
@@ -132,6 +159,7 @@ def build_demo_bundle(
     trained = load_transformer(Path(result.checkpoint) / "transformer", dtype=torch.bfloat16)
     save_transformer(trained, out / "transformer")
     shutil.copy(staging / MANIFEST_NAME, out / MANIFEST_NAME)
+    write_examples(out / "examples")
     minutes = (time.time() - started) / 60
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     (out / "README.md").write_text(
