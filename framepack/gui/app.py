@@ -73,7 +73,8 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
     outputs = Path(outputs).resolve()
     m = queue.bundle.manifest
 
-    with gr.Blocks(title="FramePack", analytics_enabled=False) as app:
+    # Gradio copies every shown file (previews, videos) into its cache; files older than a day go.
+    with gr.Blocks(title="FramePack", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown("## FramePack: image to video, one section at a time")
         seen = gr.State({})
         gallery_items = gr.State([])
