@@ -85,9 +85,52 @@ def test_extension_keeps_the_source_and_adds_sections(bundle, source, tmp_path):
     assert info["extension"]["source_frames"] == SOURCE_FRAMES and info["frames"] == done.frames
 
 
+def test_leading_into_a_video(source, tmp_path):
+    """The inverted order: new sections from a start image towards the video, then the video."""
+    bundle = tiny_bundle()
+    image = np.full((64, 64, 3), 200, np.uint8)
+    start_path = tmp_path / "start.png"
+    from PIL import Image
+
+    Image.fromarray(image).save(start_path)
+    history = []
+    model = bundle.transformer
+    forward = model.forward_packed
+
+    def record(noisy, noisy_indices, packed, *args):
+        history.append(packed[0].latents.clone())
+        return forward(noisy, noisy_indices, packed, *args)
+
+    model.forward_packed = record
+    try:
+        events, src = _extend(bundle, source, tmp_path, sections=2, image=str(start_path))
+    finally:
+        del model.forward_packed
+    done = events[-1]
+    frames, fps, _ = read_video(done.video)
+    # The start latent is one frame, each new latent four; the source's first latent, decoded after
+    # them instead of first, gives four frames where it was one: three more transition frames.
+    assert fps == pytest.approx(24) and done.frames == frames.shape[0] == SOURCE_FRAMES + 2 * 4 * WS + 4
+    kept = SOURCE_FRAMES - (4 * WS - 3)  # after the overlap blend, the frames are the source's
+    diff = np.abs(frames[-kept:].astype(int) - src.frames[-kept:].astype(int))
+    assert diff.mean() < 2.0, diff.mean()
+
+    from framepack.pipeline.conditioning import vae_encode
+    from framepack.pipeline.extend import _pixels
+
+    with torch.no_grad():
+        head = vae_encode(bundle, _pixels(src.frames[: 4 * 12 - 3])).float()
+        start = vae_encode(bundle, _pixels(image[None])).float()
+    k1 = history[0].cpu()  # the first section made (the last in time) leads into the source
+    torch.testing.assert_close(k1[:, :, 0], start[:, :, 0])
+    torch.testing.assert_close(k1[:, :, 1], head[:, :, 0])
+
+
 def test_extension_errors(bundle, source, tmp_path):
-    with pytest.raises(ValueError, match="forward"):
+    with pytest.raises(ValueError, match="needs a start image"):
         prepare_extension(tiny_bundle(), GenerationSettings(prompt="a", sections=1), source)
+    with pytest.raises(ValueError, match="forward order"):
+        prepare_extension(tiny_bundle(), GenerationSettings(prompt="a", order="anti-drifting"), source)
     with pytest.raises(ValueError, match="drop the start"):
         prepare_extension(bundle, GenerationSettings(prompt="a", image="x.png"), source)
     with pytest.raises(ValueError, match="missing.mp4"):

@@ -81,7 +81,10 @@ def _cache_option(args: argparse.Namespace) -> tuple[str | None, float, tuple[fl
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
     p.add_argument("--image", help="start image (leave out for text-to-video from a plain frame)")
-    p.add_argument("--video", help="a video to extend: the new sections continue it (forward order)")
+    p.add_argument(
+        "--video",
+        help="a video to extend: continued after its end (forward order), or led into from --image (inverted)",
+    )
     p.add_argument(
         "--loop",
         action="store_true",

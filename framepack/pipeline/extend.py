@@ -1,12 +1,15 @@
-"""Video extension: continue an existing video section by section, in the forward order.
+"""Video extension: continue a video (forward order) or lead into it (inverted order).
 
-The source's first frame is the start anchor (as the start image of the forward / F1 order) and
-its last latents are the packed history, so the first new section continues where the video
-ends. Only the tail of the source is encoded: the history the schedule packs plus one window of
-decoder context. The output is the source's frames (fitted to the resolution bucket), then the
-new sections, joined by the same linear overlap blend as between sections (FRAMEPACK.md
-section 6): the source's last `4 * ws - 3` frames cross-fade into their decoded version, the
-frames before them are the source's. The source's fps is kept unless `fps` is given.
+Forward: the source's first frame is the start anchor (as the start image of the forward / F1
+order) and its last latents are the packed history, so the first new section continues where the
+video ends; the output is the source, then the new sections. Inverted: the sections are made from
+a start image (`image`) towards the video, generated end first as in the release, with the
+source's first latents as the clean history that every section leads into; the output is the
+new sections, then the source. Only the source's tail (head) is encoded: the history the schedule
+packs plus one window of decoder context. The two parts are joined by the same linear overlap
+blend as between sections (FRAMEPACK.md section 6): the source's `4 * ws - 3` frames next to the
+new part cross-fade with their decoded version, its other frames are the source's own. The
+source's fps is kept unless `fps` is given.
 """
 
 from __future__ import annotations
@@ -65,18 +68,32 @@ def load_source(path: str | Path, resolution: int, width: int | None, height: in
 
 def prepare_extension(bundle, settings: GenerationSettings, video: str | Path) -> tuple[Prepared, Source]:
     """Validate an extension of `video` by `settings` (its length is the new part's); ValueError."""
-    if settings.image or settings.end_image or settings.keyframes or settings.t2v_colour:
-        raise ValueError("a video extension starts from the video: drop the start/end image and keyframes.")
-    resolution = settings.resolution or bundle.manifest.resolution
-    source = load_source(video, resolution, settings.width, settings.height)
-    if settings.fps is None:  # plan in the source's frame rate
-        settings = dataclasses.replace(settings, fps=min(max(round(source.fps), 1), 240))
-    prepared = prepare(bundle, settings, image=source.frames[0])
-    if prepared.plan.packing_order != "forward":
+    from ..io import read_video
+
+    if settings.end_image or settings.keyframes or settings.t2v_colour or settings.loop:
+        raise ValueError("a video extension takes no end image, keyframes, text-to-video colour or loop.")
+    order = settings.order or bundle.manifest.order
+    if order not in ("forward", "inverted"):
         raise ValueError(
-            "a video is extended forward: use a forward-order model (e.g. hunyuan-f1) or --order forward."
+            "a video is extended in the forward order (after it) or the inverted order (before it)."
         )
-    return prepared, source
+    resolution = settings.resolution or bundle.manifest.resolution
+    if settings.fps is None:  # plan in the source's frame rate
+        fps = read_video(video, max_frames=1)[1]
+        settings = dataclasses.replace(settings, fps=min(max(round(fps), 1), 240))
+    if order == "forward":
+        if settings.image:
+            raise ValueError(
+                "a forward extension starts from the video itself: drop the start image "
+                "(or lead into the video from it with the inverted order)."
+            )
+        source = load_source(video, resolution, settings.width, settings.height)
+        return prepare(bundle, settings, image=source.frames[0]), source
+    if not settings.image:
+        raise ValueError("leading into a video (the inverted order) needs a start image to lead from.")
+    prepared = prepare(bundle, settings)
+    height, width = prepared.image.shape[:2]
+    return prepared, load_source(video, resolution, width, height)
 
 
 def _pixels(frames: np.ndarray) -> torch.Tensor:
@@ -110,40 +127,53 @@ def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel) -> Iter
     speed = accelerate(model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients)
     device, schedule, ws = model.device, plan.schedule, plan.window
 
-    # 1. Conditioning: the prompts, the first frame (anchor and image condition), the source's tail.
+    # 1. Conditioning: the prompts, the start frame (anchor and image condition), the source's end
+    #    next to the new part (its tail going forward, its head going backward).
     yield Stage("encoding")
-    total = source.frames.shape[0]
-    n = min(schedule.history_frames + ws, (total - 1) // 4 + 1)  # tail latents: history + decoder context
+    forward = plan.packing_order == "forward"
+    first = source.frames[0] if forward else prepared.image  # (H, W, 3)
+    count = source.frames.shape[0]
+    n = min(schedule.history_frames + ws, (count - 1) // 4 + 1)  # history + decoder context, in latents
+    near = source.frames[count - (4 * n - 3) :] if forward else source.frames[: 4 * n - 3]
     with torch.no_grad():
         prompts = [encode_prompt(bundle, p) for p in prepared.prompts]
         negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
-        siglip = encode_image(bundle, source.frames[0])
-        start = vae_encode(bundle, _pixels(source.frames[:1])).float().cpu()  # (1, C, 1, h, w)
-        bank = (
-            vae_encode(bundle, _pixels(source.frames[total - (4 * n - 3) :])).float().cpu()
-        )  # (1, C, n, h, w)
-    _, c, _, h, w = bank.shape
+        siglip = encode_image(bundle, first)
+        start = vae_encode(bundle, _pixels(first[None])).float().cpu()  # (1, C, 1, h, w)
+        near_latents = vae_encode(bundle, _pixels(near)).float().cpu()  # (1, C, n, h, w)
+    _, c, _, h, w = near_latents.shape
 
     decoder = IncrementalDecoder(lambda lat: vae_decode(bundle, lat.to(device)).float().cpu(), ws)
-    decoder.frames, decoder.lo, decoder.hi = source.frames, 0, n  # the source's own pixels, unchanged
+    total = plan.total_latents  # inverted: [start | the new latents], then the source's head
+    if forward:
+        bank = near_latents  # grows at the end
+        decoder.frames, decoder.lo, decoder.hi = source.frames, 0, n  # the source's own pixels
+    else:
+        bank = torch.cat([start, torch.zeros(1, c, total - 1, h, w), near_latents], dim=2)
+        decoder.frames, decoder.lo, decoder.hi = source.frames, total, total + n
     generator = torch.Generator("cpu").manual_seed(s.seed)
     sampler = get_sampler(s.sampler)
     sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
     guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
-    layout = forward_layout(schedule)
     kernels = [g.kernel.name for g in schedule.groups]
     info = {
         "settings": s.to_dict(),
         "bundle": str(getattr(bundle, "root", "")),
         "sections": len(plan.sections),
-        "extension": {"source": source.path, "source_frames": int(total), "source_fps": source.fps},
+        "extension": {"source": source.path, "source_frames": int(count), "source_fps": source.fps},
     }
 
     for section in plan.sections:
         t0 = time.perf_counter()
-        groups = gather_history(bank, schedule, "forward")  # the last history_frames latents, packed
+        if forward:  # the last latents so far, the source's first frame as anchor
+            layout, anchors = forward_layout(schedule), start
+            groups = gather_history(bank, schedule, "forward")
+        else:  # the new latents after this window, then the source: nearest first
+            layout, anchors = section.layout, bank[:, :, list(section.anchors_from)]
+            later = [*section.history(), *range(total, total + n)]
+            groups = gather_history(bank[:, :, later], schedule, "inverted")
         packed = [
-            HistoryGroup(torch.cat([start, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
+            HistoryGroup(torch.cat([anchors, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
         ]
         packed += [
             HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
@@ -163,11 +193,16 @@ def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel) -> Iter
                 yield event
             else:
                 latents = event
-        bank = torch.cat([bank, latents.float().cpu()], dim=2)  # (1, C, N + ws, h, w)
+        if forward:
+            bank = torch.cat([bank, latents.float().cpu()], dim=2)  # (1, C, N + ws, h, w)
+            lo, hi = 0, bank.shape[2]
+        else:
+            bank[:, :, list(section.window)] = latents.float().cpu()
+            lo, hi = (section.window.start if section.window.start > 1 else 0), total + n
 
         yield Stage("decoding")
         with torch.no_grad():
-            decoder.update(bank, 0, bank.shape[2])
+            decoder.update(bank, lo, hi)
         frames = decoder.frames
         info["frames"] = int(frames.shape[0])
         write_mp4(frames, video_path, fps=source.fps, crf=s.crf, metadata={"framepack": json.dumps(info)})
