@@ -109,6 +109,10 @@ def test_batch_runs_reruns_skip_finished_jobs(tmp_path, start, capsys):
     assert _lines(captured.out, "skipped") == [jobs[1].name, "wave", "longer"]
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     assert all(after[n] == t for n, t in before.items() if not n.startswith("cat"))
+    assert main([*args, "--list"]) == 0
+    states = capsys.readouterr().out.splitlines()
+    assert len(states) == 5 and states[3].startswith("broken (line 4") and states[3].endswith("to do")
+    assert sum(line.endswith("finished") for line in states) == 4
 
 
 def test_bad_jobs_file_is_one_sentence(tmp_path, capsys):

@@ -227,6 +227,7 @@ def test_a_lora_from_our_training_loads_and_matches_its_merged_checkpoint(tmp_pa
     model = load_transformer(bundle / "transformer")
     base = velocity(model, inputs)
     lora = read_lora(result.checkpoint / "lora", model)  # the folder, config and all
+    assert read_lora(result.checkpoint, model).layers.keys() == lora.layers.keys()  # or the checkpoint
     assert lora.layers and all(".attn." in n for n in lora.layers)
     with applied_loras(model, [(lora, 1.0)]):
         adapted = velocity(model, inputs)

@@ -98,6 +98,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
         if is_finished(job, args.out):
             print(f"skipped {job.name} {output} (rank {rank})", flush=True)
             continue
+        print(f"running {job.name} (line {job.line}, rank {rank})", flush=True)
         try:
             model = job.model or args.model
             if not model:

@@ -97,6 +97,8 @@ def lora_targets(model: nn.Module) -> dict[str, nn.Linear]:
 def _files(path: Path) -> tuple[Path, dict | None]:
     """The weights file and the PEFT adapter config next to it (if any)."""
     if path.is_dir():
+        if (path / "lora" / "adapter_model.safetensors").is_file():  # a checkpoint of our training
+            path = path / "lora"
         found = sorted(path.glob("*.safetensors"))
         if len(found) != 1:
             raise ValueError(
