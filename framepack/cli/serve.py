@@ -14,7 +14,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="the web GUI: a job queue, live previews, the video as it grows")
-    p.add_argument("--model", help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1)")
+    p.add_argument(
+        "--model",
+        help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1); default: the shipped demo model",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--outputs", default="outputs", help="folder for videos (the only one served)")
@@ -55,7 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .main import UserError
 
     if not args.model:
-        raise UserError("no model given and no demo model is shipped yet; pass --model DIR or a bundle name.")
+        from ..pipeline.api import default_model
+
+        try:
+            args.model = str(default_model())
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {args.port}.")
     try:
