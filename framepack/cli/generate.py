@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import threading
+import warnings
 
 __all__ = ["add_parser", "timed_prompt_text"]
 
@@ -154,6 +155,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name (without extension)")
     p.add_argument("--events", help="write one JSON line per event to this file")
+    p.add_argument(
+        "--resume",
+        metavar="JOBDIR",
+        help="continue a stopped run from its last finished section (OUT/NAME.job, or its mp4); "
+        "the job's own settings are used",
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -205,9 +212,43 @@ def _one_frame(bundle, prepared, args: argparse.Namespace) -> None:
     print(done.image)
 
 
+def _so_far(video) -> str:
+    """Where a stopped run's video and job directory are, for the one-line message."""
+    if not video or not video.with_suffix(".job").is_dir():
+        return f"; the video so far is {video}" if video else ""
+    job = video.with_suffix(".job")
+    return f"; the video so far is {video}; continue with framepack generate --resume {job}"
+
+
+def _check_writable(out: str) -> None:
+    """Refuse an output folder this process cannot create files in, before any work is done."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".framepack-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = e.strerror or type(e).__name__
+        raise ValueError(f"cannot write to the output folder {folder} ({what}).") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .main import UserError
 
+    job_dir = None
+    if args.resume:
+        from ..pipeline.jobs import Job, JobError, find_job
+
+        try:
+            job_dir = find_job(args.resume)
+            args.model = args.model or Job(job_dir).read()["bundle"]
+        except JobError as e:
+            raise UserError(str(e)) from None
     if not args.model:
         raise UserError("no model given and no demo model is shipped yet; pass --model DIR or a bundle name.")
 
@@ -230,53 +271,66 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for library in (transformers.utils.logging, diffusers.utils.logging):  # our bar is the one to show
         library.disable_progress_bar()
         library.set_verbosity_error()
-    try:
-        cache, cache_threshold, cache_coefficients = _cache_option(args)
-        settings = GenerationSettings(
-            prompt=timed_prompt_text(args.prompt, args.prompt_at),
-            image=args.image,
-            negative_prompt=args.negative_prompt,
-            seconds=None if args.sections else args.seconds,
-            sections=args.sections,
-            seed=args.seed,
-            steps=args.steps,
-            cfg=args.cfg,
-            cfg_rescale=args.cfg_rescale,
-            distilled_cfg=args.distilled_cfg,
-            window=args.window,
-            order=args.order,
-            sampler=args.sampler,
-            shift=args.shift,
-            end_image=args.end_image,
-            keyframes=_keyframes(args.keyframe),
-            resolution=args.resolution,
-            width=args.width,
-            height=args.height,
-            fps=args.fps,
-            crf=args.crf,
-            gif=args.gif,
-            png=args.png,
-            t2v_colour=args.t2v_colour,
-            loop=args.loop,
-            name=args.name,
-            loras=tuple(parse_lora_arg(item) for item in args.lora),
-            cache=cache,
-            cache_threshold=cache_threshold,
-            cache_coefficients=cache_coefficients,
-            vram_budget=args.vram_budget,
-        )
-        bundle = load_bundle(args.model, device=_device(args.device))
-        source = None
-        if args.video:
-            from ..pipeline.extend import prepare_extension
+    from ..io import InputWarning
 
-            if args.one_frame is not None:
-                raise ValueError("--one-frame makes one image from a start image; drop --video.")
-            prepared, source = prepare_extension(bundle, settings, args.video)
-        else:
-            prepared = prepare(bundle, settings)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
+        warnings.simplefilter("always", InputWarning)
+        try:
+            cache, cache_threshold, cache_coefficients = _cache_option(args)
+            settings = GenerationSettings(
+                prompt=timed_prompt_text(args.prompt, args.prompt_at),
+                image=args.image,
+                negative_prompt=args.negative_prompt,
+                seconds=None if args.sections else args.seconds,
+                sections=args.sections,
+                seed=args.seed,
+                steps=args.steps,
+                cfg=args.cfg,
+                cfg_rescale=args.cfg_rescale,
+                distilled_cfg=args.distilled_cfg,
+                window=args.window,
+                order=args.order,
+                sampler=args.sampler,
+                shift=args.shift,
+                end_image=args.end_image,
+                keyframes=_keyframes(args.keyframe),
+                resolution=args.resolution,
+                width=args.width,
+                height=args.height,
+                fps=args.fps,
+                crf=args.crf,
+                gif=args.gif,
+                png=args.png,
+                t2v_colour=args.t2v_colour,
+                loop=args.loop,
+                name=args.name,
+                loras=tuple(parse_lora_arg(item) for item in args.lora),
+                cache=cache,
+                cache_threshold=cache_threshold,
+                cache_coefficients=cache_coefficients,
+                vram_budget=args.vram_budget,
+            )
+            bundle = load_bundle(args.model, device=_device(args.device))
+            source = None
+            if args.video:
+                from ..pipeline.extend import prepare_extension
+
+                if args.one_frame is not None:
+                    raise ValueError("--one-frame makes one image from a start image; drop --video.")
+                prepared, source = prepare_extension(bundle, settings, args.video)
+            elif job_dir is not None:
+                from ..pipeline.jobs import resume_prepared
+
+                prepared = resume_prepared(bundle, job_dir)
+            else:
+                prepared = prepare(bundle, settings)
+            if job_dir is None:
+                _check_writable(args.out)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    for w in caught:
+        if issubclass(w.category, InputWarning):
+            print(f"framepack: warning: {w.message}", file=sys.stderr)
     if args.one_frame is not None:
         _one_frame(bundle, prepared, args)
         return
@@ -292,7 +346,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
             events = extend_events(bundle, prepared, source, args.out, cancel=stop.is_set)
         else:
-            events = generate_events(bundle, prepared, args.out, cancel=stop.is_set)
+            events = generate_events(bundle, prepared, args.out, cancel=stop.is_set, job=job_dir)
         for event in events:
             if events_file:
                 events_file.write(json.dumps(_event_json(event)) + "\n")
@@ -310,8 +364,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         stop.set()
         bar.close()
-        where = f"; the video so far is {video}" if video else ""
-        raise UserError(f"interrupted{where}.") from None
+        raise UserError(f"interrupted{_so_far(video)}.") from None
+    except OSError as e:  # a full disk, a folder that went away: finished sections stay resumable
+        bar.close()
+        what = e.strerror or str(e) or type(e).__name__
+        raise UserError(f"cannot write the output ({what}: {e.filename}){_so_far(video)}.") from None
     except Cancelled:
         bar.close()
         raise UserError("cancelled.") from None

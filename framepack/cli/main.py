@@ -103,8 +103,16 @@ def cmd_download(args: argparse.Namespace) -> None:
         print(f"{component:<18} {path}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one sentence (`framepack: ...`) and exit status 2."""
+
+    def error(self, message: str):
+        print(f"framepack: {message}; see {self.prog} --help.", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="framepack", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="framepack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="versions, model specs and a smoke run on this machine")
@@ -153,7 +161,10 @@ def run_command(func, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed) and --help
+        return e.code if isinstance(e.code, int) else 2
     return run_command(args.func, args)
 
 

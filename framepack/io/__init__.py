@@ -5,7 +5,7 @@ PyAV (the `video` extra) is imported only when a video is written or read.
 
 from __future__ import annotations
 
-from framepack.io.errors import InputError
+from framepack.io.errors import InputError, InputWarning
 from framepack.io.files import atomic_write, write_bytes_atomic, write_json_atomic
 from framepack.io.images import (
     BUCKETS_640,
@@ -15,13 +15,15 @@ from framepack.io.images import (
     pick_bucket,
     prepare_image,
 )
-from framepack.io.video import read_video, write_gif, write_mp4, write_png_frames
+from framepack.io.video import concat_mp4, read_video, write_gif, write_mp4, write_png_frames
 
 __all__ = [
     "BUCKETS_640",
     "InputError",
+    "InputWarning",
     "atomic_write",
     "buckets",
+    "concat_mp4",
     "fit_to_bucket",
     "load_image",
     "pick_bucket",

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from framepack.io.errors import InputError
+from framepack.io.errors import InputError, InputWarning
 
 # (h, w) at the 640 setting, landscape half; `buckets` adds the transposes.
 BUCKETS_640: tuple[tuple[int, int], ...] = (
@@ -109,7 +109,12 @@ def _to_rgb(path: Path, img: Image.Image) -> ImageArray:
     try:
         if mode in _ALPHA_MODES or "transparency" in img.info:
             white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, img.convert("RGBA"))
+            rgba = img.convert("RGBA")
+            if rgba.getextrema()[3][0] < 255:
+                warnings.warn(
+                    InputWarning(f"Image {path} is partly transparent; it is put on white."), stacklevel=2
+                )
+            img = Image.alpha_composite(white, rgba)
         rgb = np.array(img.convert("RGB"), dtype=np.uint8)
     except ValueError as exc:
         raise InputError(f"Image {path} has pixel mode {mode}, which cannot be converted to RGB.") from exc
@@ -144,6 +149,11 @@ def load_image(path: str | os.PathLike[str]) -> ImageArray:
                 _check_size(p, img.size)
                 img.verify()  # checksums (PNG); the image is unusable afterwards, so reopen
             with Image.open(p, formats=formats) as img:
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1 and img.format != "MPO":  # MPO: a photo plus its preview images
+                    warnings.warn(
+                        InputWarning(f"Image {p} has {frames} frames; only the first is used."), stacklevel=2
+                    )
                 return _to_rgb(p, _oriented(img))
     except InputError:
         raise

@@ -112,6 +112,56 @@ def write_mp4(
     return Path(path)
 
 
+def concat_mp4(
+    parts: list[str | os.PathLike[str]],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Join mp4 files written by `write_mp4` (same size, fps and crf) into one mp4, atomically.
+
+    A stream copy (remux): no frame is decoded or encoded, so the cost is the bytes copied. Each
+    part starts with a keyframe; timestamps are shifted part by part, and decode timestamps by a
+    common encoder delay so that they keep increasing across joins (parts shorter than the
+    encoder's B-frame delay have none of their own). Refuses parts whose encoder settings differ.
+    """
+    files = [Path(p) for p in parts]
+    if not files:
+        raise InputError("concat_mp4 needs at least one part.")
+    comment = _check_metadata(metadata)
+    import av
+
+    heads = []  # (extradata, first pts - first dts) of each part
+    for file in files:
+        with av.open(str(file)) as src:
+            stream = src.streams.video[0]
+            packet = next(p for p in src.demux(stream) if p.dts is not None)
+            heads.append((bytes(stream.codec_context.extradata or b""), packet.pts - packet.dts))
+    if len({h[0] for h in heads}) > 1:
+        raise InputError(f"The parts of {Path(path).name} were encoded with different settings.")
+    delay = max(h[1] for h in heads)
+    with atomic_write(path) as tmp:
+        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+            if comment is not None:
+                out.metadata["comment"] = comment
+            target, offset = None, 0
+            for file, (_, own_delay) in zip(files, heads, strict=True):
+                with av.open(str(file)) as src:
+                    stream = src.streams.video[0]
+                    if target is None:
+                        target = out.add_stream_from_template(stream)
+                    end = 0
+                    for packet in src.demux(stream):
+                        if packet.dts is None:  # the demuxer's final empty packet
+                            continue
+                        end = max(end, packet.pts + packet.duration)
+                        packet.pts += offset
+                        packet.dts += offset - (delay - own_delay)
+                        packet.stream = target
+                        out.mux(packet)
+                    offset += end
+    return Path(path)
+
+
 def read_video(
     path: str | os.PathLike[str], max_frames: int | None = None
 ) -> tuple[Frames, float, dict[str, str]]:

@@ -25,6 +25,7 @@ __all__ = [
     "PromptEmbeds",
     "encode_image",
     "encode_prompt",
+    "prompt_is_cut",
     "template_crop_for",
     "vae_decode",
     "vae_encode",
@@ -112,6 +113,15 @@ def encode_prompt(bundle: Bundle, prompt: str) -> PromptEmbeds:
     ).input_ids.to(clip_device)  # (1, 77)
     pooled = clip(clip_ids, output_hidden_states=False).pooler_output.float()  # (1, D_pooled)
     return PromptEmbeds(text_embeds, mask, pooled.to(device), truncated=full > limit)
+
+
+def prompt_is_cut(bundle: Bundle, prompt: str) -> bool:
+    """True if `prompt` is over the bundle's `max_prompt_tokens` LLaMA tokens (`encode_prompt` cuts it)."""
+    m = bundle.manifest
+    return (
+        len(bundle.tokenizer(_fill(m.prompt_template, prompt)).input_ids)
+        > m.template_crop + m.max_prompt_tokens
+    )
 
 
 @torch.no_grad()

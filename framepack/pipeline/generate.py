@@ -3,8 +3,10 @@
 `generate_events(bundle, settings, out_dir)` is a generator of typed events (stages, sampling
 steps with a latent preview, finished sections with the video written so far, the end). It imports
 no UI code; the CLI, the GUI and scripts all drive it. One CPU generator seeded once serves every
-section, so the same seed gives the same video. The mp4 is rewritten atomically after every
-section, so a stopped run keeps every finished section.
+section, so the same seed gives the same video. Every run works in a job directory
+(`framepack.pipeline.jobs`): after every section its latents, the generator's state and its newly
+settled frames are committed there and the playable mp4 is rebuilt atomically from encoded segments,
+so a stopped run keeps every finished section and `generate_events(..., job=DIR)` resumes it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +192,17 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
     plan_kwargs = dict(window=window, order=order, schedule=m.packing, end_image=end is not None, fps=fps)
     draft = plan_sections(sections, seconds=duration, **plan_kwargs)  # validates length first
     timed = parse_timed_prompt(settings.prompt, draft.duration)
+    from ..io import InputWarning
+    from .conditioning import prompt_is_cut
+
+    for p in timed:
+        if prompt_is_cut(bundle, p.text):
+            short = p.text if len(p.text) <= 40 else p.text[:37] + "..."
+            limit = m.max_prompt_tokens
+            warnings.warn(
+                InputWarning(f"the prompt {short!r} is over {limit} tokens; the rest is cut off."),
+                stacklevel=2,
+            )
     plan = plan_sections(
         sections,
         seconds=duration,
@@ -223,46 +237,82 @@ def generate_events(
     prepared: Prepared,
     out_dir: str | Path,
     cancel: Callable[[], bool] | None = None,
+    job: str | Path | None = None,
 ) -> Iterator[Event]:
     """Run one prepared generation, yielding events; the video lands in `out_dir`.
 
+    The run works in the job directory `<out_dir>/<name>.job` (`framepack.pipeline.jobs`), removed
+    when the run finishes; an unfinished one with the same settings is resumed, one with other
+    settings is refused (ValueError). `job` names a job directory to resume instead (its folder
+    and name replace `out_dir` and the settings' name; see `jobs.resume_prepared`).
     Raises `framepack.sampling.Cancelled` when `cancel()` turns true (between sampling steps);
     the video written after the last finished section stays in place. LoRAs are applied on the
     fly for the run and removed after it, leaving the bundle's transformer as it was.
     """
     with applied_loras(bundle.transformer, prepared.loras):
-        for event in _run(bundle, prepared, out_dir, cancel):
+        for event in _run(bundle, prepared, out_dir, cancel, job):
             if isinstance(event, Finished) and prepared.settings.loop:
                 event.info["loop_seam"] = record_loop_seam(event.video, event.sidecar)
             yield event
 
 
-def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Event]:
-    from ..io import write_gif, write_json_atomic, write_mp4, write_png_frames
-    from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
+def _encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
+    """Every conditioning tensor of a run, by name (what a job directory stores)."""
+    from .conditioning import encode_image, encode_prompt, vae_encode
+
+    s = prepared.settings
+    tensors = {}
+    for i, text in enumerate(prepared.prompts + ([s.negative_prompt] if s.cfg != 1 else [])):
+        p = encode_prompt(bundle, text)
+        key = f"prompt_{i}" if i < len(prepared.prompts) else "negative"
+        tensors.update({f"{key}.text": p.text, f"{key}.mask": p.mask, f"{key}.pooled": p.pooled})
+    tensors["siglip"] = encode_image(bundle, prepared.image)
+    tensors["start_latent"] = vae_encode(bundle, _pixels(prepared.image))  # (1, C, 1, h, w)
+    refs = [prepared.end_image] if prepared.end_image is not None else []
+    for i, im in enumerate(refs + prepared.keyframe_images):
+        tensors[f"ref_latent_{i}"] = vae_encode(bundle, _pixels(im))
+    return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
+
+
+def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir) -> Iterator[Event]:
+    from ..io import write_gif, write_json_atomic, write_png_frames
+    from .conditioning import PromptEmbeds, vae_decode
+    from .jobs import Job, SegmentedVideo
 
     s, plan = prepared.settings, prepared.plan
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = s.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{s.seed}"
-    video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     started = time.perf_counter()
+    if job_dir is not None:
+        job = Job(job_dir)
+        out, stem = job.out, job.read()["name"]
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = s.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{s.seed}"
+        job = Job.open_for(out, stem, s.to_dict(), str(getattr(bundle, "root", "")), plan.packing_order)
+    video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     model = bundle.transformer
     speed = accelerate(
         model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients
     )  # weight streaming and the step cache, as hooks
     device, schedule, ws = model.device, plan.schedule, plan.window
 
-    # 1. Conditioning.
+    # 1. Conditioning, encoded once per job (a resumed run reads it back from the job directory).
     yield Stage("encoding")
-    with torch.no_grad():
-        prompts = [encode_prompt(bundle, p) for p in prepared.prompts]
-        negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
-        siglip = encode_image(bundle, prepared.image)
-        start_latent = vae_encode(bundle, _pixels(prepared.image)).float().cpu()  # (1, C, 1, h, w)
-        refs = [prepared.end_image] if prepared.end_image is not None else []
-        refs += prepared.keyframe_images
-        ref_latents = [vae_encode(bundle, _pixels(im)).float().cpu() for im in refs]
+    inputs = job.load_inputs()
+    if inputs is None:
+        with torch.no_grad():
+            inputs = _encode_inputs(bundle, prepared)
+        job.save_images(prepared)
+        job.save_inputs(inputs)
+
+    def embeds(key: str) -> PromptEmbeds:
+        return PromptEmbeds(inputs[f"{key}.text"], inputs[f"{key}.mask"], inputs[f"{key}.pooled"]).to(device)
+
+    prompts = [embeds(f"prompt_{i}") for i in range(len(prepared.prompts))]
+    negative = embeds("negative") if s.cfg != 1 else None
+    siglip = inputs["siglip"].to(device)
+    start_latent = inputs["start_latent"]  # (1, C, 1, h, w)
+    ref_latents = [inputs[f"ref_latent_{i}"] for i in range(sum(k.startswith("ref_latent_") for k in inputs))]
 
     _, c, _, h, w = start_latent.shape
     bank = torch.zeros(1, c, plan.total_latents + len(ref_latents), h, w)  # every latent on one axis
@@ -271,20 +321,39 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
         bank[:, :, plan.total_latents + i] = lat[:, :, 0]
     done = np.zeros(plan.total_latents, dtype=bool)
     done[0] = True
+    saved, restored = job.load_sections([section.number for section in plan.sections])
+    for section in plan.sections:
+        if section.number in saved:
+            bank[:, :, list(section.window)] = saved[section.number]
+            done[list(section.window)] = True
 
     generator = torch.Generator("cpu").manual_seed(s.seed)
+    if restored is not None:
+        generator.set_state(restored.rng)
     sampler = get_sampler(s.sampler)
     sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
     guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
     decoder = IncrementalDecoder(lambda lat: vae_decode(bundle, lat.to(device)).float().cpu(), ws)
+    video = SegmentedVideo(job, decoder, plan.packing_order != "forward", prepared.fps, s.crf, s.gif or s.png)
     info = {
         "settings": s.to_dict(),
         "bundle": str(getattr(bundle, "root", "")),
         "sections": len(plan.sections),
     }
-    frames_written = 0
+    frames_written, before = 0, 0.0  # frames shown; seconds spent before a resume
+    if restored is not None:
+        video.restore(restored)
+        before, frames_written = restored.elapsed, video.frames
+        if frames_written:  # the mp4 of exactly the committed sections
+            info["frames"] = frames_written
+            video.write(video_path, {"framepack": json.dumps(info)})
+        yield SectionDone(
+            restored.number, len(plan.sections), video_path if frames_written else None, frames_written, 0.0
+        )
 
     for section in plan.sections:
+        if section.number in saved:
+            continue
         t0 = time.perf_counter()
         layout = section.layout
         history = bank[:, :, list(section.history())] if section.history() else bank[:, :, :0]
@@ -323,15 +392,16 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
             first = plan.total_latents - int(np.argmin(done[::-1])) if not done.all() else 0
             lo, hi = (first if first > 1 else 0), plan.total_latents
         yield Stage("decoding")
-        with torch.no_grad():
-            changed = decoder.update(bank, lo, hi)
+        with torch.no_grad():  # settled frames are encoded once; the mp4 is a remux of the segments
+            changed = video.update(bank, lo, hi, section.number, final=bool(done.all()))
         if changed:
-            frames = decoder.frames
-            info["frames"] = int(frames.shape[0])
-            write_mp4(
-                frames, video_path, fps=prepared.fps, crf=s.crf, metadata={"framepack": json.dumps(info)}
-            )
-            frames_written = int(frames.shape[0])
+            info["frames"] = frames_written = video.frames
+            video.write(video_path, {"framepack": json.dumps(info)})
+        elapsed = before + time.perf_counter() - started
+        job.commit_section(
+            section.number, latents, video.state(section.number, generator.get_state(), elapsed)
+        )
+        video.prune()
         yield SectionDone(
             section.number,
             len(plan.sections),
@@ -341,16 +411,18 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel) -> Iterator[Ev
         )
 
     yield Stage("writing")
+    frames = video.all_frames() if s.png or s.gif else None
     if s.png:
-        write_png_frames(decoder.frames, out / f"{stem}_frames")
-    gif_path = write_gif(decoder.frames, out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
+        write_png_frames(frames, out / f"{stem}_frames")
+    gif_path = write_gif(frames, out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
     info.update(
         video=video_path.name,
         gif=gif_path.name if gif_path else None,
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(before + time.perf_counter() - started, 3),
         **speed.info(),
     )
     write_json_atomic(info, sidecar_path)
+    job.remove()  # everything it held is in the outputs now
     yield Finished(video_path, frames_written, sidecar_path, gif_path, info["seconds"], info)
 
 

@@ -1,0 +1,325 @@
+"""Job directories: a generation's state on disk, so a stopped run resumes where it stopped.
+
+Every generation works in `<out>/<name>.job/` next to its video. Each file is written atomically
+(temporary file, fsync, rename; `framepack.io.atomic_write`), so a kill at any moment leaves the
+last finished section intact:
+
+- `job.json`: the settings, the bundle, the output name and the packing order (written first);
+- `images/`: the bucket-fitted start, end and keyframe images (PNG), so the plan is rebuilt from
+  exactly the pixels the run used;
+- `inputs.safetensors`: the conditioning (prompt, negative prompt and SigLIP embeddings, the start
+  and reference latents) and the bucket-fitted input images, so a resume needs neither the encoders
+  nor the original image files and samples from exactly the same inputs;
+- `segments/NNNN.mp4`: frames that no later section can change, each encoded once (and
+  `NNNN.npy`, the raw uint8 frames, when a GIF or PNG frames are wanted at the end);
+  `segments/NNNN.tail.mp4`: the frames the next section still blends into (`4 * window - 3`);
+- `sections/NNNN.safetensors`, the commit of section NNNN (generation order), written last: its
+  window latents, the CPU generator's state after it, the raw frames still being blended, and (as
+  metadata) the decoded range and the segment list in display order.
+
+The playable `<out>/<name>.mp4` is rebuilt after every section by remuxing the segments (stream
+copy, `framepack.io.concat_mp4`), not by encoding every frame again, so writing stays constant per
+section however long the video is. A resume reloads the sections committed in generation order,
+restores the generator, and goes on; since sampling draws nothing but the per-section noise from
+that generator, the frames are the same as those of an uninterrupted run. The directory is removed
+once the video, its sidecar and any GIF/PNG frames are written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import atomic_write, concat_mp4, write_json_atomic, write_mp4
+
+__all__ = [
+    "JOB_SUFFIX",
+    "Job",
+    "JobError",
+    "SectionState",
+    "SegmentedVideo",
+    "find_job",
+    "resume_prepared",
+]
+
+JOB_SUFFIX = ".job"
+_VERSION = 1
+
+
+class JobError(ValueError):
+    """A job directory that cannot be created or resumed; the message is one sentence."""
+
+
+@dataclass
+class SectionState:
+    """What the commit of the last finished section restores."""
+
+    number: int  # generation order
+    rng: torch.Tensor  # the CPU generator's state after the section (uint8)
+    lo: int  # decoded latent range [lo, hi)
+    hi: int
+    tail: np.ndarray  # (P, H, W, 3) uint8 frames still to be blended
+    segments: list[list] = field(default_factory=list)  # [name, frames] in display order
+    tail_name: str | None = None  # the segment file stem of the tail's mp4
+    elapsed: float = 0.0  # seconds spent on the job so far
+
+
+def _settings_json(settings_dict: dict) -> dict:
+    return json.loads(json.dumps(settings_dict))  # tuples -> lists, as read back from job.json
+
+
+def find_job(path: str | Path) -> Path:
+    """The job directory `path` names (a `.job` folder, or the video next to it); JobError if none."""
+    p = Path(path)
+    if p.suffix == ".mp4" or (not p.is_dir() and p.with_name(p.name + JOB_SUFFIX).is_dir()):
+        p = p.with_suffix(JOB_SUFFIX) if p.suffix == ".mp4" else p.with_name(p.name + JOB_SUFFIX)
+    if not (p / "job.json").is_file():
+        raise JobError(f"{path} is not an unfinished job directory (no job.json in it).")
+    return p
+
+
+class Job:
+    """One job directory (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def out(self) -> Path:
+        return self.root.parent
+
+    def read(self) -> dict:
+        try:
+            data = json.loads((self.root / "job.json").read_text())
+        except (OSError, ValueError) as e:
+            raise JobError(f"the job file {self.root / 'job.json'} cannot be read ({e}).") from None
+        if not isinstance(data, dict) or data.get("version") != _VERSION or "settings" not in data:
+            raise JobError(f"{self.root / 'job.json'} is not a framepack job file of version {_VERSION}.")
+        return data
+
+    @classmethod
+    def open_for(cls, out: Path, stem: str, settings_dict: dict, bundle_root: str, order: str) -> Job:
+        """The job of a new run: created, or resumed when an unfinished one with the same settings exists."""
+        job = cls(out / f"{stem}{JOB_SUFFIX}")
+        described = {
+            "version": _VERSION,
+            "name": stem,
+            "bundle": bundle_root,
+            "order": order,
+            "settings": _settings_json(settings_dict),
+        }
+        if (job.root / "job.json").is_file():
+            old = job.read()
+            if old["settings"] != described["settings"] or old.get("bundle") != bundle_root:
+                raise JobError(
+                    f"{job.root} holds an unfinished job with other settings; resume it with "
+                    f"--resume {job.root} or delete it."
+                )
+            return job
+        if job.root.exists() and not job.root.is_dir():
+            raise JobError(f"cannot create the job directory {job.root}: a file is in the way.")
+        write_json_atomic(described, job.root / "job.json")  # creates the folder
+        return job
+
+    # ------------------------------------------------------------------ inputs
+    def save_images(self, prepared) -> None:
+        """The fitted input images as PNGs (the start image is the plain frame in text-to-video)."""
+        from PIL import Image
+
+        images = {"start": prepared.image}
+        if prepared.end_image is not None:
+            images["end"] = prepared.end_image
+        images.update({f"keyframe_{i}": im for i, im in enumerate(prepared.keyframe_images)})
+        for name, image in images.items():
+            with atomic_write(self.root / "images" / f"{name}.png") as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
+
+    def save_inputs(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_write(self.root / "inputs.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+    def load_inputs(self) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.root / "inputs.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception as e:  # a damaged file: one sentence, the job cannot go on
+            raise JobError(f"the job's inputs {path} cannot be read ({e}).") from None
+
+    # ------------------------------------------------------------------ sections
+    def _section_path(self, number: int) -> Path:
+        return self.root / "sections" / f"{number:04d}.safetensors"
+
+    def commit_section(self, number: int, latents: torch.Tensor, state: SectionState) -> None:
+        """Write section `number`'s commit (after its segments): latents, RNG, decoder state."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            "latents": latents.detach().float().cpu().contiguous(),
+            "rng": state.rng.contiguous(),
+            "tail": torch.from_numpy(np.ascontiguousarray(state.tail)),
+        }
+        meta = {
+            "lo": state.lo,
+            "hi": state.hi,
+            "segments": state.segments,
+            "tail": state.tail_name,
+            "elapsed": state.elapsed,
+        }
+        with atomic_write(self._section_path(number)) as tmp:
+            save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+
+    def load_sections(self, numbers: list[int]) -> tuple[dict[int, torch.Tensor], SectionState | None]:
+        """Window latents of the committed sections (a prefix of `numbers`) and the last one's state."""
+        from safetensors import safe_open
+
+        latents: dict[int, torch.Tensor] = {}
+        state = None
+        for n in numbers:
+            path = self._section_path(n)
+            if not path.is_file():
+                break
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = json.loads(f.metadata()["state"])
+                    latents[n] = f.get_tensor("latents")
+                    rng, tail = f.get_tensor("rng"), f.get_tensor("tail").numpy()
+            except Exception as e:
+                raise JobError(f"the job's section file {path} cannot be read ({e}).") from None
+            state = SectionState(
+                n, rng, meta["lo"], meta["hi"], tail, meta["segments"], meta["tail"], meta["elapsed"]
+            )
+        needed = [f"{name}.mp4" for name, _ in state.segments] if state else []
+        needed += [f"{state.tail_name}.tail.mp4"] if state and state.tail_name else []
+        for name in needed:
+            if not (self.root / "segments" / name).is_file():
+                raise JobError(f"the job's segment {name} is missing from {self.root / 'segments'}.")
+        return latents, state
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class SegmentedVideo:
+    """The decoded video of a job as encoded segments plus a tail that is still being blended.
+
+    Wraps an `IncrementalDecoder`: after each update, the frames no later section touches (all but
+    the `4 * window - 3` at the growing end) are encoded once into a segment and dropped from
+    memory; the tail is encoded on its own; the playable mp4 is the segments and the tail remuxed.
+    """
+
+    def __init__(self, job: Job, decoder, grows_at_start: bool, fps: int, crf: int, keep_raw: bool) -> None:
+        self.job, self.decoder, self.at_start = job, decoder, grows_at_start
+        self.fps, self.crf, self.keep_raw = fps, crf, keep_raw
+        self.segments: list[list] = []  # [name, frames] in display order
+        self.tail_name: str | None = None
+
+    @property
+    def frames(self) -> int:
+        tail = self.decoder.frames
+        return sum(n for _, n in self.segments) + (0 if tail is None else len(tail))
+
+    def restore(self, state: SectionState) -> None:
+        self.segments = [list(s) for s in state.segments]
+        self.decoder.lo, self.decoder.hi = state.lo, state.hi
+        self.decoder.frames = state.tail if state.hi > state.lo else None
+        self.tail_name = state.tail_name
+
+    def state(self, number: int, rng: torch.Tensor, elapsed: float) -> SectionState:
+        tail = self.decoder.frames
+        if tail is None:
+            tail = np.zeros((0, 1, 1, 3), np.uint8)
+        lo, hi = self.decoder.lo, self.decoder.hi
+        return SectionState(number, rng, lo, hi, tail, self.segments, self.tail_name, elapsed)
+
+    def update(self, bank: torch.Tensor, lo: int, hi: int, number: int, final: bool) -> bool:
+        """Decode and show latents `[lo, hi)`; write the new segment, the tail and the mp4 parts."""
+        if not self.decoder.update(bank, lo, hi):
+            return False
+        frames = self.decoder.frames
+        keep = 0 if final else min(len(frames), 4 * self.decoder.window - 3)
+        cut = keep if self.at_start else len(frames) - keep
+        settled, tail = (frames[cut:], frames[:cut]) if self.at_start else (frames[:cut], frames[cut:])
+        folder = self.job.root / "segments"
+        name = f"{number:04d}"
+        if len(settled):
+            write_mp4(settled, folder / f"{name}.mp4", fps=self.fps, crf=self.crf)
+            if self.keep_raw:
+                with atomic_write(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, settled)
+            entry = [name, int(len(settled))]
+            self.segments.insert(0, entry) if self.at_start else self.segments.append(entry)
+        self.decoder.frames = np.ascontiguousarray(tail)  # only the frames still to be blended stay
+        self.tail_name = name if len(tail) else None
+        if self.tail_name:
+            write_mp4(tail, folder / f"{name}.tail.mp4", fps=self.fps, crf=self.crf)
+        return True
+
+    def parts(self) -> list[Path]:
+        """The mp4 files of the video so far, in display order."""
+        folder = self.job.root / "segments"
+        files = [folder / f"{name}.mp4" for name, _ in self.segments]
+        if self.tail_name:
+            tail = folder / f"{self.tail_name}.tail.mp4"
+            files = [tail, *files] if self.at_start else [*files, tail]
+        return files
+
+    def write(self, path: Path, metadata: dict[str, str]) -> None:
+        """The playable mp4 of every frame so far, atomically; then drop tails no commit needs."""
+        concat_mp4(self.parts(), path, metadata=metadata)
+
+    def prune(self) -> None:
+        """Remove tail files of earlier sections (call after the section's commit)."""
+        keep = f"{self.tail_name}.tail.mp4" if self.tail_name else None
+        for old in (self.job.root / "segments").glob("*.tail.mp4"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
+
+    def all_frames(self) -> np.ndarray:
+        """Every frame (raw uint8) once the video is complete; needs `keep_raw`."""
+        folder = self.job.root / "segments"
+        return np.concatenate([np.load(folder / f"{name}.npy") for name, _ in self.segments])
+
+
+def resume_prepared(bundle, job_dir: str | Path):
+    """The `Prepared` inputs of an unfinished job, from its settings and stored images.
+
+    Pass the job directory on to `generate_events(..., job=job_dir)`. LoRA files are read again
+    from their paths; the images come from the job directory (unless the run stopped before it
+    stored them), so moving or editing the originals does not change the resumed video.
+    """
+    from dataclasses import replace
+
+    from ..io import load_image
+    from .generate import prepare, settings_from_dict
+
+    job = Job(job_dir)
+    data = job.read()
+    try:
+        settings = settings_from_dict(data["settings"])
+    except TypeError as e:
+        raise JobError(f"the settings in {job.root / 'job.json'} are not valid ({e}).") from None
+    folder = job.root / "images"
+    if not (job.root / "inputs.safetensors").is_file():  # stopped before its inputs were stored
+        return prepare(bundle, settings)
+    stored = replace(
+        settings,
+        end_image=str(folder / "end.png") if settings.end_image else None,
+        keyframes=tuple(
+            (t, str(folder / f"keyframe_{i}.png")) for i, (t, _) in enumerate(settings.keyframes)
+        ),
+    )
+    # A text-to-video colour is only accepted without a start image; its plain frame is recomputed.
+    start = load_image(folder / "start.png") if settings.t2v_colour is None else None
+    return replace(prepare(bundle, stored, image=start), settings=settings)
