@@ -38,29 +38,25 @@ LoraList = Sequence[tuple[Lora, float]]
 class LoraDelta(nn.Module):
     """The low-rank updates of one Linear layer, applied to its input: `(..., in) -> (..., out)`.
 
-    The factors are non-persistent buffers (they move with the model and stay out of its state
-    dict) and are moved to the input's device and dtype when a streaming hook keeps them elsewhere.
+    Several LoRAs are stacked into one pair of factors, `down (R, in)` and `up (out, R)` with each
+    LoRA's scale folded into its rows of `up` (fp32 product, then the weights' dtype), so applying
+    them costs two thin matrix products whatever their number. The factors are non-persistent
+    buffers (they move with the model and stay out of its state dict) and follow the input to its
+    device and dtype when a streaming hook keeps them elsewhere.
     """
 
     def __init__(self, updates: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         super().__init__()
-        self.scales = [float(s) for _, _, s in updates]
-        for i, (down, up, _) in enumerate(updates):
-            self.register_buffer(f"down_{i}", down, persistent=False)  # (r, in)
-            self.register_buffer(f"up_{i}", up, persistent=False)  # (out, r)
-
-    def _factors(self, x: torch.Tensor, cols: slice) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-        for i, s in enumerate(self.scales):
-            down = getattr(self, f"down_{i}")[:, cols].to(x.device, x.dtype)
-            up = getattr(self, f"up_{i}").to(x.device, x.dtype)
-            yield down, up, s
+        dtype = updates[0][0].dtype  # the layer's
+        down = torch.cat([d for d, _, _ in updates], dim=0)  # (R, in)
+        up = torch.cat([u.float() * float(s) for _, u, s in updates], dim=1).to(dtype)  # (out, R)
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
 
     def _update(self, x: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
-        out = None
-        for down, up, s in self._factors(x, cols):
-            y = linear(linear(x, down, None), up, None) * s  # (..., r) -> (..., out)
-            out = y if out is None else out + y
-        return out
+        down = self.down[:, cols].to(x.device, x.dtype)
+        up = self.up.to(x.device, x.dtype)
+        return linear(linear(x, down, None), up, None)  # (..., R) -> (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._update(x)
@@ -109,7 +105,7 @@ def attach_loras(model: nn.Module, loras: LoraList) -> AttachedLoras:
     for name, updates in _per_layer(model, loras).items():
         layer = targets[name]
         p = layer.weight
-        updates = [(d.to(p.device, p.dtype), u.to(p.device, p.dtype), s) for d, u, s in updates]
+        updates = [(d.to(p.device, p.dtype), u.to(p.device), s) for d, u, s in updates]  # up: scaled first
         layer.lora = LoraDelta(updates)
         attached[name] = layer
     return AttachedLoras(attached)

@@ -50,7 +50,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias)
         delta = lora_delta(self)
-        return y if delta is None else y + delta(x)
+        return y if delta is None else y.add_(delta(x))
 
 
 def patch_embed(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:

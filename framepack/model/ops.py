@@ -96,10 +96,10 @@ def chunked_mlp(
     def mlp(part: torch.Tensor) -> torch.Tensor:
         hidden = linear(part, w1, b1)
         if delta1 is not None:
-            hidden = hidden + delta1(part)
+            hidden.add_(delta1(part))
         hidden = act(hidden)
         y = linear(hidden, w2, b2)
-        return y if delta2 is None else y + delta2(hidden)
+        return y if delta2 is None else y.add_(delta2(hidden))
 
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad):
         return mlp(x)
