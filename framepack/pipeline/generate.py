@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import queue
 import threading
 import time
@@ -31,7 +32,7 @@ from ..packing.layout import gather_history
 from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
 from .decode import IncrementalDecoder, latent_preview
 from .loop import record_loop_seam
-from .plan import SectionPlan, plan_sections
+from .plan import MAX_SECONDS, SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 from .text_to_video import neutral_frame
 
@@ -169,6 +170,9 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
     check_speed_settings(settings.cache, settings.cache_threshold, settings.vram_budget)
     window = int(settings.window or m.window)
     fps = int(settings.fps or m.fps)
+    _check_number("width", settings.width, 16, 4096)
+    _check_number("height", settings.height, 16, 4096)
+    _check_number("sections", settings.sections, 1, math.ceil(MAX_SECONDS * fps / (4 * window)))
     order = settings.order or m.order
     resolution = settings.resolution or m.resolution
 
