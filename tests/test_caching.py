@@ -188,3 +188,30 @@ def test_pipeline_streams_and_caches_exactly_at_threshold_zero(tmp_path):
     assert info["cache"]["skipped"] == 2 * (4 - 2) and "memory_plan" not in info
     with pytest.raises(ValueError, match="step cache"):
         generate(bundle, GenerationSettings(**base, cache="nope"), tmp_path, image=image)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--cache", "nope:0.1"], "unknown step cache"),
+        (["--cache", "teacache:x"], "NAME:THRESHOLD"),
+        (["--teacache", "0.1", "--cache", "fbcache:0.1"], "not both"),
+        (["--teacache", "-1"], "threshold"),
+        (["--vram-budget", "six"], "budget"),
+        (["--cache", "fbcache:0.1", "--cache-calibration", "missing.json"], "does not exist"),
+    ],
+)
+def test_cli_bad_speed_options_are_one_sentence(tmp_path, capsys, extra, needle):
+    from PIL import Image
+
+    from framepack.cli.main import main
+    from framepack.testing import tiny_bundle_dir
+
+    Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(tmp_path / "start.png")
+    args = ["generate", "--model", str(tiny_bundle_dir()), "--image", str(tmp_path / "start.png")]
+    args += ["--prompt", "a cat", "--out", str(tmp_path / "out"), *extra]
+    capsys.readouterr()  # (writing the tiny bundle prints progress bars)
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists()

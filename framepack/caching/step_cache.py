@@ -106,6 +106,7 @@ class StepCache:
 
     name = "cache"
     priority = 10  # outside weight streaming (except on block 0): skipped blocks are never loaded
+    default_coefficients: tuple[float, ...] = (1.0, 0.0)  # rescale polynomial, highest power first
 
     def __init__(self, threshold: float, coefficients: tuple[float, ...] | None = None) -> None:
         if not threshold >= 0:
@@ -115,8 +116,6 @@ class StepCache:
         self.stats = CacheStats()
         self.handles: list[HookHandle] = []
         self.reset()
-
-    default_coefficients: tuple[float, ...] = (1.0, 0.0)
 
     def rescale(self, x: float) -> float:
         return float(np.polyval(self.coefficients, x))

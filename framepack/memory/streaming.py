@@ -331,6 +331,9 @@ class WeightStreamer:
         self.installed.add(i)
 
     def _drop(self, i: int) -> None:
+        done = self.loaded[i]
+        if done is not None and i not in self.installed:  # a copy may still be writing into it
+            torch.cuda.current_stream(self.device).wait_event(done)
         for e in self.entries[i]:
             e.staged = None
             e.tensor.data = e.empty

@@ -1,0 +1,199 @@
+"""The released 13B architecture on one GPU under VRAM budgets, with and without TeaCache.
+
+Random bf16 weights in the `hunyuan-13b` spec (no download), the 640 bucket (640x640 pixels ->
+80x80 latents), window 9 with the released packed history (start + 1 at k1, 2 at k2, 16 at k4),
+`--steps` UniPC steps for one section, batch 1, 512 text tokens of which `--prompt-tokens` are
+real, 729 SigLIP tokens. For each budget (GiB, or "unlimited") and cache setting the transformer
+is placed with `framepack.memory.runtime.accelerate` (weights streamed from pinned host memory
+through two slots on a side stream); prints the plan, peak device memory
+(`torch.cuda.max_memory_allocated`), seconds per generated frame (section time / 4*window),
+the ratio to the unlimited budget, and the model FLOPs utilisation (analytic FLOPs of the model
+calls actually computed / time / `--peak-tflops`, default by device name: 989 for H100/H200 bf16
+dense). Needs about 27 GB of host RAM for the weights. `--spec tiny --device cpu` runs the same
+code on a CPU in seconds (for checking the script, not for numbers).
+
+    python bench/gpu_13b.py [--budgets 6 8 16 unlimited] [--teacache 0.15] [--steps 25] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _record import append_rows, command, machine, today  # noqa: E402
+
+from framepack.caching import TeaCache, reset_caches  # noqa: E402
+from framepack.memory import GIB  # noqa: E402
+from framepack.memory.runtime import accelerate  # noqa: E402
+from framepack.model import PackedTransformer, get_spec  # noqa: E402
+from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0  # noqa: E402
+from framepack.testing import random_packed_inputs  # noqa: E402
+
+HEADING = "## 13B on one GPU: VRAM budgets and TeaCache (`bench/gpu_13b.py`)"
+INTRO = """
+Random bf16 weights in the released 13B architecture, 640x640 (80x80 latents), window 9 + released
+packed history, 25 UniPC steps, batch 1. s/frame = section time / 36 frames. Ratio = s/frame over
+the unlimited budget's (same cache setting), measured in one run. Targets: peak <= 6 GB at the
+6 GB budget (goal 4 GB), s/frame at 6 GB within 1.25x of unlimited.
+
+| date | machine | budget | cache | plan | peak GiB | s/frame | ratio to unlimited | skipped | MFU | command |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def random_model(spec: str, dtype: torch.dtype) -> PackedTransformer:
+    """The architecture with N(0, 0.02) weights in `dtype` on the host, built without a float copy."""
+    cfg = get_spec(spec)
+    with torch.device("meta"):
+        model = PackedTransformer(cfg).to(dtype)
+    model = model.to_empty(device="cpu")  # allocated once, in `dtype`
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=g)
+    model.fp32_head = True
+    return model.eval().requires_grad_(False)
+
+
+def forward_flops(cfg, image_tokens: int, noisy_tokens: int, text_tokens: int) -> float:
+    """Matrix-product FLOPs of one forward: the blocks' token linears and attention (the AdaLN
+    modulations act on one vector per sample; embedders and the head are ignored)."""
+    d, mlp = cfg.inner_dim, cfg.mlp_dim
+    n = image_tokens + text_tokens
+    dual = 2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d  # each stream through its own weights
+    single = 2 * n * (3 * d * d + d * mlp + (d + mlp) * d) + 4 * n * n * d
+    last = 2 * n * 3 * d * d + 2 * noisy_tokens * (d * mlp + (d + mlp) * d) + 4 * noisy_tokens * n * d
+    return cfg.num_layers * dual + max(cfg.num_single_layers - 1, 0) * single + last
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", default=["6", "8", "16", "unlimited"])
+    parser.add_argument("--teacache", type=float, default=0.15, help="threshold of the cached runs (0: none)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", default="640x640", help="pixels, height x width")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--spec", default="hunyuan-13b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--fp8", action="store_true", help="fp8 host copies of the streamed blocks")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
+    parser.add_argument("--record", action="store_true", help="append the rows to bench/RESULTS.md")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("no CUDA device; run with --spec tiny --device cpu to check the script on a CPU.")
+    h, w = (int(v) // 8 for v in args.size.lower().split("x"))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak = args.peak_tflops
+    if peak is None and cuda:
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+    t0 = time.perf_counter()
+    model = random_model(args.spec, dtype)
+    cfg = model.config
+    print(
+        f"built {args.spec} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B) in {time.perf_counter() - t0:.0f} s"
+    )
+    inputs = random_packed_inputs(cfg, h, w, text_tokens=512, seed=1)
+    inputs["text_mask"][:, args.prompt_tokens :] = 0
+    inputs["image_embeds"] = torch.randn(1, 729, cfg.image_proj_dim)
+    noisy_tokens = 9 * h * w // 4
+    image_tokens = noisy_tokens + 2 * h * w // 4 + 2 * (h * w // 4) // 8 + 16 * (h * w // 4) // 64
+    flops = forward_flops(cfg, image_tokens, noisy_tokens, args.prompt_tokens + 729)
+    sigmas = sigma_schedule(args.steps, seq_len=noisy_tokens)
+    sampler = get_sampler("unipc")
+
+    def denoise(x, sigma):
+        t = (sigma * 1000).to(device)
+        v = model.forward_packed(**{**inputs, "noisy": x, "timestep": t})
+        return velocity_to_x0(x, v.float().to(x.device), sigma)
+
+    caches = [None] + ([args.teacache] if args.teacache > 0 else [])
+    results: dict[tuple[str, float | None], dict] = {}
+    rows = []
+    for cache in caches:
+        for budget in args.budgets:
+            unlimited = budget == "unlimited"
+            run = accelerate(
+                model,
+                device,
+                None if unlimited else float(budget),
+                "teacache" if cache else None,
+                cache or 0.0,
+                fp8=args.fp8 and not unlimited,
+            )
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.no_grad():
+                reset_caches(model, args.steps)
+                x = inputs["noisy"].clone()
+                denoise(x, sigmas[:1])  # warm-up call (kernels, allocator), not timed
+                reset_caches(model, args.steps)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                sampler(denoise, x, sigmas)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+            peak_gib = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
+            cache_obj = run.cache
+            skipped = cache_obj.stats.skipped if isinstance(cache_obj, TeaCache) else 0
+            computed = args.steps - skipped
+            mfu = flops * computed / seconds / (peak * 1e12) if peak else float("nan")
+            per_frame = seconds / (4 * 9)
+            plan = run.streamer.plan.describe() if run.streamer else "all resident"
+            results[(budget, cache)] = dict(per_frame=per_frame)
+            label = f"TeaCache {cache}" if cache else "none"
+            print(
+                f"budget {budget:>9} | cache {label:>13} | {plan} | peak {peak_gib:.2f} GiB | "
+                f"{per_frame:.3f} s/frame | skipped {skipped}/{args.steps} | MFU {mfu:.1%}",
+                flush=True,
+            )
+            rows.append(
+                [
+                    budget,
+                    label,
+                    plan,
+                    f"{peak_gib:.2f}",
+                    f"{per_frame:.3f}",
+                    None,
+                    f"{skipped}/{args.steps}",
+                    f"{mfu:.1%}",
+                ]
+            )
+            run.detach()
+            if cuda:
+                model.to("cpu")
+                torch.cuda.empty_cache()
+    for row in rows:  # ratios once the unlimited runs are known
+        cache = None if row[1] == "none" else args.teacache
+        base = results.get(("unlimited", cache))
+        row[5] = f"{results[(row[0], cache)]['per_frame'] / base['per_frame']:.3f}" if base else "-"
+        plain = results[(row[0], None)]["per_frame"]
+        speedup = plain / results[(row[0], cache)]["per_frame"]
+        print(
+            f"{row[0]:>9} GiB, {row[1]:>13}: {row[4]} s/frame, {row[5]}x the unlimited budget, "
+            f"{speedup:.2f}x faster than without a cache"
+        )
+    if args.record:
+        append_rows(
+            HEADING,
+            INTRO,
+            [f"| {today()} | {machine()} | " + " | ".join(map(str, r)) + f" | `{command()}` |" for r in rows],
+        )
+
+
+if __name__ == "__main__":
+    main()
