@@ -133,6 +133,8 @@ def test_same_settings_resume_other_settings_refused(tmp_path, image):
     other = GenerationSettings(prompt="a dog", sections=2, steps=1, name="b")
     with pytest.raises(JobError, match="other settings"):
         generate(bundle, other, tmp_path, image=image)
+    with pytest.raises(JobError, match="another start image"):
+        generate(bundle, settings, tmp_path, image=255 - image)
     assert (tmp_path / "b.job" / "job.json").is_file()  # the unfinished job is left alone
     with pytest.raises(JobError, match="not an unfinished job"):
         find_job(tmp_path / "nothing-here")
@@ -185,7 +187,9 @@ def test_kill_9_mid_section_then_resume_equals_uninterrupted(tmp_path, image, ca
     job = tmp_path / "run" / "clip.job"
     assert not (tmp_path / "run" / "clip.json").exists()  # not finished
     frames, _, _ = read_video(tmp_path / "run" / "clip.mp4")  # playable: PyAV decodes all of it
-    assert frames.shape[0] == first["frames"] == 4 * WS - 3
+    assert first["frames"] == 4 * WS - 3
+    # Killed while sampling the second section (or, on a slow machine, while writing it).
+    assert frames.shape[0] in (4 * WS - 3, 4 * 2 * WS - 3)
     assert (job / "sections" / "0000.safetensors").is_file()
 
     assert main(["generate", "--resume", str(job)]) == 0

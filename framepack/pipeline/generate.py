@@ -293,6 +293,7 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir) -> It
         out.mkdir(parents=True, exist_ok=True)
         stem = s.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{s.seed}"
         job = Job.open_for(out, stem, s.to_dict(), str(getattr(bundle, "root", "")), plan.packing_order)
+        job.check_images(prepared)
     video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     model = bundle.transformer
     speed = accelerate(

@@ -146,6 +146,17 @@ class Job:
         with atomic_write(self.root / "inputs.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
+    def check_images(self, prepared) -> None:
+        """Refuse to go on with other input pixels than the job's (same settings, other image array)."""
+        from ..io import load_image
+
+        stored = self.root / "images" / "start.png"
+        if stored.is_file() and not np.array_equal(load_image(stored), prepared.image):
+            raise JobError(
+                f"{self.root} holds an unfinished job with another start image; resume it with "
+                f"--resume {self.root} or delete it."
+            )
+
     def load_inputs(self) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load_file
 
