@@ -263,6 +263,17 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
     assert not np.array_equal(videos[1.0], videos[None])
 
     Image.fromarray(image).save(tmp_path / "start.png")
+    cmd = [sys.executable, "-m", "framepack", "generate", "--model", str(tiny_bundle_dir()), "--image", "start.png",
+           "--prompt", "a cat", "--sections", "1", "--steps", "2", "--out", "cli", "--name", "merged",
+           "--lora", f"{lora}:1", "--lora-merge"]  # fmt: skip
+    r = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert r.returncode == 0, r.stderr
+    merged = read_video(tmp_path / "cli" / "merged.mp4")[0]  # merged into the weights: the same video
+    assert np.abs(merged.astype(int) - videos[1.0].astype(int)).mean() < 0.5
+    (tmp_path / "cli" / "merged.mp4").unlink()
+    (tmp_path / "cli" / "merged.json").unlink()
     save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 8)}, str(tmp_path / "bad.safetensors"))
     for bad in ("bad.safetensors:0.5", "missing.safetensors", f"{lora}:abc"):
         cmd = [sys.executable, "-m", "framepack", "generate", "--model", str(tiny_bundle_dir()), "--image",

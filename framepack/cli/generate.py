@@ -130,6 +130,11 @@ def add_parser(sub) -> None:
         help="apply a LoRA (PEFT/diffusers, kohya/musubi-tuner or our training's folder); repeatable",
     )
     p.add_argument(
+        "--lora-merge",
+        action="store_true",
+        help="merge the LoRAs into the weights for this run (no per-step cost) instead of applying them on the fly",
+    )
+    p.add_argument(
         "--one-frame",
         type=int,
         metavar="INDEX",
@@ -331,6 +336,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for w in caught:
         if issubclass(w.category, InputWarning):
             print(f"framepack: warning: {w.message}", file=sys.stderr)
+    if args.lora_merge and prepared.loras:  # folded into this process's weights: no per-step cost
+        from ..lora import merge_loras
+
+        merge_loras(bundle.transformer, prepared.loras)
+        prepared.loras = []
     if args.one_frame is not None:
         _one_frame(bundle, prepared, args)
         return
