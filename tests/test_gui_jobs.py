@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from framepack.gui.form import (
     FormValues,
+    demo_examples,
     form_from_settings,
+    list_loras,
     load_sidecar,
     parse_seed,
+    request_from_form,
     save_input_image,
     settings_from_form,
 )
@@ -132,7 +136,13 @@ def test_form_validation_and_stored_images(image, tmp_path):
     assert s.image == str(save_input_image(image, tmp_path))  # content-addressed, stored once
     assert len(list((tmp_path / "inputs").iterdir())) == 1
     for change, needle in [
-        (dict(image=None), "start image"),
+        (dict(image=None, one_frame=True), "one-frame mode edits a start image"),
+        (dict(one_frame=True, one_frame_index=0), "one-frame index must be from 1"),
+        (dict(keyframe_images=["a.png"], keyframe_times=""), "one keyframe time .* per keyframe image"),
+        (dict(keyframe_times="soon"), "keyframe times must be numbers"),
+        (dict(loras=["nowhere.safetensors"]), "not in the LoRA folder"),
+        (dict(lora_scales="x"), "LoRA scales must be numbers"),
+        (dict(video=str(tmp_path / "gone.mp4")), "video gone.mp4 was not received"),
         (dict(prompt="  "), "prompt is empty"),
         (dict(seed="x"), "seed"),
         (dict(steps=2.5), "steps must be a whole number"),
@@ -187,3 +197,139 @@ def test_views():
     html = queue_html([job]) + progress_html(job)
     assert "<script>" not in html and "&lt;script&gt;" in html and "<b>" not in html
     assert 'data-state="failed"' in html and "No job yet" in progress_html(None)
+
+
+# ------------------------------------------------------------------------------------------ modes
+def _form(image, **kw) -> FormValues:
+    return FormValues(
+        image=image,
+        end_image=None,
+        **{"prompt": "a cat walks", "seconds": 1.2, "steps": 2, "resolution": 64, **kw},
+    )
+
+
+def _run(queue, form: FormValues, loras_dir=None):
+    request = request_from_form(form, queue.out_dir, loras_dir)
+    return queue.wait(queue.submit(request.settings, **request.submit_kwargs()).id, 120)
+
+
+def _write_lora(bundle, path, seed: int = 4):
+    """A kohya-named LoRA on two layers of the tiny transformer, large enough to change the video."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(bundle.transformer.named_modules())
+    tensors = {}
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, mods[name].in_features, generator=g) * 0.5
+        tensors[f"{key}.lora_up.weight"] = torch.randn(mods[name].out_features, 4, generator=g) * 0.5
+        tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def _reload(job, queue, bundle, loras_dir=None) -> FormValues:
+    """The form a person gets by loading the job's sidecar back."""
+    values = form_from_settings(load_sidecar(job.sidecar), queue.out_dir, bundle.manifest, loras_dir)
+    return FormValues(**values)
+
+
+def test_text_to_video_loop_and_keyframes_round_trip(queue, bundle, image, tmp_path):
+    t2v = _run(queue, _form(None, t2v_colour="#c03020", sampler="euler", png=True))
+    assert t2v.state == DONE, t2v.error
+    assert t2v.frames == read_video(t2v.video)[0].shape[0] == 4 * (WS + 1) - 3
+    assert len(list(t2v.video.with_name(t2v.video.stem + "_frames").glob("*.png"))) == t2v.frames
+    back = _reload(t2v, queue, bundle)
+    assert (back.image, back.t2v_colour, back.sampler, back.png) == (None, "#c03020", "euler", True)
+    assert settings_from_form(back, queue.out_dir).t2v_colour == "#c03020"
+
+    loop = _run(queue, _form(image, loop=True))
+    assert loop.state == DONE and loop.frames == 4 * (WS + 1) - 3, loop.error
+    assert "loop_seam" in json.loads(loop.sidecar.read_text())
+    assert _reload(loop, queue, bundle).loop is True
+
+    from PIL import Image
+
+    key = tmp_path / "key.png"
+    Image.fromarray(255 - image).save(key)
+    keyed = _run(queue, _form(image, seconds=2.4, keyframe_images=[str(key)], keyframe_times="1.2"))
+    assert keyed.state == DONE and keyed.frames == 4 * (2 * WS + 1) - 3, keyed.error
+    back = _reload(keyed, queue, bundle)
+    assert back.keyframe_times == "1.2" and len(back.keyframe_images) == 1
+    again = settings_from_form(back, queue.out_dir)
+    assert again.keyframes == keyed.settings.keyframes  # the same stored image, the same time
+
+
+def test_one_frame_job_makes_a_png_listed_with_the_videos(queue, bundle, image):
+    job = _run(queue, _form(image, one_frame=True, one_frame_index=5, one_frame_groups=["post", "k4"]))
+    assert job.state == DONE, job.error
+    assert job.video is None and job.image.suffix == ".png" and job.frames == 1
+    assert job.steps_done == 2 and "one frame at time index 5" in progress_text(job)
+    from framepack.io import load_image, prepare_image
+
+    assert load_image(job.image).shape == prepare_image(image, resolution=64).shape  # the start's bucket
+    assert finished_videos(queue.out_dir)[0] == (job.image, None, job.sidecar)
+    back = _reload(job, queue, bundle)
+    assert (back.one_frame, back.one_frame_index, back.one_frame_groups) == (True, 5, ["post", "k4"])
+    request = request_from_form(back, queue.out_dir)
+    assert (request.one_frame, request.one_frame_groups) == (5, ("post", "k4"))
+    bad = _run(queue, _form(image, one_frame=True, one_frame_groups=["k8"]))
+    assert bad.state == FAILED and bad.error == "unknown history group 'k8'; choose from post, k2, k4."
+
+
+def test_extending_a_video_from_the_form(queue, bundle, image):
+    source = _run(queue, _form(image, seed="3"))
+    assert source.state == DONE, source.error
+    job = _run(queue, _form(image, video=str(source.video), prompt="the cat sits down"))
+    assert job.state == DONE, job.error
+    frames = read_video(job.video)[0]
+    # Inverted order: one section leads into the video (its start latent decodes to 4 frames, not 1).
+    assert job.frames == frames.shape[0] == source.frames + 4 * WS + 4
+    stored = job.video_source
+    assert stored != str(source.video) and (queue.out_dir / "inputs") in Path(stored).parents
+    back = _reload(job, queue, bundle)
+    assert back.video == stored and back.t2v_colour == "#808080"
+    assert request_from_form(back, queue.out_dir).video == stored
+    bad = _run(queue, _form(image, video=str(source.video), loop=True))
+    assert bad.state == FAILED and "takes no end image, keyframes, text-to-video colour or loop" in bad.error
+
+
+def test_lora_scale_zero_is_no_lora_and_loras_round_trip(queue, bundle, image, tmp_path):
+    folder = tmp_path / "loras"
+    _write_lora(bundle, folder / "style.safetensors")
+    upload = _write_lora(bundle, tmp_path / "upload" / "mine.safetensors", seed=5)
+    assert list_loras(folder) == ["style.safetensors"] and list_loras(None) == []
+    plain = _run(queue, _form(image, seed="8"))
+    zero = _run(queue, _form(image, seed="8", loras=["style.safetensors"], lora_scales="0"), folder)
+    one = _run(queue, _form(image, seed="8", lora_files=[str(upload)], lora_scales="1"), folder)
+    assert (plain.state, zero.state, one.state) == (DONE, DONE, DONE), (zero.error, one.error)
+    videos = [read_video(j.video)[0] for j in (plain, zero, one)]
+    assert np.array_equal(videos[0], videos[1]) and not np.array_equal(videos[0], videos[2])
+    assert zero.settings.loras == ((str((folder / "style.safetensors").resolve()), 0.0),)
+
+    both = _form(image, loras=["style.safetensors"], lora_files=[str(upload)], lora_scales="0.5, 2")
+    settings = settings_from_form(both, queue.out_dir, folder)
+    back = FormValues(**form_from_settings(settings.to_dict(), queue.out_dir, bundle.manifest, folder))
+    assert back.loras == ["style.safetensors"] and back.lora_scales == "0.5, 2"
+    assert len(back.lora_files) == 1 and (queue.out_dir / "loras") in Path(back.lora_files[0]).parents
+    assert settings_from_form(back, queue.out_dir, folder).loras == settings.loras
+    with pytest.raises(ValueError, match="one LoRA scale for all or one per LoRA"):
+        settings_from_form(_form(image, lora_files=[str(upload)], lora_scales="1, 2"), queue.out_dir)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    bad = _run(queue, _form(image, lora_files=[str(junk)]))
+    assert bad.state == FAILED and "\n" not in bad.error and bad.error.endswith(".")
+
+
+def test_examples_are_the_demo_models_when_serving_it():
+    from framepack.pipeline.api import DEFAULT_MODEL
+    from framepack.training.demo import EXAMPLES
+
+    assert [p for _, p in demo_examples(None)][0].startswith("The cat walks")
+    shown = demo_examples(DEFAULT_MODEL)
+    assert [p for _, p in shown] == [caption for _, caption, _ in EXAMPLES]
+    for image_path, _ in shown:  # the bundle (and its example images) may not be there yet
+        assert image_path is None or Path(image_path).is_file()

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--outputs", default="outputs", help="folder for videos (the only one served)")
+    p.add_argument(
+        "--loras", metavar="DIR", help="a folder of LoRAs (.safetensors files, PEFT folders) to pick from"
+    )
     p.add_argument("--auth", help="USER:PASSWORD, or a file with one USER:PASSWORD per line")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.set_defaults(func=cmd_serve)
@@ -77,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"the GUI and its device{'' if auth else ' (no --auth given)'}.",
             file=sys.stderr,
         )
+    if args.loras and not Path(args.loras).is_dir():
+        raise UserError(f"--loras {args.loras} is not a folder.")
     outputs = Path(args.outputs).resolve()
     try:
         outputs.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     queue = JobQueue(bundle, outputs)
-    app = build_app(queue, outputs)
+    app = build_app(queue, outputs, loras_dir=args.loras)
     try:
         launch(app, outputs, host=args.host, port=args.port, auth=auth)
     except OSError as e:

@@ -17,13 +17,16 @@ import gradio as gr
 
 from ..caching import CACHES
 from .form import (
+    DEFAULT_COLOUR,
     FIELDS,
-    QUICK_PROMPTS,
+    ONE_FRAME_GROUPS,
     FormValues,
+    demo_examples,
     form_from_settings,
+    list_loras,
     load_sidecar,
     orders_for,
-    settings_from_form,
+    request_from_form,
 )
 from .jobs import FAILED, JobQueue, describe_error
 from .view import finished_videos, job_label, preview_grid, progress_html, progress_text, queue_html
@@ -61,6 +64,10 @@ def _readable_image(component: gr.Image) -> gr.Image:
     return component
 
 
+def _uploads(label: str, types: list[str], elem_id: str) -> gr.File:
+    return gr.File(label=label, file_count="multiple", file_types=types, elem_id=elem_id)
+
+
 def _theme():
     # System fonts only: the page loads nothing from outside this server.
     return gr.themes.Default(
@@ -68,10 +75,23 @@ def _theme():
     )
 
 
-def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -> gr.Blocks:
-    """The GUI around `queue`; finished videos are read from (and inputs stored in) `outputs`."""
+def build_app(
+    queue: JobQueue,
+    outputs: str | Path,
+    tick_seconds: float = 0.5,
+    loras_dir: str | Path | None = None,
+    examples: list[tuple[str | None, str]] | None = None,
+) -> gr.Blocks:
+    """The GUI around `queue`; finished videos are read from (and inputs stored in) `outputs`.
+
+    `loras_dir`: a folder of LoRAs to pick from; `examples`: (start image or None, prompt) pairs
+    (default: the demo model's examples when the bundle is the shipped demo model).
+    """
     outputs = Path(outputs).resolve()
     m = queue.bundle.manifest
+    loras_dir = Path(loras_dir).resolve() if loras_dir else None
+    if examples is None:
+        examples = demo_examples(getattr(queue.bundle, "root", None))
 
     # Gradio copies every shown file (previews, videos) into its cache; files older than a day go.
     with gr.Blocks(title="FramePack", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
@@ -93,7 +113,10 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
                     elem_id="fp-prompt",
                     info="One prompt, or timed ones: [0s-2s: the cat sits] [2s: the cat walks away]",
                 )
-                gr.Examples([[p] for p in QUICK_PROMPTS], inputs=[prompt], label="Quick prompts")
+                if examples and all(img is not None for img, _ in examples):
+                    gr.Examples([[img, p] for img, p in examples], inputs=[image, prompt], label="Examples")
+                elif examples:
+                    gr.Examples([[p] for _, p in examples], inputs=[prompt], label="Quick prompts")
                 negative_prompt = gr.Textbox("", label="Negative prompt (used when CFG > 1)")
                 with gr.Row():
                     seconds = gr.Slider(1, 120, value=5, step=0.1, label="Seconds", elem_id="fp-seconds")
@@ -123,6 +146,72 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
                         )
                         vram_budget = gr.Textbox(
                             "", label="Memory budget (GB or 'auto'; empty: all on the device)"
+                        )
+                    with gr.Row():
+                        sampler = gr.Dropdown(["unipc", "euler"], value="unipc", label="Sampler")
+                        png = gr.Checkbox(False, label="Also write every frame as a PNG")
+                with gr.Accordion(
+                    "Modes: text-to-video, loop, one frame, extend a video, keyframes, LoRAs",
+                    open=False,
+                    elem_id="fp-modes",
+                ):
+                    with gr.Row():
+                        t2v_colour = gr.ColorPicker(
+                            DEFAULT_COLOUR,
+                            label="Text-to-video colour (used when no start image is given)",
+                            info="Without a start image the video starts from a plain frame of this colour "
+                            "(lower quality than from an image).",
+                        )
+                        loop = gr.Checkbox(
+                            False,
+                            label="Seamless loop (ends on the start image)",
+                            elem_id="fp-loop",
+                        )
+                    with gr.Row():
+                        one_frame = gr.Checkbox(
+                            False,
+                            label="One frame: an edit of the start image (a PNG, not a video)",
+                            elem_id="fp-one-frame",
+                        )
+                        one_frame_index = gr.Number(
+                            m.window,
+                            precision=0,
+                            label="Time index of the frame",
+                            elem_id="fp-one-frame-index",
+                        )
+                        one_frame_groups = gr.CheckboxGroup(
+                            list(ONE_FRAME_GROUPS),
+                            value=list(ONE_FRAME_GROUPS),
+                            label="History groups (the end image is the post reference)",
+                        )
+                    source_video = gr.Video(
+                        label="Video to extend (forward order: continue it; inverted: lead into it)",
+                        sources=["upload"],
+                        height=200,
+                        elem_id="fp-source-video",
+                    )
+                    with gr.Row():
+                        keyframe_images = _uploads("Keyframe images", ["image"], "fp-keyframes")
+                        keyframe_times = gr.Textbox(
+                            "",
+                            label="Keyframe times (seconds, one per image: 1.5, 3)",
+                            elem_id="fp-keyframe-times",
+                        )
+                    with gr.Row():
+                        loras = gr.Dropdown(
+                            list_loras(loras_dir),
+                            value=[],
+                            multiselect=True,
+                            label=f"LoRAs from {loras_dir.name}/"
+                            if loras_dir
+                            else "LoRAs (serve --loras DIR)",
+                            visible=loras_dir is not None,
+                        )
+                        lora_files = _uploads("LoRA files (.safetensors)", [".safetensors"], "fp-lora-files")
+                        lora_scales = gr.Textbox(
+                            "",
+                            label="LoRA scales (one for all, or one per LoRA; empty: 1)",
+                            elem_id="fp-lora-scales",
                         )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="fp-generate")
                 with gr.Accordion("Load settings of a finished video", open=False):
@@ -173,7 +262,8 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
 
         form_inputs = [image, end_image, prompt, negative_prompt, seconds, seed, steps]
         form_inputs += [distilled_cfg, cfg, window, order, resolution, crf, gif, cache, cache_threshold]
-        form_inputs += [vram_budget]
+        form_inputs += [vram_budget, sampler, png, t2v_colour, loop, source_video, one_frame, one_frame_index]
+        form_inputs += [one_frame_groups, keyframe_images, keyframe_times, loras, lora_files, lora_scales]
         by_name = dict(zip(FIELDS, form_inputs, strict=True))
 
         def choices():
@@ -197,15 +287,28 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
             cache,
             cache_threshold,
             vram_budget,
+            sampler="unipc",
+            png=False,
+            t2v_colour=DEFAULT_COLOUR,
+            loop=False,
+            video=None,
+            one_frame=False,
+            one_frame_index=m.window,
+            one_frame_groups=ONE_FRAME_GROUPS,
+            keyframe_images=None,
+            keyframe_times="",
+            loras=None,
+            lora_files=None,
+            lora_scales="",
         ):
-            """Queue one generation and wait for it; returns (job id, the mp4, an info dict)."""
+            """Queue one generation and wait for it; returns (job id, the mp4 or one-frame PNG, an info dict)."""
             form = FormValues(**{k: v for k, v in locals().items() if k in FIELDS})
             try:
-                settings = await asyncio.to_thread(settings_from_form, form, outputs)
+                request = await asyncio.to_thread(request_from_form, form, outputs, loras_dir)
             except ValueError as e:
                 job = queue.reject(prompt or "", describe_error(e))
             else:
-                job = await asyncio.to_thread(queue.submit, settings)
+                job = await asyncio.to_thread(queue.submit, request.settings, **request.submit_kwargs())
             yield {api_job: job.id}
             while not job.ended_state:
                 await asyncio.sleep(0.2)
@@ -219,10 +322,12 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
                 "seconds": round(job.video_seconds, 3),
                 "seed": job.settings.seed,
                 "video": job.video.name if job.video else None,
+                "image": job.image.name if job.image else None,
                 "gif": job.gif.name if job.gif else None,
                 "sidecar": job.sidecar.name if job.sidecar else None,
             }
-            yield {api_job: job.id, api_video: str(job.video) if job.video else None, api_info: info}
+            result = job.video or job.image
+            yield {api_job: job.id, api_video: str(result) if result else None, api_info: info}
 
         generate_button.click(
             generate,
@@ -286,10 +391,13 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
             if memo.get("job") != key:
                 memo["job"] = key
                 out[progress] = progress_html(job, queue.position(job.id))
-            key = (job.id, job.steps_done)
+            key = (job.id, job.steps_done, job.image is not None)
             if memo.get("preview") != key:
                 memo["preview"] = key
-                out[preview] = preview_grid(job.preview) if job.preview is not None else None
+                if job.image is not None and job.image.is_file():  # a one-frame job's result
+                    out[preview] = str(job.image)
+                else:
+                    out[preview] = preview_grid(job.preview) if job.preview is not None else None
             key = (job.id, job.video_version)
             if memo.get("video") != key:
                 memo["video"] = key
@@ -297,7 +405,8 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
             key = (job.id, job.state)
             if memo.get("files") != key:
                 memo["files"] = key
-                files = [p for p in (job.video, job.gif, job.sidecar) if p is not None and p.is_file()]
+                files = [job.video, job.image, job.gif, job.sidecar]
+                files = [p for p in files if p is not None and p.is_file()]
                 out[job_files] = [str(p) for p in files] if job.ended_state else None
             return {**out, seen: memo}
 
@@ -359,10 +468,12 @@ def build_app(queue: JobQueue, outputs: str | Path, tick_seconds: float = 0.5) -
             if path is None:
                 raise gr.Error("Select a video (or upload a sidecar) first.", print_exception=False)
             try:
-                values = form_from_settings(load_sidecar(path), outputs, m)
+                values = form_from_settings(load_sidecar(path), outputs, m, loras_dir)
             except ValueError as e:
                 raise gr.Error(describe_error(e), print_exception=False) from None
-            return {by_name[k]: v for k, v in values.items() if v is not None}
+            # No video in the sidecar clears the video to extend.
+            keep_none = ("video",)
+            return {by_name[k]: v for k, v in values.items() if v is not None or k in keep_none}
 
         sidecar_upload.upload(
             fill_form, inputs=[sidecar_upload], outputs=form_inputs, api_visibility="private"

@@ -2,7 +2,8 @@
 
 Jobs are submitted from any thread (every browser tab, the `/generate` API); their settings are
 validated at once (`prepare`), so bad input fails as a job with one sentence and never reaches the
-worker. The worker drives `generate_events` and copies each event into its job (latent preview,
+worker. The worker drives `generate_events` (or `extend_events` for a video extension, or
+`generate_frame` for a one-frame edit) and copies each event into its job (latent preview,
 section/step, the video so far), so a reader sees the live state with `get(job_id)`. Cancelling a
 queued job drops it; cancelling a running one stops it within one sampling step, keeping the
 sections it finished. A failing job records its error and the worker goes on with the next.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..pipeline.extend import extend_events, prepare_extension
 from ..pipeline.generate import (
     Finished,
     GenerationSettings,
@@ -32,6 +34,7 @@ from ..pipeline.generate import (
     generate_events,
     prepare,
 )
+from ..pipeline.one_frame import check_one_frame, generate_frame
 from ..sampling import Cancelled
 
 __all__ = ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "ENDED", "Job", "JobQueue", "describe_error"]
@@ -67,9 +70,14 @@ class Job:
     frames: int = 0
     gif: Path | None = None
     sidecar: Path | None = None
+    image: Path | None = None  # a one-frame job's PNG
+    one_frame: int | None = None  # one-frame mode: the latent time index
+    one_frame_groups: tuple[str, ...] = ()
+    video_source: str | None = None  # a video extension: the video being extended
     version: int = 0  # bumped on every change, so a view can skip unchanged jobs
     video_version: int = 0  # bumped when the mp4 is rewritten
     prepared: Prepared | None = field(default=None, repr=False)
+    source: object = field(default=None, repr=False)  # framepack.pipeline.extend.Source
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -146,20 +154,54 @@ class JobQueue:
         """Bumped whenever any job changes."""
         return self._version
 
-    def submit(self, settings: GenerationSettings, image: np.ndarray | None = None) -> Job:
-        """Validate and queue one generation; returns a copy of the job (state FAILED on bad input)."""
+    def submit(
+        self,
+        settings: GenerationSettings,
+        image: np.ndarray | None = None,
+        *,
+        video: str | Path | None = None,
+        one_frame: int | None = None,
+        one_frame_groups: tuple[str, ...] = ("post", "k2", "k4"),
+    ) -> Job:
+        """Validate and queue one generation; returns a copy of the job (state FAILED on bad input).
+
+        `video` extends that video (`framepack.pipeline.extend`); `one_frame` makes one PNG at that
+        latent time index from the history `one_frame_groups` (`framepack.pipeline.one_frame`).
+        """
+        source = None
         try:
-            prepared = prepare(self.bundle, settings, image)
+            if video is not None and one_frame is not None:
+                raise ValueError(
+                    "one-frame mode makes one image from a start image; drop the video to extend."
+                )
+            if video is not None:
+                prepared, source = prepare_extension(self.bundle, settings, video)
+            else:
+                prepared = prepare(self.bundle, settings, image)
+            if one_frame is not None:
+                plan = prepared.plan
+                one_frame, one_frame_groups = check_one_frame(
+                    plan.schedule, plan.window, one_frame, tuple(one_frame_groups)
+                )
+                if prepared.end_image is not None and "post" not in one_frame_groups:
+                    raise ValueError(
+                        "the end image is the one-frame reference, fed as the post group; keep post."
+                    )
         except ValueError as e:
             return self.reject(settings.prompt, describe_error(e), settings)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the job queue is closed.")
             if settings.name is None:
-                prepared.settings = settings = dataclasses.replace(settings, name=self._unique_name(settings))
+                prepared.settings = settings = dataclasses.replace(
+                    prepared.settings, name=self._unique_name(settings)
+                )
             job = self._add(settings.prompt, settings)
-            job.prepared = prepared
+            job.prepared, job.source = prepared, source
+            job.video_source = None if video is None else str(video)
             job.sections, job.steps, job.fps = len(prepared.plan.sections), prepared.steps, prepared.fps
+            if one_frame is not None:
+                job.one_frame, job.one_frame_groups, job.sections = one_frame, one_frame_groups, 1
             self._pending.append(job.id)
             self._cond.notify_all()
             return copy.copy(job)
@@ -254,12 +296,17 @@ class JobQueue:
 
     def _run(self, job: Job) -> None:
         state, error = DONE, None
+        cancel = job.cancel_requested.is_set
         try:
-            events = generate_events(
-                self.bundle, job.prepared, self.out_dir, cancel=job.cancel_requested.is_set
-            )
-            for event in events:
-                self._apply(job, event)
+            if job.one_frame is not None:
+                self._run_one_frame(job)
+            else:
+                if job.source is not None:
+                    events = extend_events(self.bundle, job.prepared, job.source, self.out_dir, cancel=cancel)
+                else:
+                    events = generate_events(self.bundle, job.prepared, self.out_dir, cancel=cancel)
+                for event in events:
+                    self._apply(job, event)
         except Cancelled:
             state = CANCELLED
         except Exception as e:  # a failed job must never stop the worker
@@ -267,7 +314,27 @@ class JobQueue:
             state, error = FAILED, describe_error(e)
         with self._cond:
             job.state, job.error, job.ended, job.prepared = state, error, time.time(), None
-            job.stage = ""
+            job.stage, job.source = "", None
+            self._touch(job)
+
+    def _run_one_frame(self, job: Job) -> None:
+        def on_step(step: int, steps: int) -> None:
+            with self._cond:
+                job.step, job.steps = step + 1, steps
+                job.steps_done += 1
+                self._touch(job)
+
+        done = generate_frame(
+            self.bundle,
+            job.prepared,
+            self.out_dir,
+            index=job.one_frame,
+            groups=job.one_frame_groups,
+            cancel=job.cancel_requested.is_set,
+            on_step=on_step,
+        )
+        with self._cond:
+            job.image, job.sidecar, job.frames, job.sections_done = done.image, done.sidecar, 1, 1
             self._touch(job)
 
     def _apply(self, job: Job, event) -> None:

@@ -46,6 +46,8 @@ def preview_grid(preview: np.ndarray, height: int = 240) -> np.ndarray:
 
 
 def _made(job: Job) -> str:
+    if job.one_frame is not None:
+        return f"one frame at time index {job.one_frame} ({job.image.name if job.image else 'PNG'})"
     return f"{job.frames} frames ({job.video_seconds:.1f} s of video)"
 
 
@@ -116,15 +118,17 @@ def queue_html(jobs: list[Job], now: float | None = None) -> str:
 
 
 def finished_videos(outputs: str | Path, limit: int = 24) -> list[tuple[Path, Path | None, Path]]:
-    """(mp4, gif or None, sidecar) of the finished videos in `outputs`, newest first.
+    """(mp4 or one-frame PNG, gif or None, sidecar) of the finished results in `outputs`, newest first.
 
-    A video is finished when its sidecar JSON exists (it is written last).
+    A result is finished when its sidecar JSON exists (it is written last).
     """
     found = []
     for sidecar in Path(outputs).glob("*.json"):
-        video = sidecar.with_suffix(".mp4")
-        if video.is_file():
-            gif = sidecar.with_suffix(".gif")
-            found.append((sidecar.stat().st_mtime, video, gif if gif.is_file() else None, sidecar))
+        for suffix in (".mp4", ".png"):
+            media = sidecar.with_suffix(suffix)
+            if media.is_file():
+                gif = sidecar.with_suffix(".gif")
+                found.append((sidecar.stat().st_mtime, media, gif if gif.is_file() else None, sidecar))
+                break
     found.sort(key=lambda item: item[0], reverse=True)
     return [(v, g, s) for _, v, g, s in found[:limit]]
