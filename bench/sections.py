@@ -5,7 +5,8 @@ Medium config (fp32), `--size` latents, window 9, the release's inverted order a
 generation loop packs). Each section runs `--steps` model calls on random latents (the cost
 does not depend on the values) with (a) our packed history and (b) a full-context baseline that
 feeds the start latent plus *every* history latent at k1 (1x2x2 patches). Prints CPU seconds and peak
-memory above the section's start (RSS sampled every 5 ms) per section, and each curve's
+memory above the section's start (RSS sampled every 5 ms, freed heap trimmed before each section;
+ours first, then the baseline) per section, and each curve's
 last/first ratio (medians of the first and last `--ends` sections): ours flat, the baseline
 growing with the video. The issue's target: ours last/first <= 1.05.
 
@@ -16,6 +17,7 @@ growing with the video. The issue's target: ours last/first <= 1.05.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import threading
@@ -42,6 +44,14 @@ Target: ours last/first <= 1.05.
 
 | date | machine | latents, steps | sections | ours s/section first -> last (**ratio**) | baseline s/section first -> last (**ratio**) | ours peak MiB first -> last | baseline peak MiB first -> last | image tokens ours / baseline at the last section | command |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
+
+
+def trim() -> None:
+    """Hand freed heap memory back to the OS, so each section's RSS peak is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss() -> int:
@@ -137,15 +147,19 @@ def main() -> None:
         return seconds, mem.mib, tokens[0]
 
     section_cost(plan.sections[0], packed_groups(plan, plan.sections[0], bank))  # warm-up
-    ours, base = [], []
+    ours, base = [], []  # two passes, so one curve's freed memory never shows in the other's
     for section in plan.sections:
         ours.append(section_cost(section, packed_groups(plan, section, bank)))
-        line = f"section {section.number + 1:>3}/{len(plan.sections)}: ours {ours[-1][0]:7.3f} s {ours[-1][1]:7.1f} MiB"
-        line += f" {ours[-1][2]:6d} tokens"
-        if not args.no_baseline:
-            base.append(section_cost(section, full_groups(section, bank)))
-            line += f" | baseline {base[-1][0]:7.3f} s {base[-1][1]:7.1f} MiB {base[-1][2]:6d} tokens"
-        print(line, flush=True)
+        s, mib, tokens = ours[-1]
+        print(
+            f"ours     section {section.number + 1:>3}/{len(plan.sections)}: {s:7.3f} s {mib:7.1f} MiB {tokens:6d} tokens"
+        )
+    for section in [] if args.no_baseline else plan.sections:
+        base.append(section_cost(section, full_groups(section, bank)))
+        s, mib, tokens = base[-1]
+        print(
+            f"baseline section {section.number + 1:>3}/{len(plan.sections)}: {s:7.3f} s {mib:7.1f} MiB {tokens:6d} tokens"
+        )
 
     k = min(args.ends, len(plan.sections))
 
