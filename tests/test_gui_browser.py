@@ -4,6 +4,7 @@ another tab, a bad input's error. Screenshots go to test-artifacts/gui/."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -188,3 +189,28 @@ def test_settings_load_back_from_a_sidecar(page, server, image_file):
     assert page.locator("#fp-seed textarea, #fp-seed input").first.input_value() == "4242"
     assert page.locator("#fp-steps input[type=number]").input_value() == "3"
     _shot(page, "6-settings-loaded")
+
+
+def test_modes_loop_then_one_frame(page, server, image_file):
+    _fill(page, image_file, "a top spins", seconds=1.2, steps=3)
+    page.get_by_text("Modes: text-to-video, loop").click()
+    page.locator("#fp-loop input[type=checkbox]").check()
+    page.locator("#fp-generate").click()
+    job, text = _progress(page, "done")
+    assert "37 frames" in text, text
+    sidecar = max(server.outputs.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    info = json.loads(sidecar.read_text())
+    assert info["settings"]["loop"] is True and "loop_seam" in info
+
+    page.locator("#fp-loop input[type=checkbox]").uncheck()
+    page.locator("#fp-one-frame input[type=checkbox]").check()
+    page.locator("#fp-generate").click()
+    _, text = _progress(page, "done", job + 1)
+    assert "one frame at time index 9" in text, text
+    page.wait_for_function("document.querySelector('#fp-preview img')?.naturalWidth > 0", timeout=TIMEOUT)
+    page.wait_for_selector("#fp-files a, #fp-files [download]")
+    assert ".png" in page.locator("#fp-files").inner_text()
+    png = max(server.outputs.glob("*.png"), key=lambda p: p.stat().st_mtime)
+    assert json.loads(png.with_suffix(".json").read_text())["one_frame"]["index"] == 9
+    page.wait_for_selector(f"#fp-gallery img[src*='{png.stem}']")  # the frame is in the gallery
+    _shot(page, "7-one-frame")

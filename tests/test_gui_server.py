@@ -58,6 +58,16 @@ def test_generate_endpoint_with_gradio_client(client, server, image_file):
     assert isinstance(again["seed"], int) and again["seed"] != 5
 
 
+def test_generate_endpoint_runs_the_modes(client, server, image_file):
+    _, frame, info = client.predict(
+        handle_file(image_file), None, "a cat", **ONE_SECTION, one_frame=True, api_name="/generate"
+    )
+    assert info["state"] == "done" and info["video"] is None and frame.endswith(".png")
+    assert (server.outputs / info["image"]).is_file() and (server.outputs / info["sidecar"]).is_file()
+    _, video, info = client.predict(None, None, "a red ball", **ONE_SECTION, loop=True, api_name="/generate")
+    assert info["state"] == "done" and read_video(video)[0].shape[0] == 4 * (WS + 1) - 3  # text-to-video
+
+
 def test_generate_bad_input_is_one_sentence_and_the_server_goes_on(client, server, image_file):
     from gradio_client.exceptions import AppError
 
@@ -141,6 +151,7 @@ def test_auth_parsing(tmp_path):
         (["--port", "70000"], "--port must be from 1 to 65535"),
         (["--auth", "nopassword"], "--auth must hold USER:PASSWORD"),
         (["--model", "/does/not/exist"], "does/not/exist"),
+        (["--loras", "/no/such/folder"], "--loras /no/such/folder is not a folder."),
     ],
 )
 def test_serve_bad_input_is_one_sentence(argv, needle, capsys, tmp_path):

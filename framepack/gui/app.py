@@ -223,7 +223,7 @@ def build_app(
             with gr.Column(scale=1):
                 progress = gr.HTML(progress_html(None), elem_id="fp-progress")
                 preview = gr.Image(
-                    label="Latent preview (current step)",
+                    label="Latent preview (current step), or the one-frame result",
                     format="png",
                     height=240,
                     interactive=False,
