@@ -329,3 +329,16 @@ def test_pickle_lora_is_refused_without_unpickling(files, tmp_path, capsys, monk
     assert main(_argv(files, tmp_path, ["--lora", str(tmp_path / "style.pt")])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "safetensors" in err[0] and not _left_files(tmp_path / "out")
+
+
+def test_disk_full_at_the_start_leaves_nothing(files, tmp_path, capsys, monkeypatch):
+    import framepack.io.files as files_module
+
+    def fsync(path: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(files_module, "_fsync_path", fsync)
+    assert main(_argv(files, tmp_path, [])) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
+    assert list((tmp_path / "out").iterdir()) == []  # no file, no empty job directory

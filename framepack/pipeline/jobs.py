@@ -124,7 +124,12 @@ class Job:
             return job
         if job.root.exists() and not job.root.is_dir():
             raise JobError(f"cannot create the job directory {job.root}: a file is in the way.")
-        write_json_atomic(described, job.root / "job.json")  # creates the folder
+        try:
+            write_json_atomic(described, job.root / "job.json")  # creates the folder
+        except OSError:
+            if job.root.is_dir() and not any(job.root.iterdir()):
+                job.root.rmdir()  # leave no empty job directory behind (a full disk, say)
+            raise
         return job
 
     # ------------------------------------------------------------------ inputs
