@@ -200,7 +200,7 @@ def test_modes_loop_then_one_frame(page, server, image_file):
     assert "37 frames" in text, text
     sidecar = max(server.outputs.glob("*.json"), key=lambda p: p.stat().st_mtime)
     info = json.loads(sidecar.read_text())
-    assert info["settings"]["loop"] is True and "loop_seam" in info
+    assert info["settings"]["loop"] is True and info["settings"]["steps"] == 3 and "loop_seam" in info
 
     page.locator("#fp-loop input[type=checkbox]").uncheck()
     page.locator("#fp-one-frame input[type=checkbox]").check()
@@ -214,3 +214,12 @@ def test_modes_loop_then_one_frame(page, server, image_file):
     assert json.loads(png.with_suffix(".json").read_text())["one_frame"]["index"] == 9
     page.wait_for_selector(f"#fp-gallery img[src*='{png.stem}']")  # the frame is in the gallery
     _shot(page, "7-one-frame")
+
+    # Its settings load back, the mode included.
+    page.locator("#fp-one-frame input[type=checkbox]").uncheck()
+    page.locator("#fp-prompt textarea").fill("something else")
+    page.get_by_text("Load settings of a finished video").click()
+    page.locator("#fp-sidecar input[type=file]").set_input_files(str(png.with_suffix(".json")))
+    page.wait_for_function("document.querySelector('#fp-prompt textarea').value === 'a top spins'")
+    assert page.locator("#fp-one-frame input[type=checkbox]").is_checked()
+    assert not page.locator("#fp-loop input[type=checkbox]").is_checked()

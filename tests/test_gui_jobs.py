@@ -245,6 +245,8 @@ def test_text_to_video_loop_and_keyframes_round_trip(queue, bundle, image, tmp_p
     back = _reload(t2v, queue, bundle)
     assert (back.image, back.t2v_colour, back.sampler, back.png) == (None, "#c03020", "euler", True)
     assert settings_from_form(back, queue.out_dir).t2v_colour == "#c03020"
+    back.t2v_colour = "rgba(192, 48, 32, 0.5)"  # as some colour pickers send it
+    assert settings_from_form(back, queue.out_dir).t2v_colour == "#c03020"
 
     loop = _run(queue, _form(image, loop=True))
     assert loop.state == DONE and loop.frames == 4 * (WS + 1) - 3, loop.error

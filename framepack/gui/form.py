@@ -210,6 +210,15 @@ def _store_file(path: str | Path, folder: Path, what: str) -> Path:
     return dest
 
 
+def _hex_colour(text: str | None) -> str:
+    """The colour picker's value as #rrggbb (some browsers send rgba(r, g, b, a)); other text as is."""
+    text = (text or "").strip() or DEFAULT_COLOUR
+    m = re.fullmatch(r"rgba?\(\s*([\d.]+)[,\s]+([\d.]+)[,\s]+([\d.]+)(?:[,\s/]+[\d.]+%?)?\s*\)", text)
+    if m is None:
+        return text
+    return "#" + "".join(f"{min(255, round(float(v))):02x}" for v in m.groups())
+
+
 def list_loras(folder: str | Path | None) -> list[str]:
     """LoRAs in the `--loras` folder: `.safetensors` files and folders (PEFT or our training's)."""
     if folder is None or not Path(folder).is_dir():
@@ -286,7 +295,7 @@ def request_from_form(form: FormValues, outputs: str | Path, loras_dir: str | Pa
     video = str(_store_file(form.video, outputs / "inputs", "video")) if form.video else None
     colour = None
     if form.image is None and video is None:  # text-to-video from a plain frame
-        colour = (form.t2v_colour or "").strip() or DEFAULT_COLOUR
+        colour = _hex_colour(form.t2v_colour)
     settings = GenerationSettings(
         prompt=prompt,
         image=str(save_input_image(form.image, outputs)) if form.image is not None else None,
