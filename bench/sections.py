@@ -38,9 +38,9 @@ HEADING = "## Per-section cost: packed history vs all history at k1 (`bench/sect
 INTRO = """
 Medium config, fp32, the release's inverted order and packing, random latents; the baseline feeds
 the start latent and every history latent at k1. Seconds = process CPU time of the section's model
-calls (the cores are shared with other jobs, so wall time is noisy); memory =
-peak RSS above the section's start. last/first = medians of the last and first 3 sections.
-Target: ours last/first <= 1.05.
+calls (the cores are shared with other jobs, so wall time is noisy); memory = peak RSS above the
+section's start. last/first = medians of the last and first `--ends` sections (3 unless the command
+says otherwise). Target: ours last/first <= 1.05.
 
 | date | machine | latents, steps | sections | ours s/section first -> last (**ratio**) | baseline s/section first -> last (**ratio**) | ours peak MiB first -> last | baseline peak MiB first -> last | image tokens ours / baseline at the last section | command |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""

@@ -188,6 +188,9 @@ def test_pipeline_streams_and_caches_exactly_at_threshold_zero(tmp_path):
     assert info["cache"]["skipped"] == 2 * (4 - 2) and "memory_plan" not in info
     with pytest.raises(ValueError, match="step cache"):
         generate(bundle, GenerationSettings(**base, cache="nope"), tmp_path, image=image)
+    with pytest.raises(ValueError, match="coefficients"):
+        bad = GenerationSettings(**base, cache="fbcache", cache_coefficients=("x",))
+        generate(bundle, bad, tmp_path, image=image)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ The returned `Accelerated` resets the cache at every section and reports what ha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,19 @@ def default_reserve(total: int | None, device: torch.device) -> int:
     return int(min(2 * GIB, total // 4))
 
 
-def check_speed_settings(cache: str | None, threshold: float, vram_budget) -> None:
-    """Raise ValueError (one sentence) for a bad cache name, threshold or VRAM budget."""
+def check_speed_settings(cache: str | None, threshold: float, vram_budget, coefficients=None) -> None:
+    """Raise ValueError (one sentence) for a bad cache name, threshold, coefficients or VRAM budget."""
     from ..caching import CACHES
+
+    if coefficients is not None:
+        try:
+            ok = len(coefficients) > 0 and all(math.isfinite(float(c)) for c in coefficients)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"the cache coefficients must be a list of finite numbers, got {coefficients!r}."
+            )
 
     if cache is not None and cache not in CACHES:
         raise ValueError(f"unknown step cache {cache!r}; choose one of {', '.join(CACHES)}.")

@@ -167,7 +167,9 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
     if not settings.prompt or not settings.prompt.strip():
         raise ValueError("the prompt is empty.")
-    check_speed_settings(settings.cache, settings.cache_threshold, settings.vram_budget)
+    check_speed_settings(
+        settings.cache, settings.cache_threshold, settings.vram_budget, settings.cache_coefficients
+    )
     window = int(settings.window or m.window)
     fps = int(settings.fps or m.fps)
     _check_number("width", settings.width, 16, 4096)
