@@ -65,7 +65,7 @@ def _readable_image(component: gr.Image) -> gr.Image:
 
 
 def _uploads(label: str, types: list[str], elem_id: str) -> gr.File:
-    return gr.File(label=label, file_count="multiple", file_types=types, elem_id=elem_id)
+    return gr.File(label=label, file_count="multiple", file_types=types, elem_id=elem_id, scale=2)
 
 
 def _theme():
