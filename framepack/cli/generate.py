@@ -103,7 +103,10 @@ def add_parser(sub) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sections", type=int, help="number of sections instead of --seconds")
-    p.add_argument("--model", help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1)")
+    p.add_argument(
+        "--model",
+        help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1); default: the shipped demo model",
+    )
     p.add_argument("--seed", type=int, default=31337)
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float, default=1.0, help="real CFG scale (1 = no negative pass)")
@@ -255,7 +258,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         except JobError as e:
             raise UserError(str(e)) from None
     if not args.model:
-        raise UserError("no model given and no demo model is shipped yet; pass --model DIR or a bundle name.")
+        from ..pipeline.api import default_model
+
+        try:
+            args.model = str(default_model())
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     import diffusers.utils.logging
     import transformers.utils.logging
