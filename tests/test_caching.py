@@ -177,12 +177,17 @@ def test_pipeline_streams_and_caches_exactly_at_threshold_zero(tmp_path):
     plain = generate(bundle, GenerationSettings(**base, name="plain"), tmp_path, image=image)
     plan = plan_memory(bundle.transformer, None)
     budget = (plan.base_bytes + max(plan.block_bytes)) / 2**30
+    plan8 = plan_memory(bundle.transformer, None, fp8=True)  # fp8: a block plus one tensor's raw copy
+    budget8 = (plan8.base_bytes + max(plan8.load_bytes)) / 2**30
     fast = GenerationSettings(**base, name="fast", cache="teacache", cache_threshold=0.0, vram_budget=budget)
     done = generate(bundle, fast, tmp_path, image=image)
     assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])
     info = json.loads(done.sidecar.read_text())
     assert info["cache"]["evaluations"] == 8 and info["cache"]["skipped"] == 0
     assert "streamed" in info["memory_plan"]
+    fp8 = GenerationSettings(**base, name="fp8", vram_budget=budget8, fp8_weights=True)
+    info = generate(bundle, fp8, tmp_path, image=image).info
+    assert "fp8 host copies" in info["memory_plan"] and "cache" not in info
     skipping = GenerationSettings(**base, name="skip", cache="teacache", cache_threshold=10.0)
     info = generate(bundle, skipping, tmp_path, image=image).info
     assert info["cache"]["skipped"] == 2 * (4 - 2) and "memory_plan" not in info

@@ -90,6 +90,8 @@ def test_streamed_weights_are_really_needed(model, inputs):
         h.remove()
     with pytest.raises(RuntimeError):
         run(model, inputs)
+    with pytest.raises(ValueError, match="streamed already"):
+        plan_memory(model, None)
 
 
 def test_residents_are_spread_and_plan_describes_itself(model):

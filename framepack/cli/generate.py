@@ -154,6 +154,11 @@ def add_parser(sub) -> None:
         "--vram-budget", metavar="GB|auto", help="device memory for the transformer; blocks beyond it stream"
     )
     p.add_argument(
+        "--fp8-weights",
+        action="store_true",
+        help="fp8 host copies of streamed blocks (half RAM and transfers)",
+    )
+    p.add_argument(
         "--teacache", type=float, metavar="THRESH", help="TeaCache threshold (0.15: ~2x, 0: exact)"
     )
     p.add_argument("--cache", metavar="NAME:THRESH", help="step cache teacache|fbcache, e.g. fbcache:0.1")
@@ -322,6 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 cache_threshold=cache_threshold,
                 cache_coefficients=cache_coefficients,
                 vram_budget=args.vram_budget,
+                fp8_weights=args.fp8_weights,
             )
             bundle = load_bundle(args.model, device=_device(args.device))
             source = None

@@ -29,6 +29,7 @@ __all__ = [
     "WeightStreamer",
     "blocks_of",
     "budget_bytes",
+    "format_bytes",
     "parse_budget",
     "plan_memory",
 ]
@@ -100,7 +101,12 @@ def budget_bytes(
         free, _ = torch.cuda.mem_get_info(device)
         held = 0 if model is None else _nbytes([t for t in _tensors(model) if t.device == device])
         return int(free + held)
-    return int(float(budget) * GIB)
+    return round(float(budget) * GIB)
+
+
+def format_bytes(n: float) -> str:
+    """`2.50 GiB`, or `12.3 MiB` below a tenth of a GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -128,11 +134,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         n, s = len(self.resident), len(self.streamed)
-        budget = "no limit" if self.budget is None else f"{self.budget / GIB:.2f} GiB"
+        budget = "no limit" if self.budget is None else format_bytes(self.budget)
         slots = {0: "", 1: ", synchronous", 2: ", double-buffered"}[self.slots]
         return (
             f"{n - s}/{n} blocks resident, {s} streamed{slots}{', fp8 host copies' if self.fp8 else ''}; "
-            f"weights on the device at most {self.peak_bytes / GIB:.2f} GiB ({budget})"
+            f"weights on the device at most {format_bytes(self.peak_bytes)} ({budget})"
         )
 
 
@@ -149,6 +155,8 @@ def plan_memory(model: nn.Module, budget: int | None, fp8: bool = False) -> Memo
     as many blocks as fit stay resident, spread evenly, then any smaller block that still fits.
     """
     blocks = blocks_of(model)
+    if any(t.numel() == 0 for b in blocks for t in _tensors(b)):
+        raise ValueError("some blocks are streamed already (empty weights); detach the streamer first.")
     in_blocks = {id(t) for b in blocks for t in _tensors(b)}
     base = _nbytes([t for t in _tensors(model) if id(t) not in in_blocks])
     sizes = tuple(_nbytes(_tensors(b)) for b in blocks)
@@ -179,8 +187,8 @@ def plan_memory(model: nn.Module, budget: int | None, fp8: bool = False) -> Memo
         return MemoryPlan(budget, base, sizes, loads, tuple(resident), slots, fp8)
     need = base + max(loads)
     raise ValueError(
-        f"a weight budget of {budget / GIB:.2f} GiB is too small: this model needs at least "
-        f"{need / GIB:.2f} GiB (its non-block weights and one block)."
+        f"a weight budget of {format_bytes(budget)} is too small: this model needs at least "
+        f"{format_bytes(need)} (its non-block weights and one block)."
     )
 
 

@@ -85,6 +85,7 @@ class GenerationSettings:
     cache_threshold: float = 0.15
     cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.caching.calibrate`
     vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
+    fp8_weights: bool = False  # fp8 host copies of the streamed blocks: half the RAM and transfers
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,7 +300,7 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir) -> It
     video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     model = bundle.transformer
     speed = accelerate(
-        model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients
+        model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients, s.fp8_weights
     )  # weight streaming and the step cache, as hooks
     device, schedule, ws = model.device, plan.schedule, plan.window
 
