@@ -117,6 +117,7 @@ class TrainConfig:
     positions: str = "slots"  # section positions: multiples of the window, or any offset
     max_blank: int = 3  # most blank padding, in windows (inverted order)
     blank_probability: float = 0.5  # chance of a random (shorter) blank instead of the capped gap
+    end_probability: float = 0.0  # chance the clip is cut after a random window (inverted order)
     steps: int = 1000
     batch_size: int = 1  # global, over every process
     lr: float = 1e-4
@@ -172,6 +173,7 @@ class TrainConfig:
         _choice("positions", self.positions, POSITIONS)
         _int("max_blank", self.max_blank, 0)
         put("blank_probability", _float("blank_probability", self.blank_probability, 0.0, 1.0))
+        put("end_probability", _float("end_probability", self.end_probability, 0.0, 1.0))
         _int("steps", self.steps, 1)
         _int("batch_size", self.batch_size, 1)
         put("lr", _float("lr", self.lr, 0.0, low_open=True))

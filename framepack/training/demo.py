@@ -89,8 +89,15 @@ def build_demo_bundle(
     batch_size: int = 8,
     lr: float = 3e-4,
     scaling_factor: float | None = None,
+    init: Path | None = None,
+    end_probability: float = 0.5,
+    run_name: str = "run",
 ) -> Path:
-    """Train the demo transformer on top of `vae_dir` and write the bundle to `out`."""
+    """Train the demo transformer on top of `vae_dir` and write the bundle to `out`.
+
+    `init`: a transformer folder to continue from (a checkpoint's `transformer/`) instead of
+    training from scratch; `run_name` the run folder under `work`.
+    """
     import torch
 
     from ..model import PackedTransformer, get_spec, load_transformer, save_transformer
@@ -124,7 +131,7 @@ def build_demo_bundle(
         write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)
     prepare_dataset(clip_dir, staging, cache)
 
-    run = work / "run"
+    run = work / run_name
     config = work / "train.toml"
     overrides = ", ".join(f"{k} = {json.dumps(v)}" for k, v in DEMO_TRANSFORMER.items())
     config.write_text(
@@ -132,15 +139,16 @@ def build_demo_bundle(
             [
                 f'data = "{cache}"',
                 f'output = "{run}"',
-                'model = "tiny"',
-                f"config_overrides = {{ {overrides} }}",
+                f'model = "{Path(init).resolve()}"' if init else 'model = "tiny"',
+                "" if init else f"config_overrides = {{ {overrides} }}",
                 'order = "inverted"',
                 'schedule = "inverted"',
                 f"steps = {steps}",
                 f"batch_size = {batch_size}",
                 f"lr = {lr}",
                 'lr_schedule = "cosine"',
-                "warmup_steps = 100",
+                f"warmup_steps = {50 if init else 100}",
+                f"end_probability = {end_probability}",
                 "checkpoint_every = 500",
                 "log_every = 25",
                 "seed = 0",
@@ -161,6 +169,7 @@ def build_demo_bundle(
     shutil.copy(staging / MANIFEST_NAME, out / MANIFEST_NAME)
     write_examples(out / "examples")
     minutes = (time.time() - started) / 60
+    origin = f"on from `{init}`" if init else "from scratch"
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     (out / "README.md").write_text(
         f"""# framepack demo model
@@ -173,9 +182,10 @@ moving as its caption says, 64x64 pixels, 30 fps). Not a general video model.
   small local byte-level tokenizer (the issue allows frozen random encoders).
 - VAE: `AutoencoderKLHunyuanVideo` (8x spatial, 4x temporal, 16 channels) trained by
   `python -m framepack.training.vae`, scaling factor {manifest.vae_scaling_factor:.4f}.
-- Transformer: the packed transformer ({json.dumps(DEMO_TRANSFORMER)}), trained from scratch by
+- Transformer: the packed transformer ({json.dumps(DEMO_TRANSFORMER)}), trained {origin} by
   `framepack train` in the inverted anti-drifting order with the released packing preset
-  (start + 1 k1 + 2 k2 + 16 k4), window 9, on {clips} clips of {frames} frames.
+  (start + 1 k1 + 2 k2 + 16 k4), window 9, on {clips} clips of {frames} frames; a sample's
+  future is cut after a random window with probability {end_probability}.
 
 Built with `{" ".join(sys.argv) or "build_demo_bundle(...)"}` in {minutes:.0f} minutes on a
 2-core CPU; {steps} steps, batch {batch_size}, final loss {result.final_loss:.4f}; {size:.1f} MB.
@@ -201,12 +211,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument(
+        "--init", type=Path, help="continue from this transformer folder (a checkpoint's transformer/)"
+    )
+    p.add_argument(
+        "--end-probability",
+        type=float,
+        default=0.5,
+        help="chance a sample's clip is cut after a random window",
+    )
+    p.add_argument("--run", default="run", help="run folder name under --work")
     a = p.parse_args(argv)
     if not (a.vae / "config.json").is_file():
         print(f"demo: {a.vae} is not a trained VAE folder (no config.json).", file=sys.stderr)
         return 2
     out = build_demo_bundle(
-        a.vae, a.work, a.out, a.clips, a.frames, a.steps, a.batch_size, a.lr, a.scaling_factor
+        a.vae,
+        a.work,
+        a.out,
+        a.clips,
+        a.frames,
+        a.steps,
+        a.batch_size,
+        a.lr,
+        a.scaling_factor,
+        a.init,
+        a.end_probability,
+        a.run,
     )
     print(out)
     return 0

@@ -8,7 +8,8 @@ sections 2, 4, 5):
    Inverted (anti-drifting) order: the latents after the window, nearest first, and the start
    latent as the anchor across `q * ws` blank latents, `q` the gap in windows capped at
    `max_blank`, or (with `blank_probability`) a uniform draw up to it, since long videos pad less
-   than the true gap. Forward order: the latents before the window, start latent included. With
+   than the true gap; with `end_probability` the future is cut after a random number of windows,
+   as in a video that ends there. Forward order: the latents before the window, start latent included. With
    +D (`discretize`) the history latents are first replaced by their nearest codebook vectors;
 3. flow matching: `x = (1 - sigma) x0 + sigma noise`, target velocity `noise - x0`, MSE on the
    window (the only tokens the head reads out); `sigma = flow_shift(t, mu)` with inference's shift.
@@ -526,6 +527,11 @@ class Trainer:
             blank = q * ws
             layout = inverted_layout(schedule, blank)
             history = latents[:, 1 + p + ws :]  # nearest first
+            if cfg.end_probability and float(torch.rand((), generator=g)) < cfg.end_probability:
+                # As if the video ended sooner: keep a uniform number of the future's whole windows,
+                # so sections see the zero (not yet generated) history a shorter video gives them.
+                windows = history.shape[1] // ws
+                history = history[:, : ws * int(torch.randint(windows + 1, (1,), generator=g))]
         else:
             layout = forward_layout(schedule)
             history = latents[:, : 1 + p]  # time order, most recent last

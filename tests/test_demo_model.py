@@ -1,0 +1,54 @@
+"""The shipped demo bundle: its layout and size, and that `framepack generate` with no `--model`
+uses it to make a real video."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from framepack.cli.main import main
+from framepack.io import read_video
+from framepack.pipeline.api import DEFAULT_MODEL, default_model
+from framepack.pipeline.bundle import load_bundle
+from framepack.training.demo import DEMO_TRANSFORMER, EXAMPLES
+from framepack.training.world import measure, nearest_colour, scene_from_caption
+
+
+def test_bundle_is_complete_small_and_loads():
+    assert default_model() == DEFAULT_MODEL
+    files = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50e6
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]  # no pickles
+    assert "loss" in (DEFAULT_MODEL / "README.md").read_text()  # the model card
+    bundle = load_bundle(DEFAULT_MODEL)
+    assert bundle.manifest.name == "framepack-demo" and bundle.manifest.order == "inverted"
+    config = bundle.transformer.config
+    assert config.num_layers == DEMO_TRANSFORMER["num_layers"]
+    assert config.num_single_layers == DEMO_TRANSFORMER["num_single_layers"]
+    for title, caption, _ in EXAMPLES:
+        stem = DEFAULT_MODEL / "examples" / title.replace(" ", "_")
+        assert stem.with_suffix(".png").is_file() and stem.with_suffix(".txt").read_text().strip() == caption
+
+
+def test_generate_without_model_uses_the_demo(tmp_path, capsys):
+    title, caption, seed = EXAMPLES[0]
+    image = DEFAULT_MODEL / "examples" / (title.replace(" ", "_") + ".png")
+    args = ["generate", "--image", str(image), "--prompt", caption, "--sections", "1", "--steps", "8"]
+    assert main(args + ["--out", str(tmp_path), "--name", "demo", "--seed", "1"]) == 0
+    video = tmp_path / "demo.mp4"
+    assert str(video) in capsys.readouterr().out  # the output path is printed
+    frames, fps, _ = read_video(video)
+    assert frames.shape == (37, 64, 64, 3) and fps == 30  # 4 * (9 + 1) - 3: the start frame and one window
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    assert sidecar["settings"]["prompt"] == caption
+    # What the trained model does reliably (bench/RESULTS.md has the motion checks it still fails):
+    # the first frame is the start image through the demo VAE, and the scene's background stays.
+    start = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64)
+    assert np.abs(frames[0] - start).mean() < 12
+    scene = scene_from_caption(caption, seed)
+    for frame in (frames[0], frames[-1]):
+        assert nearest_colour(measure(frame[None])["background"][0]) == scene.background
+    steps = np.abs(np.diff(frames.astype(np.float64), axis=0)).mean(axis=(1, 2, 3))
+    assert steps.max() < 10  # no jumps, no noise: consecutive frames stay close
