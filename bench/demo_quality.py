@@ -90,7 +90,12 @@ def cmd_motion(args) -> list[str]:
         f"{args.seconds:g} s videos, {np.mean(took):.0f} s each"
     )
     print(summary)
-    rows.append(f"| demo motion ({n} unseen scenes) | {summary} |")
+    command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
+    rows.append(
+        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} | {n} x {args.seconds:g} s | "
+        f"{motion_ok}/{n} (**{100 * motion_ok / n:.0f}%**) | {colour_ok}/{n} | {shape_ok}/{n} | "
+        f"{np.mean(took):.0f} | `{command}` |"
+    )
     return rows
 
 
@@ -131,10 +136,11 @@ def main() -> int:
     sub.choices["drift"].add_argument("--run", action="append", required=True, help="NAME=BUNDLE_DIR")
     args = p.parse_args()
     rows = cmd_motion(args) if args.what == "motion" else cmd_drift(args)
-    if args.record:
-        command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
+    if args.record:  # rows under the matching table of bench/RESULTS.md (motion: the last one)
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write(f"\n`{command}` ({time.strftime('%Y-%m-%d')}, 2-core CPU):\n\n")
+            if args.what == "drift":
+                command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
+                f.write(f"\nDrift, `{command}` ({time.strftime('%Y-%m-%d')}):\n\n")
             f.write("\n".join(rows) + "\n")
         print(json.dumps({"recorded": str(ROOT / "bench" / "RESULTS.md")}))
     return 0
