@@ -35,6 +35,25 @@ def write_jobs(path, jobs: list[dict]) -> str:
     return str(path)
 
 
+def test_paths_are_relative_to_the_jobs_file(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    (folder / "bundle").mkdir(parents=True)
+    jobs = read_jobs(write_jobs(folder / "jobs.jsonl", [
+        {"prompt": "a", "image": "in/start.png", "end_image": "/abs/end.png", "model": "bundle",
+         "keyframes": [[1.0, "key.png"]], "loras": ["style.safetensors:0.5"]},
+        {"prompt": "b", "video": "clip.mp4", "model": "some/repo"},
+    ]))  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # the current folder does not matter
+    base = folder.resolve()
+    s = jobs[0].settings
+    assert s.image == str(base / "in/start.png") and s.end_image == "/abs/end.png"
+    assert s.keyframes == ((1.0, str(base / "key.png")),) and s.loras == (
+        (str(base / "style.safetensors"), 0.5),
+    )
+    assert jobs[0].model == str(base / "bundle")
+    assert jobs[1].video == str(base / "clip.mp4") and jobs[1].model == "some/repo"  # a repo id stays
+
+
 def test_reading_jobs(tmp_path):
     jobs = read_jobs(write_jobs(tmp_path / "a.jsonl", [
         {"prompt": "a cat", "seed": 1},
@@ -44,9 +63,10 @@ def test_reading_jobs(tmp_path):
     ]))  # fmt: skip
     assert [j.index for j in jobs] == [0, 1, 2, 3] and jobs[1].name == "dog"
     assert jobs[0].name.startswith("job0000-") and read_jobs(tmp_path / "a.jsonl")[0].name == jobs[0].name
-    assert jobs[1].settings.loras == (("x.safetensors", 0.5), ("y.safetensors", 2))
+    here = tmp_path.resolve()
+    assert jobs[1].settings.loras == ((str(here / "x.safetensors"), 0.5), (str(here / "y.safetensors"), 2))
     assert jobs[2].one_frame == 9 and jobs[2].one_frame_groups == ("k4",) and jobs[2].model == "other"
-    assert jobs[3].video == "clip.mp4" and jobs[3].one_frame is None
+    assert jobs[3].video == str(here / "clip.mp4") and jobs[3].one_frame is None
     assert [j.index for j in shard(jobs, 1, 2)] == [1, 3] and [j.index for j in shard(jobs, 0, 2)] == [0, 2]
 
     bad = {

@@ -6,7 +6,9 @@ batch's default otherwise), `video` (a video to extend) and `one_frame` / `one_f
 (a one-frame job writes a PNG).
 A job without a `name` is named after its position and content, so a rerun finds it again.
 A job is finished when its output (video or PNG) and its JSON sidecar exist; the sidecar is
-written last, so a job stopped half-way runs again. Under `torchrun --nproc-per-node N` (env
+written last, so a job stopped half-way runs again. Relative paths in a job (`image`, `end_image`,
+keyframe images, LoRA files, `video`, and a `model` that is a folder there) are relative to the
+jobs file's folder, so a jobs file and its inputs can move together. Under `torchrun --nproc-per-node N` (env
 `RANK`, `WORLD_SIZE`) job i goes to rank `i % N`; the processes need no communication.
 """
 
@@ -73,7 +75,31 @@ def _loras(value, where: str) -> list:
     return out
 
 
-def _job(data: dict, index: int, line: int, where: str) -> Job:
+def _from(base: Path | None, value: str) -> str:
+    """A relative path of a job, resolved against the jobs file's folder `base`."""
+    if base is None or not value or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def _rebase(fields: dict, base: Path | None) -> dict:
+    """`fields` with their file paths relative to `base` (after type checks)."""
+    for key in ("image", "end_image"):
+        if fields.get(key):
+            fields[key] = _from(base, fields[key])
+    if "keyframes" in fields:
+        fields["keyframes"] = [
+            [k[0], _from(base, k[1])]
+            if isinstance(k, (list, tuple)) and len(k) == 2 and isinstance(k[1], str)
+            else k
+            for k in fields["keyframes"]
+        ]
+    if "loras" in fields:
+        fields["loras"] = [(_from(base, f), scale) for f, scale in fields["loras"]]
+    return fields
+
+
+def _job(data: dict, index: int, line: int, where: str, base: Path | None = None) -> Job:
     unknown = [k for k in data if k not in _FIELDS and k not in _EXTRA]
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (a generation setting, model or one_frame).")
@@ -85,6 +111,7 @@ def _job(data: dict, index: int, line: int, where: str) -> Job:
     fields = {k: v for k, v in data.items() if k in _FIELDS}
     if "loras" in fields:
         fields["loras"] = _loras(fields["loras"], where)
+    fields = _rebase(fields, base)
     if not fields.get("name"):
         digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
         fields["name"] = f"job{index:04d}-{digest}"
@@ -100,6 +127,10 @@ def _job(data: dict, index: int, line: int, where: str) -> Job:
     groups = data.get("one_frame_groups", ["post", "k2", "k4"])
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise ValueError(f'{where}: one_frame_groups must be a list of group names such as ["post", "k4"].')
+    if video is not None:
+        video = _from(base, video)
+    if model is not None and base is not None and (base / model).is_dir():
+        model = str(base / model)
     return Job(index, line, settings_from_dict(fields), model, one_frame, tuple(groups), video)
 
 
@@ -122,7 +153,7 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
             raise ValueError(f"{where} is not valid JSON ({e.msg}).") from None
         if not isinstance(data, dict):
             raise ValueError(f"{where} is not a JSON object of settings.")
-        job = _job(data, len(jobs), number, where)
+        job = _job(data, len(jobs), number, where, path.resolve().parent)
         if job.name in names:
             raise ValueError(f"{where}: the name {job.name!r} is already used on line {names[job.name]}.")
         names[job.name] = number
