@@ -17,6 +17,7 @@ from framepack.training.vae import (
     latent_stats,
     main,
     reconstruction_psnr,
+    shape_weights,
     train_vae,
 )
 
@@ -147,3 +148,27 @@ def test_schedule_warms_up_and_anneals_by_steps_or_clock():
     timed = VAETrainConfig(steps=100, warmup=10, lr=1e-4, max_minutes=1.0)
     assert _lr_at(20, timed, elapsed=0.0) == pytest.approx(_lr_at(20, config))
     assert _lr_at(20, timed, elapsed=60.0) == pytest.approx(1e-5)  # the clock ran out first
+
+
+def test_shape_weights_favour_the_shape():
+    config = VAETrainConfig(**TINY)
+    x = demo_clips([HELDOUT_SEED], config)  # (1, 3, T, H, W)
+    assert torch.equal(shape_weights(x, 0.0), torch.ones_like(x[:, :1]))
+    w = shape_weights(x, 10.0)
+    assert w.shape == (1, 1, *x.shape[2:]) and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    background = x[0, :, 0, 0, 0]  # the corner is always background (the shape keeps a margin)
+    on_shape = (x[0] - background[:, None, None, None]).abs().amax(dim=0) > 0.1  # (T, H, W)
+    assert 0 < float(on_shape.float().mean()) < 0.5
+    assert float(w[0, 0][on_shape].min()) == pytest.approx(11 * float(w[0, 0][~on_shape].max()))
+
+
+def test_training_continues_from_a_saved_vae(trained, tmp_path, capsys):
+    config, vae, _, out = trained
+    same = VAETrainConfig(**TINY, steps=1, lr=1e-12, warmup=0, image_every=0, init=str(out))
+    continued, _ = train_vae(same, None, progress=False)
+    for (name, a), b in zip(vae.state_dict().items(), continued.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)  # one step at lr 1e-12
+    args = ["--out", str(tmp_path), "--steps", "1", "--init", str(out), "--channels", "8,8,16,32"]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--groups", "2", "--size", "32", "--clip-frames", "5", "--quiet"])
+    assert e.value.code == 2 and "configured widths" in capsys.readouterr().err

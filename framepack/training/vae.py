@@ -60,6 +60,7 @@ __all__ = [
     "latent_stats",
     "main",
     "reconstruction_psnr",
+    "shape_weights",
     "train_vae",
 ]
 
@@ -78,6 +79,10 @@ class VAETrainConfig:
     every width. `clip_frames` must be `4k + 1`. `image_every`: every that many steps a batch of
     `batch * clip_frames` single frames is trained on (0: never). `max_minutes` stops early, and
     still saves, when training runs past it; the learning rate then decays on that clock.
+    `shape_weight` weighs the pixels that differ from a clip's background (its median colour)
+    `1 + shape_weight` times in the reconstruction loss: the shape covers a few percent of a frame,
+    so an unweighted loss is content with a blurred shape. `init` continues from a saved VAE folder
+    of the same widths instead of a fresh one.
     """
 
     channels: tuple[int, int, int, int] = (16, 32, 48, 48)
@@ -99,6 +104,8 @@ class VAETrainConfig:
     device: str = "cpu"
     max_minutes: float | None = None
     heldout: int = 16
+    shape_weight: float = 0.0
+    init: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -125,7 +132,7 @@ class VAETrainConfig:
             raise ValueError(f"clip_frames must be 4k + 1 (1, 5, 9, 13, ...), got {self.clip_frames!r}.")
         if not isinstance(self.scene_frames, int) or self.scene_frames < self.clip_frames:
             raise ValueError(f"scene_frames must be at least clip_frames ({self.clip_frames}).")
-        for name in ("lr", "mse_weight", "kl_weight", "grad_clip", "weight_decay"):
+        for name in ("lr", "mse_weight", "kl_weight", "grad_clip", "weight_decay", "shape_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -177,6 +184,35 @@ def build_vae(config: VAETrainConfig) -> AutoencoderKLHunyuanVideo:
         vae.quant_conv.weight[LATENT_CHANNELS:].zero_()
         vae.quant_conv.bias[LATENT_CHANNELS:].fill_(INIT_LOGVAR)
     return vae
+
+
+def _load_init(vae: AutoencoderKLHunyuanVideo, folder: str) -> None:
+    """Copy the weights of the saved VAE in `folder` into `vae`; the widths must match."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    try:
+        saved = AutoencoderKLHunyuanVideo.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the VAE to continue from in {folder}: {e}") from e
+    try:
+        vae.load_state_dict(saved.state_dict())
+    except RuntimeError as e:
+        raise ValueError(
+            f"the VAE in {folder} does not have the configured widths {vae.config.block_out_channels}."
+        ) from e
+
+
+def shape_weights(x: torch.Tensor, shape_weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Per-pixel loss weights `(B, 1, T, H, W)` for clips `x` `(B, 3, T, H, W)` in [-1, 1]:
+    `1 + shape_weight` where a pixel's colour is more than `threshold` from its clip's background
+    (the per-channel median, since the shape covers less than half the frame), else 1; scaled to
+    mean 1 so the loss keeps its scale."""
+    if shape_weight == 0:
+        return torch.ones_like(x[:, :1])
+    background = x.flatten(2).median(dim=2).values[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    shape = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).to(x.dtype)
+    weight = 1 + shape_weight * shape
+    return weight / weight.mean()
 
 
 def _to_video(frames: np.ndarray) -> torch.Tensor:
@@ -261,7 +297,10 @@ def train_vae(
     `scaling_factor` set from `latent_stats` of held-out scenes) and `train_report.json`.
     """
     device = torch.device(config.device)
-    vae = build_vae(config).to(device).train()
+    vae = build_vae(config)
+    if config.init is not None:
+        _load_init(vae, config.init)
+    vae = vae.to(device).train()
     params = [p for p in vae.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     rest = [p for p in params if p.ndim <= 1]
@@ -298,8 +337,9 @@ def train_vae(
             posterior = vae.encode(x).latent_dist  # mean, std: (B, 16, t, h, w)
             z = posterior.sample(generator=noise)  # (B, 16, t, h, w)
             y = vae.decode(z).sample  # (B, 3, T, H, W)
-            recon = (y - x).abs().mean()
-            mse = (y - x).pow(2).mean()
+            weight = shape_weights(x, config.shape_weight)  # (B, 1, T, H, W), mean 1
+            recon = ((y - x).abs() * weight).mean()
+            mse = ((y - x).pow(2) * weight).mean()
             kl = posterior.kl().sum() / x.numel()  # nats per pixel value
             loss = recon + config.mse_weight * mse + config.kl_weight * kl
 
@@ -381,6 +421,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image-every", type=int, default=d.image_every, help="every N-th step trains on single frames"
     )
+    p.add_argument(
+        "--shape-weight", type=float, default=d.shape_weight, help="extra loss weight on the shape's pixels"
+    )
+    p.add_argument("--init", default=None, help="continue from this saved VAE folder (same widths)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
@@ -413,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
             max_minutes=args.max_minutes,
+            shape_weight=args.shape_weight,
+            init=args.init,
         )
         torch.device(config.device)
     except (ValueError, RuntimeError) as e:
@@ -423,7 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    _, report = train_vae(config, args.out, progress=not args.quiet)
+    try:
+        _, report = train_vae(config, args.out, progress=not args.quiet)
+    except ValueError as e:
+        parser.error(str(e))
     summary = {k: v for k, v in asdict(report).items() if k not in ("losses", "config")}
     print(json.dumps(summary, indent=2))
     return 0
