@@ -92,11 +92,15 @@ def build_demo_bundle(
     init: Path | None = None,
     end_probability: float = 0.5,
     run_name: str = "run",
+    cache_name: str = "cache",
+    order: str = "inverted",
 ) -> Path:
     """Train the demo transformer on top of `vae_dir` and write the bundle to `out`.
 
     `init`: a transformer folder to continue from (a checkpoint's `transformer/`) instead of
-    training from scratch; `run_name` the run folder under `work`.
+    training from scratch; `run_name` the run folder under `work`, `cache_name` the latent cache's
+    (a cache made with another VAE is encoded again). `order`: "inverted" (anti-drifting, the
+    shipped model) or "forward" (the F1 layout; for the drift comparison).
     """
     import torch
 
@@ -126,13 +130,13 @@ def build_demo_bundle(
     save_transformer(PackedTransformer(cfg), staging / "transformer")  # replaced after training
 
     work = work.resolve()
-    clip_dir, cache = work / "clips", work / "cache"
+    clip_dir, cache = work / "clips", work / cache_name
     if not (clip_dir / "manifest.jsonl").exists():
         write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)
     prepare_dataset(clip_dir, staging, cache)
 
     run = work / run_name
-    config = work / "train.toml"
+    config = work / f"train-{run_name}.toml"
     overrides = ", ".join(f"{k} = {json.dumps(v)}" for k, v in DEMO_TRANSFORMER.items())
     config.write_text(
         "\n".join(
@@ -141,14 +145,14 @@ def build_demo_bundle(
                 f'output = "{run}"',
                 f'model = "{Path(init).resolve()}"' if init else 'model = "tiny"',
                 "" if init else f"config_overrides = {{ {overrides} }}",
-                'order = "inverted"',
-                'schedule = "inverted"',
+                f'order = "{order}"',
+                f'schedule = "{order}"',
                 f"steps = {steps}",
                 f"batch_size = {batch_size}",
                 f"lr = {lr}",
                 'lr_schedule = "cosine"',
                 f"warmup_steps = {50 if init else 100}",
-                f"end_probability = {end_probability}",
+                f"end_probability = {end_probability if order == 'inverted' else 0.0}",
                 "checkpoint_every = 500",
                 "log_every = 25",
                 "seed = 0",
@@ -166,9 +170,17 @@ def build_demo_bundle(
     # Stored in bf16 to keep the shipped bundle small; a CPU loads it back as fp32.
     trained = load_transformer(Path(result.checkpoint) / "transformer", dtype=torch.bfloat16)
     save_transformer(trained, out / "transformer")
-    shutil.copy(staging / MANIFEST_NAME, out / MANIFEST_NAME)
+    manifest.replace(order=order, packing=order).save(out / MANIFEST_NAME)
     write_examples(out / "examples")
     minutes = (time.time() - started) / 60
+    how = (
+        "inverted anti-drifting order with the released packing preset (start + 1 k1 + 2 k2 + 16 k4), "
+        f"window 9, on {clips} clips of {frames} frames; a sample's future is cut after a random "
+        f"window with probability {end_probability}."
+        if order == "inverted"
+        else "forward (F1) order with the released packing preset (start + 16 k4 + 2 k2 + 1 k1), "
+        f"window 9, on {clips} clips of {frames} frames."
+    )
     origin = f"on from `{init}`" if init else "from scratch"
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     (out / "README.md").write_text(
@@ -183,9 +195,7 @@ moving as its caption says, 64x64 pixels, 30 fps). Not a general video model.
 - VAE: `AutoencoderKLHunyuanVideo` (8x spatial, 4x temporal, 16 channels) trained by
   `python -m framepack.training.vae`, scaling factor {manifest.vae_scaling_factor:.4f}.
 - Transformer: the packed transformer ({json.dumps(DEMO_TRANSFORMER)}), trained {origin} by
-  `framepack train` in the inverted anti-drifting order with the released packing preset
-  (start + 1 k1 + 2 k2 + 16 k4), window 9, on {clips} clips of {frames} frames; a sample's
-  future is cut after a random window with probability {end_probability}.
+  `framepack train` in the {how}
 
 Built with `{" ".join(sys.argv) or "build_demo_bundle(...)"}` in {minutes:.0f} minutes on a
 2-core CPU; {steps} steps, batch {batch_size}, final loss {result.final_loss:.4f}; {size:.1f} MB.
@@ -221,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         help="chance a sample's clip is cut after a random window",
     )
     p.add_argument("--run", default="run", help="run folder name under --work")
+    p.add_argument("--cache", default="cache", help="latent cache folder name under --work")
+    p.add_argument(
+        "--order", choices=("inverted", "forward"), default="inverted", help="section order to train"
+    )
     a = p.parse_args(argv)
     if not (a.vae / "config.json").is_file():
         print(f"demo: {a.vae} is not a trained VAE folder (no config.json).", file=sys.stderr)
@@ -238,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         a.init,
         a.end_probability,
         a.run,
+        a.cache,
+        a.order,
     )
     print(out)
     return 0
