@@ -39,39 +39,66 @@ def _settings(kwargs: dict) -> GenerationSettings:
 
 def generate_iter(
     model: str | Path | None = None,
-    out_dir: str | Path = "outputs",
+    out_dir: str | Path | None = None,
     image: np.ndarray | None = None,
     cancel: Callable[[], bool] | None = None,
     device: str = "cpu",
+    resume: str | Path | None = None,
     **settings,
 ) -> Iterator[Event]:
     """Yield the events of one generation (stages, steps with previews, sections, the end).
 
     `model` is a bundle directory or a named bundle (default: the shipped demo model); the loaded
-    bundle is kept for the next call.
+    bundle is kept for the next call. `out_dir` defaults to `outputs`.
     `settings` are the fields of `GenerationSettings` (prompt, image, seconds, seed, ...).
+    `resume` continues a stopped run instead (its job directory `OUT/NAME.job`, or its mp4) with
+    the job's own settings, folder and model (unless `model` is given): the finished video equals
+    that of an uninterrupted run.
     """
+    if resume is not None:
+        yield from _resume(model, resume, out_dir, image, cancel, device, settings)
+        return
     if model is None:
         model = default_model()
     bundle = _bundle(str(model), device)
-    yield from generate_events(bundle, prepare(bundle, _settings(settings), image), out_dir, cancel)
+    prepared = prepare(bundle, _settings(settings), image)
+    yield from generate_events(bundle, prepared, "outputs" if out_dir is None else out_dir, cancel)
+
+
+def _resume(model, resume, out_dir, image, cancel, device: str, settings: dict) -> Iterator[Event]:
+    from .jobs import Job, find_job, resume_prepared
+
+    given = (
+        [*settings] + (["out_dir"] if out_dir is not None else []) + (["image"] if image is not None else [])
+    )
+    if given:
+        raise ValueError(f"resume continues a job with its own settings and folder; drop {', '.join(given)}.")
+    job_dir = find_job(resume)
+    if model is None:
+        model = Job(job_dir).read().get("bundle") or ""
+        if model in ("", "None"):  # a named bundle records no directory
+            raise ValueError(f"the job {job_dir} does not record its model directory; pass model=.")
+    bundle = _bundle(str(model), device)
+    yield from generate_events(bundle, resume_prepared(bundle, job_dir), job_dir.parent, cancel, job=job_dir)
 
 
 def generate(
     model: str | Path | None = None,
-    out_dir: str | Path = "outputs",
+    out_dir: str | Path | None = None,
     image: np.ndarray | None = None,
     on_event: Callable[[Event], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     device: str = "cpu",
+    resume: str | Path | None = None,
     **settings,
 ) -> Finished:
     """Generate one video and return its `Finished` event (video path, frames, sidecar).
 
-    Example: `framepack.generate("bundle/", image="cat.png", prompt="a cat walks", seconds=5)`.
+    Example: `framepack.generate("bundle/", image="cat.png", prompt="a cat walks", seconds=5)`;
+    `framepack.generate(resume="outputs/NAME.job")` finishes a stopped run (see `generate_iter`).
     """
     last = None
-    for event in generate_iter(model, out_dir, image, cancel, device, **settings):
+    for event in generate_iter(model, out_dir, image, cancel, device, resume, **settings):
         if on_event is not None:
             on_event(event)
         last = event
