@@ -1,4 +1,5 @@
-"""The Gradio layout of `framepack serve`: the form, the watched job, the queue and the gallery.
+"""The Gradio layout of `framepack serve`: the form, the watched job, the queue, the gallery and
+the unfinished jobs to resume (`resume`).
 
 Handlers only translate between Gradio and `JobQueue` / `form` / `view`; the queue's one worker
 thread does the generating. Each browser tab polls (a `gr.Timer`) the job it watches and sends a
@@ -29,6 +30,7 @@ from .form import (
     request_from_form,
 )
 from .jobs import FAILED, JobQueue, describe_error
+from .resume import add_resume_section
 from .view import finished_videos, job_label, preview_grid, progress_html, progress_text, queue_html
 
 __all__ = ["build_app", "launch", "CSS"]
@@ -259,6 +261,7 @@ def build_app(
         api_job = gr.Number(visible=False, precision=0, label="job")
         api_video = gr.File(visible=False, label="video")
         api_info = gr.JSON(visible=False, label="info")
+        add_resume_section(app, queue, outputs, api_job)  # unfinished jobs (cancelled, crashed, CLI)
 
         form_inputs = [image, end_image, prompt, negative_prompt, seconds, seed, steps]
         form_inputs += [distilled_cfg, cfg, window, order, resolution, crf, gif, cache, cache_threshold]

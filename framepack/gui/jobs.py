@@ -6,7 +6,9 @@ worker. The worker drives `generate_events` (or `extend_events` for a video exte
 `generate_frame` for a one-frame edit) and copies each event into its job (latent preview,
 section/step, the video so far), so a reader sees the live state with `get(job_id)`. Cancelling a
 queued job drops it; cancelling a running one stops it within one sampling step, keeping the
-sections it finished. A failing job records its error and the worker goes on with the next.
+sections it finished in its job directory, and `resume(job_dir)` queues the rest of such a job
+(also one left by a crashed server or the CLI). A failing job records its error and the worker goes
+on with the next.
 Nothing here imports Gradio.
 """
 
@@ -34,6 +36,8 @@ from ..pipeline.generate import (
     generate_events,
     prepare,
 )
+from ..pipeline.jobs import JOB_SUFFIX, resume_prepared
+from ..pipeline.jobs import Job as JobDir
 from ..pipeline.one_frame import check_one_frame, generate_frame
 from ..sampling import Cancelled
 
@@ -74,6 +78,8 @@ class Job:
     one_frame: int | None = None  # one-frame mode: the latent time index
     one_frame_groups: tuple[str, ...] = ()
     video_source: str | None = None  # a video extension: the video being extended
+    resume_dir: Path | None = None  # a resumed job: the job directory it continues
+    skipped_steps: int = 0  # a resumed job: the steps of the sections finished before it
     version: int = 0  # bumped on every change, so a view can skip unchanged jobs
     video_version: int = 0  # bumped when the mp4 is rewritten
     prepared: Prepared | None = field(default=None, repr=False)
@@ -98,7 +104,8 @@ class Job:
         if self.state != RUNNING or not self.steps_done or self.started is None:
             return None
         elapsed = (time.time() if now is None else now) - self.started
-        return max(0.0, elapsed / self.steps_done * (self.total_steps - self.steps_done))
+        left = self.total_steps - self.skipped_steps - self.steps_done
+        return max(0.0, elapsed / self.steps_done * left)
 
 
 def describe_error(e: BaseException) -> str:
@@ -206,6 +213,63 @@ class JobQueue:
             self._cond.notify_all()
             return copy.copy(job)
 
+    def resume(self, job_dir: str | Path) -> Job:
+        """Queue the rest of an unfinished job of the outputs folder (`OUT/NAME.job` or its mp4), with
+        the job's own settings; returns a copy of the job (state FAILED, one sentence, when the
+        folder is not an unfinished job of this outputs folder and this model, or is already queued).
+
+        The finished video equals that of an uninterrupted run (`framepack.pipeline.jobs`).
+        """
+        path = Path(job_dir)
+        prompt, settings = f"resume {path.name}", None
+        try:
+            root = self._own_job_dir(path)
+            prepared = resume_prepared(self.bundle, root)  # validates the settings against the model
+            settings = prepared.settings
+            prompt = settings.prompt
+        except ValueError as e:
+            return self.reject(prompt, describe_error(e), settings)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the job queue is closed.")
+            if root in self.job_dirs():
+                return self.reject(prompt, f"the job {root.name} is already queued or running.", settings)
+            job = self._add(prompt, settings)
+            job.prepared, job.resume_dir = prepared, root
+            job.sections, job.steps, job.fps = len(prepared.plan.sections), prepared.steps, prepared.fps
+            self._names.add(root.name[: -len(JOB_SUFFIX)])
+            self._pending.append(job.id)
+            self._cond.notify_all()
+            return copy.copy(job)
+
+    def job_dirs(self) -> set[Path]:
+        """The job directories of the queued and running jobs (resolved), which are not to be resumed."""
+        out = self.out_dir.resolve()
+        with self._cond:
+            return {
+                j.resume_dir or out / f"{j.settings.name}{JOB_SUFFIX}"
+                for j in self._jobs.values()
+                if not j.ended_state and j.settings is not None and (j.resume_dir or j.settings.name)
+            }
+
+    def _own_job_dir(self, path: Path) -> Path:
+        """`path` resolved, if it is a job directory (or its mp4) right in the outputs folder."""
+        if path.suffix == ".mp4":
+            path = path.with_suffix(JOB_SUFFIX)
+        root = path.resolve()
+        if root.parent != self.out_dir.resolve() or root.suffix != JOB_SUFFIX:
+            raise ValueError(f"{path.name} is not a job directory in this server's outputs folder.")
+        if not (root / "job.json").is_file():
+            raise ValueError(f"{path.name} is not an unfinished job directory (no job.json in it).")
+        recorded = JobDir(root).read().get("bundle") or "None"
+        ours = str(getattr(self.bundle, "root", None))
+        if "None" not in (recorded, ours) and Path(recorded).resolve() != Path(ours).resolve():
+            raise ValueError(
+                f"the job {root.name} was made with another model ({Path(recorded).name}); "
+                f"resume it with framepack generate --resume {root.name} --model MODEL."
+            )
+        return root
+
     def reject(self, prompt: str, error: str, settings: GenerationSettings | None = None) -> Job:
         """Record a job that failed before it could be queued (bad input); returns a copy."""
         with self._cond:
@@ -304,7 +368,9 @@ class JobQueue:
                 if job.source is not None:
                     events = extend_events(self.bundle, job.prepared, job.source, self.out_dir, cancel=cancel)
                 else:
-                    events = generate_events(self.bundle, job.prepared, self.out_dir, cancel=cancel)
+                    events = generate_events(
+                        self.bundle, job.prepared, self.out_dir, cancel=cancel, job=job.resume_dir
+                    )
                 for event in events:
                     self._apply(job, event)
         except Cancelled:
@@ -345,6 +411,9 @@ class JobQueue:
                 job.steps_done += 1
                 job.preview = event.preview
             elif isinstance(event, SectionDone):
+                if not job.steps_done:  # a resumed job's restored sections, reported first
+                    job.skipped_steps = (event.section + 1) * job.steps
+                    job.section = min(event.section + 1, job.sections - 1)
                 job.sections_done = event.section + 1
                 if event.video is not None:
                     job.video, job.frames = event.video, event.frames

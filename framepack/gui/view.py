@@ -86,7 +86,7 @@ def progress_html(job: Job | None, position: int | None = None, now: float | Non
     if job is None:
         return '<div class="fp-progress" data-state="none">No job yet: upload an image, write a prompt, press Generate.</div>'
     total = max(job.total_steps, 1)
-    done = total if job.state == DONE else job.steps_done
+    done = total if job.state == DONE else job.skipped_steps + job.steps_done
     text = html.escape(progress_text(job, position, now))
     return (
         f'<div class="fp-progress" data-job="{job.id}" data-state="{job.state}">'

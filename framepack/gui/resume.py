@@ -1,0 +1,112 @@
+"""The GUI's Resume section: the unfinished job directories of the outputs folder and a button that
+queues the chosen one (`JobQueue.resume`).
+
+A job directory `OUT/NAME.job` stays behind whenever a run stops before its video is finished: a
+cancelled GUI job, a crashed or stopped server, an interrupted `framepack generate`. Listing them
+reads only their `job.json` and counts their committed sections; nothing is loaded. The jobs the
+queue holds (queued or running) are left out. `unfinished_jobs` imports no Gradio.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..pipeline.jobs import JOB_SUFFIX
+from ..pipeline.plan import sections_for
+
+__all__ = ["Unfinished", "unfinished_jobs", "add_resume_section"]
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """An unfinished job directory, as listed for resuming."""
+
+    path: Path
+    prompt: str
+    sections_done: int
+    sections: int | None  # None when the job's settings do not say
+    modified: float  # the last commit's time (seconds since the epoch)
+
+    @property
+    def label(self) -> str:
+        prompt = " ".join(self.prompt.split())
+        prompt = prompt if len(prompt) <= 60 else prompt[:59] + "…"
+        total = "?" if self.sections is None else self.sections
+        return f"{prompt} · {self.sections_done}/{total} sections done · {self.path.stem}"
+
+
+def _sections(settings: dict, manifest) -> int | None:
+    """The job's number of sections, from its settings and the model's defaults."""
+    try:
+        if settings.get("sections"):
+            return int(settings["sections"])
+        window = int(settings.get("window") or manifest.window)
+        return sections_for(float(settings["seconds"]), window, int(settings.get("fps") or manifest.fps))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def unfinished_jobs(outputs: str | Path, manifest=None, exclude: set[Path] = frozenset()) -> list[Unfinished]:
+    """The unfinished job directories right in `outputs`, last touched first, but those in `exclude`
+    (resolved paths). One whose `job.json` cannot be read is listed with its name as the prompt, so
+    resuming it fails with its one sentence."""
+    found = []
+    for root in Path(outputs).glob(f"*{JOB_SUFFIX}"):
+        if not (root / "job.json").is_file() or root.resolve() in exclude:
+            continue
+        try:
+            settings = json.loads((root / "job.json").read_text(encoding="utf-8"))["settings"]
+            prompt = str(settings["prompt"])
+        except (OSError, ValueError, KeyError, TypeError):
+            settings, prompt = {}, root.stem
+        commits = list((root / "sections").glob("[0-9]*.safetensors"))
+        modified = max([p.stat().st_mtime for p in commits] + [(root / "job.json").stat().st_mtime])
+        found.append(Unfinished(root, prompt, len(commits), _sections(settings, manifest), modified))
+    return sorted(found, key=lambda u: u.modified, reverse=True)
+
+
+def add_resume_section(app, queue, outputs: Path, job_output, refresh_seconds: float = 2.0) -> None:
+    """The Resume accordion inside `app`'s layout; a resumed job's id goes to `job_output`
+    (the component whose change makes it the watched job). Also the `/resume` API (a job
+    directory's path)."""
+    import gradio as gr
+
+    with gr.Accordion("Unfinished jobs: resume one", open=True, elem_id="fp-resume"):
+        with gr.Row():
+            pick = gr.Dropdown(
+                choices=[],
+                value=None,
+                label="Unfinished job (prompt · sections done · name)",
+                elem_id="fp-resume-pick",
+                scale=3,
+            )
+            button = gr.Button("Resume", elem_id="fp-resume-button", scale=1)
+    listed = gr.State(None)
+
+    def refresh(current, seen):
+        found = unfinished_jobs(outputs, queue.bundle.manifest, queue.job_dirs())
+        choices = [(u.label, str(u.path)) for u in found]
+        if choices == seen:
+            return gr.skip(), gr.skip()
+        keep = current if current in {path for _, path in choices} else None
+        return gr.update(choices=choices, value=keep), choices
+
+    timer = gr.Timer(refresh_seconds)
+    gr.on(
+        [app.load, timer.tick],
+        refresh,
+        inputs=[pick, listed],
+        outputs=[pick, listed],
+        show_progress="hidden",
+        api_visibility="private",
+    )
+
+    def resume(job_dir: str | None) -> int:
+        """Queue the rest of an unfinished job of the outputs folder; returns the new job's id."""
+        if not job_dir:
+            raise gr.Error("Select an unfinished job first.", print_exception=False)
+        return queue.resume(job_dir).id
+
+    button.click(resume, inputs=[pick], outputs=[job_output], api_name="resume", show_progress="hidden")

@@ -1,0 +1,136 @@
+"""Resuming from the GUI's job queue: a job cancelled in its second section is listed as unfinished
+and `JobQueue.resume` finishes it to the uninterrupted video; bad job directories fail as jobs with
+one sentence; a cancel after the last sampling step ends the job done."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from framepack.gui.jobs import CANCELLED, DONE, FAILED, QUEUED, JobQueue
+from framepack.gui.resume import unfinished_jobs
+from framepack.gui.view import progress_html
+from framepack.io import read_video
+from framepack.pipeline.generate import GenerationSettings, StepEvent
+from framepack.testing import tiny_bundle
+
+WS = 9
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    img = np.zeros((64, 96, 3), np.uint8)
+    img[16:48, 24:56] = (90, 200, 60)
+    return img
+
+
+@pytest.fixture
+def queue(bundle, tmp_path):
+    q = JobQueue(bundle, tmp_path / "out")
+    yield q
+    q.close()
+
+
+def _settings(**kw) -> GenerationSettings:
+    return GenerationSettings(**{"prompt": "a dog runs", "sections": 3, "steps": 3, "seed": 5, **kw})
+
+
+def _cancel_at(queue, monkeypatch, section: int, step: int) -> None:
+    """Cancel the running job, once, right after the worker applies step `step` of section
+    `section` (-1: the last)."""
+    apply, fired = queue._apply, []
+
+    def applying(job, event):
+        apply(job, event)
+        last = (event.sections - 1, event.steps - 1) if isinstance(event, StepEvent) else None
+        wanted = (last[0] if section < 0 else section, last[1] if step < 0 else step) if last else None
+        if last and (event.section, event.step) == wanted and not fired:
+            fired.append(queue.cancel(job.id))
+
+    monkeypatch.setattr(queue, "_apply", applying)
+
+
+def test_job_cancelled_in_section_2_resumes_to_the_uninterrupted_video(queue, bundle, image, monkeypatch):
+    ref = queue.wait(queue.submit(_settings(name="ref"), image=image).id, 120)
+    assert ref.state == DONE, ref.error
+
+    _cancel_at(queue, monkeypatch, section=1, step=0)
+    run = queue.wait(queue.submit(_settings(name="run"), image=image).id, 120)
+    assert run.state == CANCELLED and 1 <= run.sections_done < 3, (run.state, run.sections_done)
+    job_dir = queue.out_dir / "run.job"
+    (listed,) = unfinished_jobs(queue.out_dir, bundle.manifest, queue.job_dirs())
+    assert (listed.path, listed.prompt, listed.sections) == (job_dir, "a dog runs", 3)
+    assert (
+        listed.sections_done == run.sections_done
+        and f"a dog runs · {run.sections_done}/3 sections done · run" in listed.label
+    )
+
+    # A second queue (not started) holds it: it is not listed, and not queued twice.
+    other = JobQueue(bundle, queue.out_dir, start=False)
+    assert other.resume(job_dir).state == QUEUED
+    assert unfinished_jobs(queue.out_dir, bundle.manifest, other.job_dirs()) == []
+    twice = other.resume(queue.out_dir / "run.mp4")  # the mp4 names the job too
+    assert twice.state == FAILED and twice.error == "the job run.job is already queued or running."
+    other.close()
+
+    job = queue.resume(job_dir)
+    assert job.state == QUEUED and job.prompt == "a dog runs" and job.sections == 3, job.error
+    job = queue.wait(job.id, 120)
+    assert job.state == DONE, job.error
+    assert job.sections_done == 3 and job.skipped_steps == 3 * run.sections_done
+    assert 'value="9" max="9"' in progress_html(job)
+    frames, ref_frames = read_video(job.video)[0], read_video(ref.video)[0]
+    assert job.video == queue.out_dir / "run.mp4" and frames.shape[0] == job.frames == 4 * (3 * WS + 1) - 3
+    assert np.array_equal(frames, ref_frames)
+    assert not job_dir.exists() and unfinished_jobs(queue.out_dir, bundle.manifest) == []
+
+
+def test_bad_job_directories_fail_as_jobs_with_one_sentence(queue, bundle, tmp_path):
+    def resume(path) -> str:
+        job = queue.resume(path)
+        assert job.state == FAILED and "\n" not in job.error and job.error.endswith("."), job.error
+        return job.error
+
+    outside = tmp_path / "elsewhere.job"
+    outside.mkdir()
+    (outside / "job.json").write_text("{}")
+    assert resume(outside) == "elsewhere.job is not a job directory in this server's outputs folder."
+    assert resume(queue.out_dir / ".." / "elsewhere.job").startswith("elsewhere.job is not a job directory")
+    assert (
+        resume(queue.out_dir / "ghost.job")
+        == "ghost.job is not an unfinished job directory (no job.json in it)."
+    )
+
+    queue.out_dir.mkdir(parents=True, exist_ok=True)
+    foreign = queue.out_dir / "foreign.job"
+    foreign.mkdir()
+    settings = json.loads(json.dumps(_settings().to_dict()))
+    data = {"version": 1, "name": "foreign", "bundle": str(tmp_path / "big-model"), "order": "inverted"}
+    (foreign / "job.json").write_text(json.dumps({**data, "settings": settings}))
+    assert resume(foreign) == (
+        "the job foreign.job was made with another model (big-model); "
+        "resume it with framepack generate --resume foreign.job --model MODEL."
+    )
+    broken = queue.out_dir / "broken.job"
+    broken.mkdir()
+    (broken / "job.json").write_text("{not json")
+    assert "cannot be read" in resume(broken)
+    # Listed (so a person sees them), by name when their settings cannot be read.
+    listed = {u.path.name: u for u in unfinished_jobs(queue.out_dir, bundle.manifest)}
+    assert sorted(listed) == ["broken.job", "foreign.job"] and listed["broken.job"].prompt == "broken"
+    assert listed["foreign.job"].label.endswith("0/3 sections done · foreign")
+
+
+def test_cancel_after_the_last_sampling_step_ends_the_job_done(queue, image, monkeypatch):
+    _cancel_at(queue, monkeypatch, section=-1, step=-1)
+    job = queue.wait(queue.submit(_settings(sections=2, name="late"), image=image).id, 120)
+    assert job.state == DONE and job.cancel_requested.is_set(), (job.state, job.error)
+    assert job.frames == read_video(job.video)[0].shape[0] == 4 * (2 * WS + 1) - 3
+    assert job.sidecar.is_file() and not (queue.out_dir / "late.job").exists()
