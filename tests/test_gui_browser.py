@@ -226,3 +226,43 @@ def test_modes_loop_then_one_frame(page, server, image_file):
     page.wait_for_function("document.querySelector('#fp-prompt textarea').value === 'a top spins'")
     assert page.locator("#fp-one-frame input[type=checkbox]").is_checked()
     assert not page.locator("#fp-loop input[type=checkbox]").is_checked()
+
+
+def test_cancel_a_running_job_then_resume_it(page, image_file, tmp_path):
+    prompt = "a fox crosses a snowy field"
+    _fill(page, image_file, prompt, seconds=4.8, steps=24)  # 4 sections
+    page.locator("#fp-generate").click()
+    first, _ = _progress(page, "running")
+    page.wait_for_function(  # its first section is finished
+        f"document.querySelector('#fp-progress .fp-progress[data-job=\"{first}\"] span')"
+        "?.textContent.includes('frames')",
+        timeout=TIMEOUT,
+    )
+    page.locator("#fp-cancel").click()
+    _, text = _progress(page, "cancelled", first)
+    kept = re.search(r"kept (\d+) finished section", text)
+    assert kept and 1 <= int(kept[1]) < 4, text
+
+    # The cancelled job is listed as unfinished, with its sections done; Resume queues the rest.
+    page.locator("#fp-resume-pick input").click()
+    option = page.locator("[role=option]", has_text=prompt)
+    assert f"{kept[1]}/4 sections done" in option.inner_text()
+    option.click()
+    _shot(page, "8-unfinished-job-picked")
+    page.locator("#fp-resume-button").click()
+    _, text = _progress(page, "done", first + 1)
+    assert "145 frames" in text, text
+    page.wait_for_selector("#fp-video video")
+    playable = page.evaluate(
+        """async () => {
+            const v = document.querySelector('#fp-video video');
+            v.muted = true;
+            for (let i = 0; i < 100 && v.readyState < 2; i++) await new Promise(r => setTimeout(r, 100));
+            await v.play();
+            await new Promise(r => setTimeout(r, 400));
+            return {ready: v.readyState, width: v.videoWidth, time: v.currentTime};
+        }"""
+    )
+    assert playable["ready"] >= 2 and playable["width"] > 0 and playable["time"] > 0, playable
+    assert _video_frames(page, tmp_path) == 4 * (WS * 4 + 1) - 3
+    _shot(page, "9-resumed-done")

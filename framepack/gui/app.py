@@ -241,8 +241,12 @@ def build_app(
                 job_files = gr.File(
                     label="Downloads", file_count="multiple", interactive=False, elem_id="fp-files"
                 )
+        api_job = gr.Number(visible=False, precision=0, label="job")
+        api_video = gr.File(visible=False, label="video")
+        api_info = gr.JSON(visible=False, label="info")
         gr.Markdown("### Queue")
         queue_table = gr.HTML(queue_html([]), elem_id="fp-queue")
+        add_resume_section(app, queue, outputs, api_job)  # unfinished jobs (cancelled, crashed, CLI)
         gr.Markdown("### Finished videos")
         gallery = gr.Gallery(
             label="Finished videos",
@@ -258,10 +262,6 @@ def build_app(
             gallery_files = gr.File(label="Selected video's files", file_count="multiple", interactive=False)
             reuse_button = gr.Button("Load the selected video's settings")
         selected = gr.State(None)
-        api_job = gr.Number(visible=False, precision=0, label="job")
-        api_video = gr.File(visible=False, label="video")
-        api_info = gr.JSON(visible=False, label="info")
-        add_resume_section(app, queue, outputs, api_job)  # unfinished jobs (cancelled, crashed, CLI)
 
         form_inputs = [image, end_image, prompt, negative_prompt, seconds, seed, steps]
         form_inputs += [distilled_cfg, cfg, window, order, resolution, crf, gif, cache, cache_threshold]
