@@ -134,3 +134,42 @@ def test_cancel_after_the_last_sampling_step_ends_the_job_done(queue, image, mon
     assert job.state == DONE and job.cancel_requested.is_set(), (job.state, job.error)
     assert job.frames == read_video(job.video)[0].shape[0] == 4 * (2 * WS + 1) - 3
     assert job.sidecar.is_file() and not (queue.out_dir / "late.job").exists()
+
+
+def test_resume_endpoint_finishes_a_job_left_before_the_server_started(tmp_path, image):
+    """A job stopped outside the server (the CLI, an earlier server) is resumed through `/resume`,
+    which answers as `/generate` does; a folder outside the outputs fails with its one sentence."""
+    import framepack
+    from framepack.pipeline.generate import SectionDone
+    from framepack.sampling import Cancelled
+    from framepack.testing import tiny_bundle_dir
+
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from gui_server import Server
+
+    model, settings = tiny_bundle_dir(), dict(prompt="a bird flies", sections=2, steps=2, name="left")
+    ref = framepack.generate(model, tmp_path / "ref", image=image, **settings)
+    done = []
+    with pytest.raises(Cancelled):
+        framepack.generate(
+            model,
+            tmp_path / "outputs",
+            image=image,
+            on_event=lambda e: done.append(e) if isinstance(e, SectionDone) else None,
+            cancel=lambda: bool(done),
+            **settings,
+        )
+    server = Server(model, tmp_path / "outputs")
+    try:
+        client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+        job_id, video, info = client.predict(str(tmp_path / "outputs" / "left.mp4"), api_name="/resume")
+        assert info["state"] == "done" and info["job"] == job_id and info["video"] == "left.mp4"
+        assert np.array_equal(read_video(video)[0], read_video(ref.video)[0])
+        with pytest.raises(AppError, match=r"^Job #\d+ failed: ref is not a job directory in this server's"):
+            client.predict("../ref", api_name="/resume")
+        with pytest.raises(AppError, match=r"failed: ghost.job is not an unfinished job directory"):
+            client.predict("ghost.mp4", api_name="/resume")  # a name in the outputs folder
+    finally:
+        server.close()

@@ -244,9 +244,33 @@ def build_app(
         api_job = gr.Number(visible=False, precision=0, label="job")
         api_video = gr.File(visible=False, label="video")
         api_info = gr.JSON(visible=False, label="info")
+
+        async def follow(job):
+            """The job's id at once (the tab watches it), then, once it has ended, its result."""
+            yield {api_job: job.id}
+            while not job.ended_state:
+                await asyncio.sleep(0.2)
+                job = queue.get(job.id)
+            if job.state == FAILED:
+                raise gr.Error(progress_text(job), print_exception=False)
+            info = {
+                "job": job.id,
+                "state": job.state,
+                "frames": job.frames,
+                "seconds": round(job.video_seconds, 3),
+                "seed": job.settings.seed,
+                "video": job.video.name if job.video else None,
+                "image": job.image.name if job.image else None,
+                "gif": job.gif.name if job.gif else None,
+                "sidecar": job.sidecar.name if job.sidecar else None,
+            }
+            result = job.video or job.image
+            yield {api_job: job.id, api_video: str(result) if result else None, api_info: info}
+
         gr.Markdown("### Queue")
         queue_table = gr.HTML(queue_html([]), elem_id="fp-queue")
-        add_resume_section(app, queue, outputs, api_job)  # unfinished jobs (cancelled, crashed, CLI)
+        # Unfinished jobs (cancelled, crashed, CLI): /resume answers as /generate does.
+        add_resume_section(app, queue, outputs, follow, [api_job, api_video, api_info])
         gr.Markdown("### Finished videos")
         gallery = gr.Gallery(
             label="Finished videos",
@@ -312,25 +336,8 @@ def build_app(
                 job = queue.reject(prompt or "", describe_error(e))
             else:
                 job = await asyncio.to_thread(queue.submit, request.settings, **request.submit_kwargs())
-            yield {api_job: job.id}
-            while not job.ended_state:
-                await asyncio.sleep(0.2)
-                job = queue.get(job.id)
-            if job.state == FAILED:
-                raise gr.Error(progress_text(job), print_exception=False)
-            info = {
-                "job": job.id,
-                "state": job.state,
-                "frames": job.frames,
-                "seconds": round(job.video_seconds, 3),
-                "seed": job.settings.seed,
-                "video": job.video.name if job.video else None,
-                "image": job.image.name if job.image else None,
-                "gif": job.gif.name if job.gif else None,
-                "sidecar": job.sidecar.name if job.sidecar else None,
-            }
-            result = job.video or job.image
-            yield {api_job: job.id, api_video: str(result) if result else None, api_info: info}
+            async for update in follow(job):
+                yield update
 
         generate_button.click(
             generate,

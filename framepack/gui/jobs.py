@@ -214,8 +214,8 @@ class JobQueue:
             return copy.copy(job)
 
     def resume(self, job_dir: str | Path) -> Job:
-        """Queue the rest of an unfinished job of the outputs folder (`OUT/NAME.job` or its mp4), with
-        the job's own settings; returns a copy of the job (state FAILED, one sentence, when the
+        """Queue the rest of an unfinished job of the outputs folder (`OUT/NAME.job`, its mp4, or
+        either's name), with the job's own settings; returns a copy of the job (state FAILED, one sentence, when the
         folder is not an unfinished job of this outputs folder and this model, or is already queued).
 
         The finished video equals that of an uninterrupted run (`framepack.pipeline.jobs`).
@@ -253,10 +253,11 @@ class JobQueue:
             }
 
     def _own_job_dir(self, path: Path) -> Path:
-        """`path` resolved, if it is a job directory (or its mp4) right in the outputs folder."""
+        """`path` resolved, if it is a job directory (or its mp4) right in the outputs folder; a
+        relative path is taken in the outputs folder."""
         if path.suffix == ".mp4":
             path = path.with_suffix(JOB_SUFFIX)
-        root = path.resolve()
+        root = (self.out_dir / path).resolve()
         if root.parent != self.out_dir.resolve() or root.suffix != JOB_SUFFIX:
             raise ValueError(f"{path.name} is not a job directory in this server's outputs folder.")
         if not (root / "job.json").is_file():

@@ -67,10 +67,16 @@ def unfinished_jobs(outputs: str | Path, manifest=None, exclude: set[Path] = fro
     return sorted(found, key=lambda u: u.modified, reverse=True)
 
 
-def add_resume_section(app, queue, outputs: Path, job_output, refresh_seconds: float = 2.0) -> None:
-    """The Resume accordion inside `app`'s layout; a resumed job's id goes to `job_output`
-    (the component whose change makes it the watched job). Also the `/resume` API (a job
-    directory's path)."""
+def add_resume_section(
+    app, queue, outputs: Path, follow, results: list, refresh_seconds: float = 2.0
+) -> None:
+    """The Resume accordion inside `app`'s layout, and the `/resume` API (a job directory's path).
+
+    `follow(job)` is the async generator of updates to `results` that `/generate` answers with:
+    the job's id at once (so the tab watches it), then its video and info once it has ended.
+    """
+    import asyncio
+
     import gradio as gr
 
     with gr.Accordion("Unfinished jobs: resume one", open=True, elem_id="fp-resume"):
@@ -81,6 +87,7 @@ def add_resume_section(app, queue, outputs: Path, job_output, refresh_seconds: f
                 label="Unfinished job (prompt · sections done · name)",
                 elem_id="fp-resume-pick",
                 scale=3,
+                allow_custom_value=True,  # /resume takes any path; JobQueue.resume checks it
             )
             button = gr.Button("Resume", elem_id="fp-resume-button", scale=1)
     listed = gr.State(None)
@@ -103,10 +110,21 @@ def add_resume_section(app, queue, outputs: Path, job_output, refresh_seconds: f
         api_visibility="private",
     )
 
-    def resume(job_dir: str | None) -> int:
-        """Queue the rest of an unfinished job of the outputs folder; returns the new job's id."""
+    async def resume(job_dir: str | None):
+        """Queue the rest of an unfinished job of the outputs folder and wait for it; returns (job id,
+        the mp4, an info dict) as /generate does."""
         if not job_dir:
             raise gr.Error("Select an unfinished job first.", print_exception=False)
-        return queue.resume(job_dir).id
+        job = await asyncio.to_thread(queue.resume, job_dir)
+        async for update in follow(job):
+            yield update
 
-    button.click(resume, inputs=[pick], outputs=[job_output], api_name="resume", show_progress="hidden")
+    button.click(
+        resume,
+        inputs=[pick],
+        outputs=results,
+        api_name="resume",
+        show_progress="hidden",
+        trigger_mode="multiple",
+        concurrency_limit=None,
+    )
