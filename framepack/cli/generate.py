@@ -151,7 +151,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument(
-        "--vram-budget", metavar="GB|auto", help="device memory for the transformer; blocks beyond it stream"
+        "--vram-budget",
+        metavar="GB|auto",
+        help="device memory for the weights: transformer blocks beyond it stream, encoders and VAE visit",
     )
     p.add_argument(
         "--fp8-weights",

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .offload import Offloader, module_bytes
 from .streaming import GIB, ByteLedger, WeightStreamer, budget_bytes, parse_budget, plan_memory
 
-__all__ = ["Accelerated", "accelerate", "check_speed_settings", "default_reserve"]
+__all__ = ["Accelerated", "accelerate", "check_speed_settings", "default_reserve", "release"]
 
 _ATTACHED = "_framepack_accelerated"
 
@@ -54,6 +55,8 @@ class Accelerated:
     streamer: WeightStreamer | None = None
     cache: object | None = None  # a framepack.caching.StepCache
     ledger: ByteLedger | None = None
+    counted: int = 0  # bytes of a resident model put on a shared ledger (offload.py)
+    memory: Offloader | None = None  # the encoders' and the VAE's visits under the same budget
 
     def new_section(self, steps: int, branches: int = 1) -> None:
         """Reset every step cache on the model (ours and any attached by hand, e.g. a calibration
@@ -67,6 +70,10 @@ class Accelerated:
         if self.streamer is not None:
             out["memory_plan"] = self.streamer.plan.describe()
             out["weights_peak_gib"] = round(self.ledger.peak / GIB, 3)
+        if self.ledger is not None:
+            out["device_weights_peak_bytes"] = self.ledger.peak
+        if self.memory is not None and self.memory.total is not None:
+            out["offload"] = self.memory.describe()
         if self.cache is not None:
             out["cache"] = {
                 "name": self.cache.name,
@@ -80,7 +87,17 @@ class Accelerated:
             self.cache.detach()
         if self.streamer is not None:
             self.streamer.detach()
+        if self.counted:
+            self.ledger.remove(self.counted, "transformer")
+            self.counted = 0
         self.model.__dict__.pop(_ATTACHED, None)
+
+
+def release(model: nn.Module) -> None:
+    """Detach whatever `accelerate` attached to `model` (its streamed weights come back on the host)."""
+    previous = model.__dict__.get(_ATTACHED)
+    if previous is not None:
+        previous.detach()
 
 
 def accelerate(
@@ -92,34 +109,41 @@ def accelerate(
     coefficients: tuple[float, ...] | None = None,
     fp8: bool = False,
     reserve: int | None = None,
+    memory: Offloader | None = None,
 ) -> Accelerated:
     """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`.
 
     With neither, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
-    kept for activations (default: `default_reserve`).
+    kept for activations (default: `default_reserve`). With `memory` (`offload.plan_offload` for the
+    same budget) the transformer gets the weight bytes the encoders and the VAE leave it, and its
+    bytes go on `memory`'s ledger.
     """
     from ..caching import make_cache
 
     device = torch.device(device)
-    previous = model.__dict__.get(_ATTACHED)
-    if previous is not None:
-        previous.detach()  # streamed weights come back on the host
-    run = Accelerated(model)
+    release(model)  # streamed weights come back on the host
+    run = Accelerated(model, memory=memory)
     total = budget_bytes(parse_budget(vram_budget), device, model)
+    if memory is not None and memory.total is not None:
+        run.ledger = memory.ledger
     if total is not None or fp8:
-        weights = (
-            None
-            if total is None
-            else total - (default_reserve(total, device) if reserve is None else reserve)
-        )
+        if total is None:
+            weights = None
+        elif memory is not None and memory.total is not None:
+            weights = memory.transformer_budget
+        else:
+            weights = total - (default_reserve(total, device) if reserve is None else reserve)
         plan = plan_memory(model, weights, fp8=fp8)
         if plan.streamed:
-            run.ledger = ByteLedger(keep_events=False)
+            run.ledger = run.ledger if run.ledger is not None else ByteLedger(keep_events=False)
             run.streamer = WeightStreamer(model, plan, device, run.ledger).attach()
     if run.streamer is None:
         model.to(device)
+        if run.ledger is not None:
+            run.counted = module_bytes(model)
+            run.ledger.add(run.counted, "transformer")
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
-    if run.streamer is not None or run.cache is not None:
+    if run.streamer is not None or run.cache is not None or run.counted:
         model.__dict__[_ATTACHED] = run
     return run

@@ -147,14 +147,17 @@ def _spread(n: int, r: int) -> list[bool]:
     return [(i + 1) * r // n > i * r // n for i in range(n)]
 
 
-def plan_memory(model: nn.Module, budget: int | None, fp8: bool = False) -> MemoryPlan:
+def plan_memory(
+    model: nn.Module, budget: int | None, fp8: bool = False, blocks: Sequence[nn.Module] | None = None
+) -> MemoryPlan:
     """Plan for a weight budget in bytes (None: everything resident). Raises ValueError if too small.
 
     The smallest workable budget holds the non-block weights and one streamed block (copied
     synchronously); two slots (double buffering) are used whenever they fit. Within the budget
     as many blocks as fit stay resident, spread evenly, then any smaller block that still fits.
+    `blocks` are the streamable layers in execution order (default: the transformer's blocks).
     """
-    blocks = blocks_of(model)
+    blocks = blocks_of(model) if blocks is None else list(blocks)
     if any(t.numel() == 0 for b in blocks for t in _tensors(b)):
         raise ValueError("some blocks are streamed already (empty weights); detach the streamer first.")
     in_blocks = {id(t) for b in blocks for t in _tensors(b)}
@@ -237,11 +240,16 @@ class WeightStreamer:
     priority = 0  # step caches (higher) run outside and skip the load of a skipped block
 
     def __init__(
-        self, model: nn.Module, plan: MemoryPlan, device: torch.device | str, ledger: ByteLedger | None = None
+        self,
+        model: nn.Module,
+        plan: MemoryPlan,
+        device: torch.device | str,
+        ledger: ByteLedger | None = None,
+        blocks: Sequence[nn.Module] | None = None,
     ) -> None:
         self.model, self.plan, self.device = model, plan, torch.device(device)
         self.ledger = ledger if ledger is not None else ByteLedger()
-        self.blocks = blocks_of(model)
+        self.blocks = blocks_of(model) if blocks is None else list(blocks)
         self.order = plan.streamed  # block indices, execution order
         self.entries: dict[int, list[_Entry]] = {}
         self.loaded: dict[int, object] = {}  # block -> copy-done event (None on a CPU)
@@ -250,6 +258,7 @@ class WeightStreamer:
         self.cuda = self.device.type == "cuda"
         self.side = None
         self.transfers = 0  # bytes copied host -> device
+        self.resident_bytes = 0  # what `attach` put on the ledger
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> WeightStreamer:
@@ -260,10 +269,10 @@ class WeightStreamer:
                 entries.append(self._offload(t))
             self.entries[i] = entries
         self.model.to(self.device)  # the placeholders are empty: this moves base + resident blocks
-        resident = self.plan.base_bytes + sum(
+        self.resident_bytes = self.plan.base_bytes + sum(
             b for b, r in zip(self.plan.block_bytes, self.plan.resident, strict=True) if r
         )
-        self.ledger.add(resident, "resident")
+        self.ledger.add(self.resident_bytes, "resident")
         if self.cuda:
             self.side = torch.cuda.Stream(self.device)
         for k, i in enumerate(self.order):
@@ -302,7 +311,8 @@ class WeightStreamer:
             for e in entries:
                 e.tensor.data = e.full()
         self.entries.clear()
-        self.ledger.remove(self.ledger.current, "resident")
+        self.ledger.remove(self.resident_bytes, "resident")  # the ledger may be shared (offload.py)
+        self.resident_bytes = 0
 
     # ------------------------------------------------------------------ loads and drops
     def _load(self, i: int) -> None:

@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..memory.offload import Offloader, on_device, plan_offload, vae_tiles
 from .bundle import Bundle
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "PromptEmbeds",
     "encode_image",
     "encode_prompt",
+    "offloaded",
     "prompt_is_cut",
     "template_crop_for",
     "vae_decode",
@@ -98,8 +102,10 @@ def encode_prompt(bundle: Bundle, prompt: str) -> PromptEmbeds:
             "the bundle's template_crop does not fit its tokenizer."
         )
     # No padding is fed: LLaMA is causal, so the prompt's states equal the padded reference's.
-    out = llama(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-    states = out.hidden_states[m.text_hidden_layer][:, m.template_crop :].float()  # (1, n - crop, D)
+    with on_device(llama):  # under a VRAM budget each encoder visits the device only for its call
+        out = llama(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        states = out.hidden_states[m.text_hidden_layer][:, m.template_crop :].float()  # (1, n - crop, D)
+        del out
     length = states.shape[1]
     text_embeds = states.new_zeros(1, m.max_prompt_tokens, states.shape[2])  # (1, L, D)
     text_embeds[:, :length] = states
@@ -111,7 +117,8 @@ def encode_prompt(bundle: Bundle, prompt: str) -> PromptEmbeds:
     clip_ids = bundle.tokenizer_2(
         prompt, padding="max_length", max_length=CLIP_TOKENS, truncation=True, return_tensors="pt"
     ).input_ids.to(clip_device)  # (1, 77)
-    pooled = clip(clip_ids, output_hidden_states=False).pooler_output.float()  # (1, D_pooled)
+    with on_device(clip):
+        pooled = clip(clip_ids, output_hidden_states=False).pooler_output.float()  # (1, D_pooled)
     return PromptEmbeds(text_embeds, mask, pooled.to(device), truncated=full > limit)
 
 
@@ -136,8 +143,9 @@ def encode_image(bundle: Bundle, image: np.ndarray) -> torch.Tensor:
         raise ValueError(f"the image must be an (H, W, 3) uint8 RGB array, got a {what}.")
     device, dtype = _module_device_dtype(bundle.image_encoder)
     pixels = bundle.feature_extractor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, S, S)
-    out = bundle.image_encoder(pixel_values=pixels.to(device=device, dtype=dtype))
-    return out.last_hidden_state.float()  # (1, N, D_img)
+    with on_device(bundle.image_encoder):
+        out = bundle.image_encoder(pixel_values=pixels.to(device=device, dtype=dtype))
+        return out.last_hidden_state.float()  # (1, N, D_img)
 
 
 def _check_video(x: torch.Tensor, channels: int, what: str) -> None:
@@ -165,7 +173,8 @@ def vae_encode(
         raise ValueError(f"vae_encode mode must be 'sample' or 'mean', got {mode!r}.")
     vae = bundle.vae
     device, dtype = _module_device_dtype(vae)
-    posterior = vae.encode(frames.to(device=device, dtype=dtype)).latent_dist
+    with on_device(vae):
+        posterior = vae.encode(frames.to(device=device, dtype=dtype)).latent_dist
     if mode == "mean":
         latents = posterior.mode()
     else:
@@ -178,15 +187,38 @@ def vae_decode(bundle: Bundle, latents: torch.Tensor, tiling: bool = True) -> to
     """Frames `(B, 3, 4t - 3, 8h, 8w)` (float32, nominally [-1, 1], not clamped) of latents `(B, 16, t, h, w)`.
 
     `tiling=True` decodes frames larger than the VAE's tile (256 px) in overlapping spatial tiles,
-    which keeps memory small at a tiny blending cost; `False` decodes in one pass. Clamping is left
-    to the writer, as in the release (blending of overlapping sections happens before it).
+    which keeps memory small at a tiny blending cost; `False` decodes in one pass. Under a VRAM
+    budget (`framepack.memory.offload`) the tile shrinks, and batches are decoded one video at a
+    time, when the budget's room for activations is below the 256-px decode's estimated need
+    (`vae_tiles`). Clamping is left to the writer, as in the release (blending of overlapping
+    sections happens before it).
     """
     vae = bundle.vae
     _check_video(latents, vae.config.latent_channels, "latents")
     device, dtype = _module_device_dtype(vae)
-    if tiling:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-    z = latents.to(device=device, dtype=dtype) / bundle.manifest.vae_scaling_factor
-    return vae.decode(z).sample.float()  # (B, 3, T, H, W)
+    with on_device(vae) as room:
+        tile = vae_tiles(vae, latents.shape, room) if tiling else None
+        if tiling:
+            side = tile or 256  # diffusers' default tile, overlapping by a quarter
+            vae.enable_tiling(side, side, None, side * 3 // 4, side * 3 // 4)
+        else:
+            vae.disable_tiling()
+        if tile is not None:
+            vae.enable_slicing()
+        else:
+            vae.disable_slicing()
+        z = latents.to(device=device, dtype=dtype) / bundle.manifest.vae_scaling_factor
+        return vae.decode(z).sample.float()  # (B, 3, T, H, W)
+
+
+@contextmanager
+def offloaded(bundle: Bundle, vram_budget: str | float | None) -> Iterator[Offloader]:
+    """The encoders and the VAE fitted to `vram_budget` for one run (`framepack.memory.offload`):
+    all kept on the device when everything fits, else each visits it only while used."""
+    model = bundle.transformer
+    visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
+    memory = plan_offload(model, visitors, next(model.parameters()).device, vram_budget, beside=bundle.vae)
+    try:
+        yield memory
+    finally:
+        memory.close()

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..lora import applied_loras
-from ..memory.runtime import accelerate
 from ..model.transformer import HistoryGroup
 from ..packing.layout import forward_layout, gather_history
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
@@ -39,6 +38,7 @@ from .generate import (
     Stage,
     StepEvent,
     _sample_live,
+    accelerate_run,
     make_denoiser,
     prepare,
 )
@@ -109,11 +109,16 @@ def extend_events(
     cancel: Callable[[], bool] | None = None,
 ) -> Iterator[Event]:
     """Generate `prepared`'s sections after `source`, yielding the same events as `generate_events`."""
-    with applied_loras(bundle.transformer, prepared.loras):
-        yield from _extend(bundle, prepared, source, out_dir, cancel)
+    from .conditioning import offloaded
+
+    with (
+        applied_loras(bundle.transformer, prepared.loras),
+        offloaded(bundle, prepared.settings.vram_budget) as memory,
+    ):
+        yield from _extend(bundle, prepared, source, out_dir, cancel, memory)
 
 
-def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel) -> Iterator[Event]:
+def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel, memory) -> Iterator[Event]:
     from ..io import write_gif, write_json_atomic, write_mp4, write_png_frames
     from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
 
@@ -124,7 +129,6 @@ def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel) -> Iter
     video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     started = time.perf_counter()
     model = bundle.transformer
-    speed = accelerate(model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients)
     device, schedule, ws = model.device, plan.schedule, plan.window
 
     # 1. Conditioning: the prompts, the start frame (anchor and image condition), the source's end
@@ -135,13 +139,14 @@ def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel) -> Iter
     count = source.frames.shape[0]
     n = min(schedule.history_frames + ws, (count - 1) // 4 + 1)  # history + decoder context, in latents
     near = source.frames[count - (4 * n - 3) :] if forward else source.frames[: 4 * n - 3]
-    with torch.no_grad():
+    with torch.no_grad(), memory.transformer_away(model):  # under a budget: the encoders visit alone
         prompts = [encode_prompt(bundle, p) for p in prepared.prompts]
         negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
         siglip = encode_image(bundle, first)
         start = vae_encode(bundle, _pixels(first[None])).float().cpu()  # (1, C, 1, h, w)
         near_latents = vae_encode(bundle, _pixels(near)).float().cpu()  # (1, C, n, h, w)
     _, c, _, h, w = near_latents.shape
+    speed = accelerate_run(model, device, s, memory)
 
     decoder = IncrementalDecoder(lambda lat: vae_decode(bundle, lat.to(device)).float().cpu(), ws)
     total = plan.total_latents  # inverted: [start | the new latents], then the source's head

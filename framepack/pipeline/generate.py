@@ -256,8 +256,13 @@ def generate_events(
     the video written after the last finished section stays in place. LoRAs are applied on the
     fly for the run and removed after it, leaving the bundle's transformer as it was.
     """
-    with applied_loras(bundle.transformer, prepared.loras):
-        for event in _run(bundle, prepared, out_dir, cancel, job):
+    from .conditioning import offloaded
+
+    with (
+        applied_loras(bundle.transformer, prepared.loras),
+        offloaded(bundle, prepared.settings.vram_budget) as memory,
+    ):
+        for event in _run(bundle, prepared, out_dir, cancel, job, memory):
             if isinstance(event, Finished) and prepared.settings.loop:
                 event.info["loop_seam"] = record_loop_seam(event.video, event.sidecar)
             yield event
@@ -281,7 +286,7 @@ def _encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
     return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
 
 
-def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir) -> Iterator[Event]:
+def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir, memory) -> Iterator[Event]:
     from ..io import write_gif, write_json_atomic, write_png_frames
     from .conditioning import PromptEmbeds, vae_decode
     from .jobs import Job, SegmentedVideo
@@ -299,19 +304,18 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir) -> It
         job.check_images(prepared)
     video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     model = bundle.transformer
-    speed = accelerate(
-        model, model.device, s.vram_budget, s.cache, s.cache_threshold, s.cache_coefficients, s.fp8_weights
-    )  # weight streaming and the step cache, as hooks
     device, schedule, ws = model.device, plan.schedule, plan.window
 
     # 1. Conditioning, encoded once per job (a resumed run reads it back from the job directory).
+    #    Under a VRAM budget the transformer is off the device meanwhile (framepack.memory.offload).
     yield Stage("encoding")
     inputs = job.load_inputs()
     if inputs is None:
-        with torch.no_grad():
+        with torch.no_grad(), memory.transformer_away(model):
             inputs = _encode_inputs(bundle, prepared)
         job.save_images(prepared)
         job.save_inputs(inputs)
+    speed = accelerate_run(model, device, s, memory)  # weight streaming and the step cache, as hooks
 
     def embeds(key: str) -> PromptEmbeds:
         return PromptEmbeds(inputs[f"{key}.text"], inputs[f"{key}.mask"], inputs[f"{key}.pooled"]).to(device)
@@ -432,6 +436,21 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir) -> It
     write_json_atomic(info, sidecar_path)
     job.remove()  # everything it held is in the outputs now
     yield Finished(video_path, frames_written, sidecar_path, gif_path, info["seconds"], info)
+
+
+def accelerate_run(model, device, s: GenerationSettings, memory=None):
+    """`framepack.memory.runtime.accelerate` with a run's speed settings: weight streaming under
+    the VRAM budget (beside `memory`'s encoders and VAE, `framepack.memory.offload`), a step cache."""
+    return accelerate(
+        model,
+        device,
+        s.vram_budget,
+        s.cache,
+        s.cache_threshold,
+        s.cache_coefficients,
+        s.fp8_weights,
+        memory=memory,
+    )
 
 
 def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, s: GenerationSettings):

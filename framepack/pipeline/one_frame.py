@@ -30,7 +30,7 @@ from ..model.transformer import HistoryGroup
 from ..packing.layout import inverted_layout
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
 from .decode import to_uint8_frames
-from .generate import Prepared, _pixels, make_denoiser
+from .generate import Prepared, _pixels, accelerate_run, make_denoiser
 
 __all__ = ["FrameDone", "group_names", "check_one_frame", "generate_frame", "MAX_INDEX"]
 
@@ -80,7 +80,7 @@ def generate_frame(
     before anything is written.
     """
     from ..io import atomic_write, write_json_atomic
-    from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
+    from .conditioning import encode_image, encode_prompt, offloaded, vae_decode, vae_encode
 
     s, plan = prepared.settings, prepared.plan
     schedule, ws = plan.schedule, plan.window
@@ -91,44 +91,51 @@ def generate_frame(
     model = bundle.transformer
     device = model.device
     layout = inverted_layout(schedule, blank=0)
+    # As `generate_events`: LoRAs on, then under a VRAM budget the encoders visit the device while
+    # the transformer is away, then the transformer is streamed (and cached) and the VAE visits.
+    with applied_loras(model, prepared.loras), offloaded(bundle, s.vram_budget) as memory:
+        with torch.no_grad(), memory.transformer_away(model):
+            cond = encode_prompt(bundle, prepared.prompts[0])
+            negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
+            siglip = encode_image(bundle, prepared.image)
+            start = vae_encode(bundle, _pixels(prepared.image)).float().cpu()  # (1, C, 1, h, w)
+            post = None
+            if prepared.end_image is not None:
+                post = vae_encode(bundle, _pixels(prepared.end_image)).float().cpu()
+        speed = accelerate_run(model, device, s, memory)
+        _, c, _, h, w = start.shape
 
-    with torch.no_grad():
-        cond = encode_prompt(bundle, prepared.prompts[0])
-        negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
-        siglip = encode_image(bundle, prepared.image)
-        start = vae_encode(bundle, _pixels(prepared.image)).float().cpu()  # (1, C, 1, h, w)
-        post = None
-        if prepared.end_image is not None:
-            post = vae_encode(bundle, _pixels(prepared.end_image)).float().cpu()
-    _, c, _, h, w = start.shape
+        k1_latents, k1_indices = [start], list(layout.start)
+        packed = []
+        for name, g, idx in zip(group_names(schedule), schedule.groups, layout.groups, strict=True):
+            if name not in groups:
+                continue
+            latents = post if name == "post" and post is not None else torch.zeros(1, c, g.frames, h, w)
+            if name == "post":
+                k1_latents.append(latents)
+                k1_indices += list(idx)
+            else:
+                packed.append(HistoryGroup(latents.to(device), torch.tensor(idx), g.kernel.name))
+        k1 = HistoryGroup(
+            torch.cat(k1_latents, dim=2).to(device), torch.tensor(k1_indices), schedule.groups[0].kernel.name
+        )
+        packed.insert(0, k1)
+        noisy_indices = torch.tensor([index])
+        guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
 
-    k1_latents, k1_indices = [start], list(layout.start)
-    packed = []
-    for name, g, idx in zip(group_names(schedule), schedule.groups, layout.groups, strict=True):
-        if name not in groups:
-            continue
-        latents = post if name == "post" and post is not None else torch.zeros(1, c, g.frames, h, w)
-        if name == "post":
-            k1_latents.append(latents)
-            k1_indices += list(idx)
-        else:
-            packed.append(HistoryGroup(latents.to(device), torch.tensor(idx), g.kernel.name))
-    k1 = HistoryGroup(
-        torch.cat(k1_latents, dim=2).to(device), torch.tensor(k1_indices), schedule.groups[0].kernel.name
-    )
-    packed.insert(0, k1)
-    noisy_indices = torch.tensor([index])
-    guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
+        denoise = make_denoiser(model, device, noisy_indices, packed, cond, negative, guidance, siglip, s)
 
-    denoise = make_denoiser(model, device, noisy_indices, packed, cond, negative, guidance, siglip, s)
-
-    generator = torch.Generator("cpu").manual_seed(s.seed)
-    noise = torch.randn((1, c, 1, h, w), generator=generator)  # (1, C, 1, h, w): one latent
-    sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(1, h, w), shift=s.shift)
-    callback = None if on_step is None else (lambda i, n, x, x0: on_step(i, n))
-    with applied_loras(model, prepared.loras), torch.no_grad():
-        latent = get_sampler(s.sampler)(denoise, noise, sigmas, callback=callback, cancel=cancel)
-        frame = to_uint8_frames(vae_decode(bundle, latent.float().to(device)).float().cpu())[0]  # (H, W, 3)
+        generator = torch.Generator("cpu").manual_seed(s.seed)
+        noise = torch.randn((1, c, 1, h, w), generator=generator)  # (1, C, 1, h, w): one latent
+        sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(1, h, w), shift=s.shift)
+        callback = None if on_step is None else (lambda i, n, x, x0: on_step(i, n))
+        speed.new_section(len(sigmas) - 1, 1 if negative is None else 2)
+        with torch.no_grad():
+            latent = get_sampler(s.sampler)(denoise, noise, sigmas, callback=callback, cancel=cancel)
+            frame = to_uint8_frames(vae_decode(bundle, latent.float().to(device)).float().cpu())[
+                0
+            ]  # (H, W, 3)
+        speed_info = speed.info()
 
     out = Path(out_dir)
     stem = s.name or time.strftime("framepack_frame_%Y%m%d-%H%M%S") + f"_{s.seed}"
@@ -148,6 +155,7 @@ def generate_frame(
         },
         "image": image_path.name,
         "seconds": round(time.perf_counter() - started, 3),
+        **speed_info,
     }
     write_json_atomic(info, sidecar_path)
     return FrameDone(image_path, sidecar_path, frame, info)
