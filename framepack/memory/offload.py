@@ -208,7 +208,8 @@ def plan_offload(
     from .runtime import default_reserve, release
 
     device = torch.device(device)
-    total = budget_bytes(parse_budget(vram_budget), device, transformer)
+    held = nn.ModuleList([transformer, *visitors])  # "auto": what they hold counts as free
+    total = budget_bytes(parse_budget(vram_budget), device, held)
     if total is None:
         return Offloader(device, None, None)
     release(transformer)  # an earlier run's streaming comes off, so its bytes count (`accelerate` would)

@@ -89,8 +89,8 @@ def budget_bytes(
 ) -> int | None:
     """Bytes for a parsed budget on `device`; None means no limit (everything resident).
 
-    "auto" is the device's free memory plus what `model` already holds there (CUDA); on a CPU it
-    means no limit.
+    "auto" is the device's free memory plus what `model` (a module, or a `nn.ModuleList` of several)
+    already holds there (CUDA); on a CPU it means no limit.
     """
     device = torch.device(device)
     if budget is None:
@@ -99,7 +99,9 @@ def budget_bytes(
         if device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(device)
-        held = 0 if model is None else _nbytes([t for t in _tensors(model) if t.device == device])
+        index = torch.cuda.current_device() if device.index is None else device.index
+        on = torch.device("cuda", index)
+        held = 0 if model is None else _nbytes([t for t in _tensors(model) if t.device == on])
         return int(free + held)
     return round(float(budget) * GIB)
 
