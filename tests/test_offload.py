@@ -155,11 +155,38 @@ def test_a_visitor_bigger_than_the_budget_streams_its_layers(bundle):
     assert _on_device(llama)
 
 
-def test_too_small_a_budget_is_one_sentence(bundle):
+def test_too_small_a_budget_is_one_sentence_before_anything_is_written(bundle, image, tmp_path):
+    small = module_bytes(bundle.vae) / GIB  # the VAE, but no room for the transformer beside it
     with pytest.raises(ValueError, match="too small"):
-        with offloaded(bundle, module_bytes(bundle.vae) / GIB):
+        with offloaded(bundle, small):
             pass
-    assert all(_on_device(m) for m in bundle.modules().values())
+    assert all(_on_device(m) for m in _visitors(bundle).values())
+    with pytest.raises(ValueError, match="too small"):
+        generate(
+            bundle, GenerationSettings(prompt="a cat", sections=1, vram_budget=small), tmp_path, image=image
+        )
+    assert not any(tmp_path.iterdir())
+
+
+def test_video_extension_under_a_budget_is_bit_identical(tmp_path):
+    from framepack.io import write_mp4
+    from framepack.pipeline.extend import extend_events, prepare_extension
+
+    bundle = tiny_bundle("forward")
+    frames = np.full((13, 64, 64, 3), (40, 60, 90), np.uint8)
+    for t in range(13):
+        frames[t, 20:40, 2 * t : 2 * t + 16] = (230, 200, 40)
+    write_mp4(frames, tmp_path / "clip.mp4", fps=24)
+    videos = []
+    for name, budget in (("plain", None), ("tight", _tight_budget(bundle) / GIB)):
+        settings = GenerationSettings(
+            prompt="it moves", steps=2, window=3, sections=1, name=name, vram_budget=budget
+        )
+        prepared, source = prepare_extension(bundle, settings, tmp_path / "clip.mp4")
+        *_, done = extend_events(bundle, prepared, source, tmp_path)
+        videos.append(read_video(done.video)[0])
+    assert "only while used" in done.info["offload"] and "streamed" in done.info["memory_plan"]
+    assert np.array_equal(videos[0], videos[1])
 
 
 def test_tile_follows_the_room_and_stays_close(bundle):
