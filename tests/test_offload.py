@@ -158,6 +158,25 @@ def test_a_visitor_bigger_than_the_budget_streams_its_layers(bundle):
     assert _on_device(llama)
 
 
+def test_nested_visits_copy_once_and_the_home_device_comes_back(bundle):
+    vae = bundle.vae
+    memory = plan_offload(_NoBlocks(), [vae], "cpu", (module_bytes(vae) - 1) / GIB, reserve=0)
+    try:  # not quite the VAE: it streams its largest list of blocks while it visits
+        assert id(vae) in memory.streamed
+        with on_device(vae), on_device(vae):
+            inside = memory.ledger.current
+        assert memory.visits == 1 and memory.ledger.current == 0 and inside > 0
+        memory.streamed.clear()  # as if it fitted whole
+        with on_device(vae):
+            with on_device(vae):
+                assert memory.ledger.current == module_bytes(vae)
+            assert _on_device(vae)  # the inner block left it in
+        assert not _on_device(vae) and memory.visits == 2
+    finally:
+        memory.close()
+    assert _on_device(vae) and "_framepack_away_from" not in vae.__dict__  # a CPU needs no way back
+
+
 def test_too_small_a_budget_is_one_sentence_before_anything_is_written(bundle, image, tmp_path):
     small = module_bytes(bundle.vae) / GIB  # the VAE, but no room for the transformer beside it
     with pytest.raises(ValueError, match="too small"):

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _MANAGED = "_framepack_offloader"
+_AWAY = "_framepack_away_from"  # the device a module was parked away from, until a run takes it back
 TILES = (256, 192, 128, 96, 64)  # decode tile sides in pixels, largest first (256: diffusers' default)
 LIVE_TENSORS = 5  # full-resolution tensors alive at once in a decoder resnet / upsampler (estimate)
 
@@ -88,6 +89,7 @@ class Offloader:
     streamed: dict[int, MemoryPlan] = field(default_factory=dict)  # visitors too big to visit whole
     managed: list[nn.Module] = field(default_factory=list)
     visits: int = 0  # how many times a module was copied in
+    inside: set[int] = field(default_factory=set)  # id(module) of the modules in a `use` block
     activations: bool = True  # whether `room` is meaningful (see `plan_offload`)
 
     # ---------------------------------------------------------------------------- parking
@@ -115,10 +117,17 @@ class Offloader:
     def use(self, module: nn.Module) -> Iterator[int | None]:
         """`module` on the device for the block; yields the bytes of the budget left (None: no budget)."""
         entries = self.parked.get(id(module))
-        if entries is None:  # resident (or not managed): nothing moves
+        if entries is None or id(module) in self.inside:  # resident, or already in: nothing moves
             yield self.room()
             return
         self.visits += 1
+        self.inside.add(id(module))
+        try:
+            yield from self._visit(module, entries)
+        finally:
+            self.inside.discard(id(module))
+
+    def _visit(self, module: nn.Module, entries: list[_Parked]) -> Iterator[int | None]:
         name = type(module).__name__
         plan = self.streamed.get(id(module))
         if plan is None:
@@ -168,6 +177,8 @@ class Offloader:
     def close(self) -> None:
         """Every parked module gets its host weights back; the modules are no longer managed."""
         for module in self.managed:
+            if id(module) in self.parked and self.device.type != "cpu":
+                module.__dict__[_AWAY] = self.device  # its weights stay on the host after the run
             self.unpark(module)
             module.__dict__.pop(_MANAGED, None)
         self.managed.clear()
@@ -210,7 +221,11 @@ def plan_offload(
     device = torch.device(device)
     held = nn.ModuleList([transformer, *visitors])  # "auto": what they hold counts as free
     total = budget_bytes(parse_budget(vram_budget), device, held)
-    if total is None:
+    if total is None:  # no budget: modules an earlier budget left on the host come back
+        for m in visitors:
+            away = m.__dict__.pop(_AWAY, None)
+            if away is not None:
+                m.to(away)
         return Offloader(device, None, None)
     release(transformer)  # an earlier run's streaming comes off, so its bytes count (`accelerate` would)
     weights = total - (default_reserve(total, device) if reserve is None else reserve)
@@ -233,6 +248,7 @@ def plan_offload(
     for m in visitors:
         off.managed.append(m)
         m.__dict__[_MANAGED] = off
+        m.__dict__.pop(_AWAY, None)
         if fits:  # everything fits: it all stays on the device
             m.to(device)
         else:
