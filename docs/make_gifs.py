@@ -32,15 +32,19 @@ START = EXAMPLES / "red_circle_moves_right.png"
 
 def modes(work: Path) -> dict[str, list[str]]:
     """Mode name -> the `framepack generate` arguments that show it."""
-    source = work / "source.mp4"  # a demo-world clip to extend
+    # Extension in the demo model's inverted order leads from a start image into a video: the
+    # second half of a demo-world clip is the video, its first frame the start image.
+    source, lead_in = work / "source.mp4", work / "lead_in.png"
     scene = scene_from_caption("a yellow square moves up on a black background", seed=900_010, frames=145)
-    write_mp4(render(scene, 73, 64), source, fps=30)
+    frames = render(scene, 145, 64)
+    write_mp4(frames[72:], source, fps=30)
+    Image.fromarray(frames[0]).save(lead_in)
     return {
         "image_to_video": ["--image", str(START), "--prompt", "a red circle moves right on a blue background"],
         "text_to_video": ["--t2v-colour", "purple", "--prompt", "a white circle moves left on a purple background"],
         "loop": ["--image", str(EXAMPLES / "green_circle_moves_down.png"), "--loop",
                  "--prompt", "a green circle moves down on a yellow background"],
-        "extend": ["--video", str(source), "--prompt", "a yellow square moves up on a black background"],
+        "extend": ["--video", str(source), "--image", str(lead_in), "--prompt", "a yellow square moves up on a black background"],
         "one_frame": ["--image", str(EXAMPLES / "white_triangle_moves_left.png"), "--one-frame", "9",
                       "--prompt", "a white triangle moves left on a purple background"],
     }  # fmt: skip
