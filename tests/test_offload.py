@@ -183,10 +183,11 @@ def test_too_small_a_budget_is_one_sentence_before_anything_is_written(bundle, i
         with offloaded(bundle, small):
             pass
     assert all(_on_device(m) for m in _visitors(bundle).values())
-    with pytest.raises(ValueError, match="too small"):
-        generate(
-            bundle, GenerationSettings(prompt="a cat", sections=1, vram_budget=small), tmp_path, image=image
-        )
+    tight = _tight_budget(bundle) / GIB  # enough, but not for an fp8 block's raw copy beside it
+    for budget, fp8 in ((small, False), (tight, True)):
+        settings = GenerationSettings(prompt="a cat", sections=1, vram_budget=budget, fp8_weights=fp8)
+        with pytest.raises(ValueError, match="too small"):
+            generate(bundle, settings, tmp_path, image=image)
     assert not any(tmp_path.iterdir())
 
 

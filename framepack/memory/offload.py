@@ -206,11 +206,13 @@ def plan_offload(
     vram_budget: str | float | None,
     reserve: int | None = None,
     beside: nn.Module | None = None,
+    fp8: bool = False,
 ) -> Offloader:
     """Plan the encoders' and the VAE's visits for `vram_budget` (GiB, "auto" or None) and park them.
 
     `beside` is the visitor used while the transformer holds the device (the VAE, for decoding
-    between sections); the transformer's budget leaves room for it. `reserve` bytes are kept for
+    between sections); the transformer's budget leaves room for it (its plan checked with `fp8` host
+    copies when asked, so a too small budget fails before any work). `reserve` bytes are kept for
     activations (default: `runtime.default_reserve`). On a CPU, where activations share the host's
     memory with everything else, the budget bounds the weights only, unless `reserve` is given
     (then `Offloader.room` also picks the VAE's decode tile there). Raises ValueError when a module
@@ -235,7 +237,7 @@ def plan_offload(
     if not fits:  # every check before anything is registered or moved
         off.resident = False
         off.transformer_budget = weights - (0 if beside is None else module_bytes(beside))
-        plan_memory(transformer, off.transformer_budget)  # a budget too small fails here
+        plan_memory(transformer, off.transformer_budget, fp8=fp8)  # a budget too small fails here
         for m, size in zip(visitors, sizes, strict=True):
             if size > weights:  # too big to visit whole: its layers stream
                 layers = layers_of(m)

@@ -212,12 +212,13 @@ def vae_decode(bundle: Bundle, latents: torch.Tensor, tiling: bool = True) -> to
 
 
 @contextmanager
-def offloaded(bundle: Bundle, vram_budget: str | float | None) -> Iterator[Offloader]:
+def offloaded(bundle: Bundle, vram_budget: str | float | None, fp8: bool = False) -> Iterator[Offloader]:
     """The encoders and the VAE fitted to `vram_budget` for one run (`framepack.memory.offload`):
     all kept on the device when everything fits, else each visits it only while used."""
     model = bundle.transformer
     visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
-    memory = plan_offload(model, visitors, next(model.parameters()).device, vram_budget, beside=bundle.vae)
+    device = next(model.parameters()).device
+    memory = plan_offload(model, visitors, device, vram_budget, beside=bundle.vae, fp8=fp8)
     try:
         yield memory
     finally:

@@ -113,7 +113,7 @@ def extend_events(
 
     with (
         applied_loras(bundle.transformer, prepared.loras),
-        offloaded(bundle, prepared.settings.vram_budget) as memory,
+        offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights) as memory,
     ):
         yield from _extend(bundle, prepared, source, out_dir, cancel, memory)
 

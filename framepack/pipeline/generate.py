@@ -260,7 +260,7 @@ def generate_events(
 
     with (
         applied_loras(bundle.transformer, prepared.loras),
-        offloaded(bundle, prepared.settings.vram_budget) as memory,
+        offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights) as memory,
     ):
         for event in _run(bundle, prepared, out_dir, cancel, job, memory):
             if isinstance(event, Finished) and prepared.settings.loop:
