@@ -237,7 +237,15 @@ def plan_offload(
     if not fits:  # every check before anything is registered or moved
         off.resident = False
         off.transformer_budget = weights - (0 if beside is None else module_bytes(beside))
-        plan_memory(transformer, off.transformer_budget, fp8=fp8)  # a budget too small fails here
+        full = plan_memory(transformer, None, fp8=fp8)
+        need = full.base_bytes + max(full.load_bytes, default=0)  # non-block weights and one block
+        if off.transformer_budget < need:  # too small: one sentence, before any work
+            kept = total - off.transformer_budget
+            raise ValueError(
+                f"a VRAM budget of {format_bytes(total)} is too small: the transformer needs at least "
+                f"{format_bytes(need)} (its non-block weights and one block) beside the "
+                f"{format_bytes(kept)} kept for the VAE and activations."
+            )
         for m, size in zip(visitors, sizes, strict=True):
             if size > weights:  # too big to visit whole: its layers stream
                 layers = layers_of(m)
