@@ -358,3 +358,16 @@ def test_vae_encode_matches_diffusers(bundle, reference):
     torch.testing.assert_close(ours, expected)
     with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
         vae_encode(bundle, image)
+
+
+def test_vae_codes_whole_clips_in_one_pass():
+    # diffusers' default splits clips of more than 16 frames into temporal tiles that restart the
+    # causal convolutions; a loaded bundle's VAE decodes the whole clip, as its decoder defines it.
+    bundle = tiny_bundle()
+    vae = bundle.vae
+    assert not vae.use_framewise_encoding and not vae.use_framewise_decoding
+    z = torch.randn(1, 16, 9, 4, 4, generator=torch.Generator().manual_seed(0))  # 33 frames
+    frames = vae_decode(bundle, z, tiling=False)
+    with torch.no_grad():
+        exact = vae.decoder(vae.post_quant_conv(z / bundle.manifest.vae_scaling_factor))
+    torch.testing.assert_close(frames, exact)

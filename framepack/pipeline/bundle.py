@@ -478,6 +478,12 @@ def _load_component(component: str, directory: Path, dtype: torch.dtype | None, 
                 output_loading_info=True,
             )
         _check_complete(component, info)
+        # diffusers encodes and decodes clips of more than 16 frames in overlapping temporal tiles
+        # that each restart the causal convolutions: an approximation (up to ~1.6 apart in latent
+        # units on the demo VAE) and, on a CPU, 4-5x slower, since the short tiles fall to the slow
+        # conv3d kernel. Whole clips are exact; the memory planner turns tiling back on when a
+        # budget needs it.
+        vae.use_framewise_encoding = vae.use_framewise_decoding = False
         return vae
     if component == "transformer":
         from ..model import load_transformer
