@@ -276,8 +276,8 @@ def vae_decode_bytes(vae: nn.Module, latent_shape: Sequence[int], tile: int | No
     The decoder's largest tensors are at full resolution, with the widest of its last two stages'
     channels; `LIVE_TENSORS` of them are alive at once. Framewise decoding (always on in diffusers)
     keeps at most one temporal tile of frames; `tile` caps the spatial size (tiled decoding).
-    Against the peak of live tensors measured during untiled decodes on a CPU: 0.92-0.96 for the
-    tiny test VAE, 1.01-1.07 for the release's architecture (the live-tensor counter of the tests).
+    Against the peak of live tensors measured during untiled decodes on a CPU: 0.91-0.96 for the
+    tiny test VAE, 1.01-1.07 for the release's architecture (`measure.LiveBytes`, `bench/offload.py`).
     """
     b, _, t, h, w = latent_shape
     cfg = vae.config
