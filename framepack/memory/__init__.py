@@ -1,9 +1,11 @@
 """Device memory: plans of what stays on the device, weight streaming, hooks from outside the model.
 
-`framepack.memory.runtime.accelerate` is what the pipeline calls (streaming + a step cache).
+`framepack.memory.runtime.accelerate` is what the pipeline calls (streaming + a step cache);
+`framepack.memory.offload` brings the encoders and the VAE under the same budget.
 """
 
 from .hooks import HookHandle, add_hook, hooks_of
+from .offload import Offloader, on_device, plan_offload
 from .streaming import (
     GIB,
     ByteLedger,
@@ -20,11 +22,14 @@ __all__ = [
     "ByteLedger",
     "HookHandle",
     "MemoryPlan",
+    "Offloader",
     "WeightStreamer",
     "add_hook",
     "blocks_of",
     "budget_bytes",
     "hooks_of",
+    "on_device",
     "parse_budget",
     "plan_memory",
+    "plan_offload",
 ]
