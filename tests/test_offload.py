@@ -282,3 +282,24 @@ def test_one_frame_under_a_budget_and_a_cache_is_the_same_png(bundle, image, tmp
     assert 0 < info["device_weights_peak_bytes"] <= budget * GIB
     assert [w for w, _ in seen] == ["encode", "transformer", "transformer", "transformer", "decode"]
     assert not any(held["vae"] for w, held in seen if w == "transformer")
+
+
+def test_a_cancelled_budgeted_run_lets_go_and_resumes_to_the_same_video(bundle, image, tmp_path):
+    from framepack.pipeline.generate import SectionDone, generate_events
+    from framepack.pipeline.jobs import resume_prepared
+    from framepack.sampling import Cancelled
+
+    base = dict(prompt="a cat walks", sections=3, steps=1, order="forward", name="a")
+    ref = generate(bundle, GenerationSettings(**base), tmp_path / "ref", image=image)
+    settings = GenerationSettings(**base, vram_budget=_tight_budget(bundle) / GIB)
+    done = []
+    record = lambda e: done.append(e) if isinstance(e, SectionDone) else None  # noqa: E731
+    with pytest.raises(Cancelled):
+        generate(
+            bundle, settings, tmp_path / "run", image=image, on_event=record, cancel=lambda: len(done) >= 1
+        )
+    assert all(_on_device(m) for m in _visitors(bundle).values())  # nothing stays parked
+    job = tmp_path / "run" / "a.job"
+    events = list(generate_events(bundle, resume_prepared(bundle, job), "ignored", job=job))
+    assert "only while used" in events[-1].info["offload"]  # resumed under the same budget
+    assert np.array_equal(read_video(tmp_path / "run" / "a.mp4")[0], read_video(ref.video)[0])
