@@ -21,10 +21,14 @@ above the reconstruction stalls at the mean colour, at 2e-5..3e-5 it falls stead
 
 After training, `latent_stats` measures the posterior-mean latents of held-out scenes and the
 scaling factor is `1 / std`, so scaled latents have unit standard deviation (the bundle manifest's
-`vae_scaling_factor`; also stored in the VAE's config). The demo bundle's VAE (on a shared 2-core
-CPU; passive OpenMP waiting keeps two threads from stalling when another job holds a core)::
+`vae_scaling_factor`; also stored in the VAE's config). The demo bundle's VAE, in two runs on a
+shared 2-core CPU (passive OpenMP waiting keeps two threads from stalling when another job holds a
+core); the second weighs the shape's pixels 11x, which turned faint, colour-shifted blobs into
+shapes of the right colour::
 
     OMP_WAIT_POLICY=PASSIVE python -m framepack.training.vae --out demo-work/vae --steps 2400 --max-minutes 20
+    OMP_WAIT_POLICY=PASSIVE python -m framepack.training.vae --out demo-work/vae2 --init demo-work/vae \
+        --steps 4000 --max-minutes 35 --shape-weight 10 --lr 4e-5 --seed 200000
 """
 
 from __future__ import annotations
