@@ -13,6 +13,7 @@ from huggingface_hub.utils import filter_repo_objects
 from framepack.pipeline.bundle import (
     COMPONENTS,
     HUNYUAN_PROMPT_TEMPLATE,
+    MANIFEST_NAME,
     NAMED_BUNDLES,
     Bundle,
     BundleError,
@@ -360,14 +361,20 @@ def test_vae_encode_matches_diffusers(bundle, reference):
         vae_encode(bundle, image)
 
 
-def test_vae_codes_whole_clips_in_one_pass():
-    # diffusers' default splits clips of more than 16 frames into temporal tiles that restart the
-    # causal convolutions; a loaded bundle's VAE decodes the whole clip, as its decoder defines it.
-    bundle = tiny_bundle()
-    vae = bundle.vae
-    assert not vae.use_framewise_encoding and not vae.use_framewise_decoding
+def test_vae_temporal_tiles_follow_the_manifest(bundle, bundle_copy):
+    # The release codes clips of more than 16 frames in diffusers' temporal tiles, each restarting
+    # the causal convolutions; a manifest with vae_temporal_tiles false codes whole clips.
     z = torch.randn(1, 16, 9, 4, 4, generator=torch.Generator().manual_seed(0))  # 33 frames
-    frames = vae_decode(bundle, z, tiling=False)
+    tiled = bundle.vae
+    assert tiled.use_framewise_encoding and tiled.use_framewise_decoding  # the default: the release's
+    manifest = Manifest.load(bundle_copy / MANIFEST_NAME).replace(vae_temporal_tiles=False)
+    manifest.save(bundle_copy / MANIFEST_NAME)
+    whole = load_bundle(bundle_copy)
+    assert not whole.vae.use_framewise_encoding and not whole.vae.use_framewise_decoding
+    frames = vae_decode(whole, z, tiling=False)
     with torch.no_grad():
-        exact = vae.decoder(vae.post_quant_conv(z / bundle.manifest.vae_scaling_factor))
-    torch.testing.assert_close(frames, exact)
+        exact = whole.vae.decoder(whole.vae.post_quant_conv(z / manifest.vae_scaling_factor))
+        torch.testing.assert_close(frames, exact)
+        assert not torch.allclose(vae_decode(bundle, z, tiling=False), exact, atol=1e-3)  # tiles differ
+    with pytest.raises(ValueError, match="vae_temporal_tiles"):
+        manifest.replace(vae_temporal_tiles="no")

@@ -90,6 +90,10 @@ class Manifest:
     distilled_guidance: float = 10.0
     shift: float | None = None  # None: resolution-dependent shift (FRAMEPACK.md section 5)
     vae_scaling_factor: float = 0.476986
+    # True: the VAE codes clips of more than 16 frames in diffusers' overlapping temporal tiles (the
+    # release's behaviour, and its memory saving); False: whole clips in one pass, exact for a VAE
+    # trained on whole clips (the demo's), and 4-5x faster on a CPU.
+    vae_temporal_tiles: bool = True
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -119,6 +123,10 @@ class Manifest:
                 raise ValueError(f"manifest {key} must be a positive number, got {value!r}.")
         if not isinstance(self.name, str):
             raise ValueError(f"manifest name must be a string, got {self.name!r}.")
+        if not isinstance(self.vae_temporal_tiles, bool):
+            raise ValueError(
+                f"manifest vae_temporal_tiles must be true or false, got {self.vae_temporal_tiles!r}."
+            )
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -478,12 +486,6 @@ def _load_component(component: str, directory: Path, dtype: torch.dtype | None, 
                 output_loading_info=True,
             )
         _check_complete(component, info)
-        # diffusers encodes and decodes clips of more than 16 frames in overlapping temporal tiles
-        # that each restart the causal convolutions: an approximation (up to ~1.6 apart in latent
-        # units on the demo VAE) and, on a CPU, 4-5x slower, since the short tiles fall to the slow
-        # conv3d kernel. Whole clips are exact; the memory planner turns tiling back on when a
-        # budget needs it.
-        vae.use_framewise_encoding = vae.use_framewise_decoding = False
         return vae
     if component == "transformer":
         from ..model import load_transformer
@@ -520,6 +522,8 @@ def load_bundle(
         manifest, dirs = _cached_named(str(name_or_path), cache_dir)
     dtypes = component_dtypes(device, dtype)
     loaded = {c: _load_component(c, dirs[c], dtypes.get(c), device) for c in COMPONENTS}
+    loaded["vae"].use_framewise_encoding = manifest.vae_temporal_tiles  # see Manifest
+    loaded["vae"].use_framewise_decoding = manifest.vae_temporal_tiles
     for component in dtypes:
         loaded[component] = loaded[component].to(device).eval().requires_grad_(False)
     loaded["transformer"].fp32_head = True  # as the release: the output head runs in fp32

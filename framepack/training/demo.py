@@ -122,6 +122,7 @@ def build_demo_bundle(
     manifest = Manifest.load(staging / MANIFEST_NAME)
     if scaling_factor is not None:
         manifest = manifest.replace(vae_scaling_factor=scaling_factor)
+    manifest = manifest.replace(vae_temporal_tiles=False)  # the demo VAE was trained on whole clips
     manifest.save(staging / MANIFEST_NAME)
     cfg = get_spec("tiny").replace(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in DEMO_TRANSFORMER.items()}

@@ -319,6 +319,7 @@ def prepare_dataset(
             "window": window,
             "max_frames": max_frames,
             "vae_scaling_factor": m.vae_scaling_factor,
+            "vae_temporal_tiles": m.vae_temporal_tiles,
         },
         sort_keys=True,
     )
