@@ -257,10 +257,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     job_dir = None
     if args.resume:
-        from ..pipeline.jobs import Job, JobError, find_job
+        from ..pipeline.jobs import Job, JobError, check_free, find_job
 
         try:
             job_dir = find_job(args.resume)
+            check_free(job_dir)  # another process runs it: refused before any loading
             args.model = args.model or Job(job_dir).read()["bundle"]
         except JobError as e:
             raise UserError(str(e)) from None
@@ -333,16 +334,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
             )
             bundle = load_bundle(args.model, device=_device(args.device))
             source = None
-            if args.video:
+            if job_dir is not None:  # a generation or an extension, as the job holds
+                from ..pipeline.jobs import resume_job
+
+                prepared, source = resume_job(bundle, job_dir)
+            elif args.video:
                 from ..pipeline.extend import prepare_extension
 
                 if args.one_frame is not None:
                     raise ValueError("--one-frame makes one image from a start image; drop --video.")
                 prepared, source = prepare_extension(bundle, settings, args.video)
-            elif job_dir is not None:
-                from ..pipeline.jobs import resume_prepared
-
-                prepared = resume_prepared(bundle, job_dir)
             else:
                 prepared = prepare(bundle, settings)
             if job_dir is None:
@@ -370,7 +371,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if source is not None:
             from ..pipeline.extend import extend_events
 
-            events = extend_events(bundle, prepared, source, args.out, cancel=stop.is_set)
+            events = extend_events(bundle, prepared, source, args.out, cancel=stop.is_set, job=job_dir)
         else:
             events = generate_events(bundle, prepared, args.out, cancel=stop.is_set, job=job_dir)
         for event in events:

@@ -36,7 +36,7 @@ from ..pipeline.generate import (
     generate_events,
     prepare,
 )
-from ..pipeline.jobs import JOB_SUFFIX, resume_prepared
+from ..pipeline.jobs import JOB_SUFFIX, check_free, resume_job
 from ..pipeline.jobs import Job as JobDir
 from ..pipeline.one_frame import check_one_frame, generate_frame
 from ..sampling import Cancelled
@@ -224,7 +224,7 @@ class JobQueue:
         prompt, settings = f"resume {path.name}", None
         try:
             root = self._own_job_dir(path)
-            prepared = resume_prepared(self.bundle, root)  # validates the settings against the model
+            prepared, source = resume_job(self.bundle, root)  # validates the settings against the model
             settings = prepared.settings
             prompt = settings.prompt
         except ValueError as e:
@@ -234,8 +234,13 @@ class JobQueue:
                 raise RuntimeError("the job queue is closed.")
             if root in self.job_dirs():
                 return self.reject(prompt, f"the job {root.name} is already queued or running.", settings)
+            try:
+                check_free(root)  # a CLI run or another server is still on it
+            except ValueError as e:
+                return self.reject(prompt, describe_error(e), settings)
             job = self._add(prompt, settings)
-            job.prepared, job.resume_dir = prepared, root
+            job.prepared, job.source, job.resume_dir = prepared, source, root
+            job.video_source = None if source is None else source.path
             job.sections, job.steps, job.fps = len(prepared.plan.sections), prepared.steps, prepared.fps
             self._names.add(root.name[: -len(JOB_SUFFIX)])
             self._pending.append(job.id)
@@ -367,7 +372,9 @@ class JobQueue:
                 self._run_one_frame(job)
             else:
                 if job.source is not None:
-                    events = extend_events(self.bundle, job.prepared, job.source, self.out_dir, cancel=cancel)
+                    events = extend_events(
+                        self.bundle, job.prepared, job.source, self.out_dir, cancel=cancel, job=job.resume_dir
+                    )
                 else:
                     events = generate_events(
                         self.bundle, job.prepared, self.out_dir, cancel=cancel, job=job.resume_dir

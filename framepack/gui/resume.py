@@ -4,7 +4,8 @@ queues the chosen one (`JobQueue.resume`).
 A job directory `OUT/NAME.job` stays behind whenever a run stops before its video is finished: a
 cancelled GUI job, a crashed or stopped server, an interrupted `framepack generate`. Listing them
 reads only their `job.json` and counts their committed sections; nothing is loaded. The jobs the
-queue holds (queued or running) are left out. `unfinished_jobs` imports no Gradio.
+queue holds (queued or running) are left out, and so are those another process is running (their
+lock is held, `framepack.pipeline.joblock`). `unfinished_jobs` imports no Gradio.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..pipeline.joblock import JobLock
 from ..pipeline.jobs import JOB_SUFFIX
 from ..pipeline.plan import sections_for
 
@@ -50,11 +52,13 @@ def _sections(settings: dict, manifest) -> int | None:
 
 def unfinished_jobs(outputs: str | Path, manifest=None, exclude: set[Path] = frozenset()) -> list[Unfinished]:
     """The unfinished job directories right in `outputs`, last touched first, but those in `exclude`
-    (resolved paths). One whose `job.json` cannot be read is listed with its name as the prompt, so
-    resuming it fails with its one sentence."""
+    (resolved paths) and those another process runs. One whose `job.json` cannot be read is listed
+    with its name as the prompt, so resuming it fails with its one sentence."""
     found = []
     for root in Path(outputs).glob(f"*{JOB_SUFFIX}"):
         if not (root / "job.json").is_file() or root.resolve() in exclude:
+            continue
+        if JobLock(root).holder() is not None:  # a CLI run or another server is working in it
             continue
         try:
             settings = json.loads((root / "job.json").read_text(encoding="utf-8"))["settings"]

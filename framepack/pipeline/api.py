@@ -66,7 +66,8 @@ def generate_iter(
 
 
 def _resume(model, resume, out_dir, image, cancel, device: str, settings: dict) -> Iterator[Event]:
-    from .jobs import Job, find_job, resume_prepared
+    from .extend import extend_events
+    from .jobs import Job, check_free, find_job, resume_job
 
     given = (
         [*settings] + (["out_dir"] if out_dir is not None else []) + (["image"] if image is not None else [])
@@ -74,12 +75,17 @@ def _resume(model, resume, out_dir, image, cancel, device: str, settings: dict) 
     if given:
         raise ValueError(f"resume continues a job with its own settings and folder; drop {', '.join(given)}.")
     job_dir = find_job(resume)
+    check_free(job_dir)
     if model is None:
         model = Job(job_dir).read().get("bundle") or ""
         if model in ("", "None"):  # a named bundle records no directory
             raise ValueError(f"the job {job_dir} does not record its model directory; pass model=.")
     bundle = _bundle(str(model), device)
-    yield from generate_events(bundle, resume_prepared(bundle, job_dir), job_dir.parent, cancel, job=job_dir)
+    prepared, source = resume_job(bundle, job_dir)  # a generation or a video extension
+    if source is not None:
+        yield from extend_events(bundle, prepared, source, job_dir.parent, cancel, job=job_dir)
+    else:
+        yield from generate_events(bundle, prepared, job_dir.parent, cancel, job=job_dir)
 
 
 def generate(

@@ -15,10 +15,10 @@ source's fps is kept unless `fps` is given.
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +31,19 @@ from ..sampling import get_sampler, noisy_tokens, sigma_schedule
 from .decode import IncrementalDecoder
 from .generate import (
     Event,
-    Finished,
     GenerationSettings,
     Prepared,
-    SectionDone,
     Stage,
     StepEvent,
+    _encode_inputs,
     _sample_live,
     accelerate_run,
     make_denoiser,
     prepare,
+    prompt_embeds,
 )
 
-__all__ = ["Source", "load_source", "prepare_extension", "extend_events"]
+__all__ = ["Source", "describe_file", "load_source", "prepare_extension", "extend_events", "resume_extension"]
 
 
 @dataclass
@@ -53,6 +53,33 @@ class Source:
     path: str
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: float
+    file: dict = field(default_factory=dict)  # {"path", "bytes", "sha256"} of the file read
+
+    def check(self, job) -> None:
+        """JobError unless `job` extends this very file (same path, size and contents)."""
+        from .jobs import JobError
+
+        stored = job.read().get("video") or {}
+        if stored.get("path") != self.file["path"]:
+            raise JobError(
+                f"{job.root} holds an unfinished extension of another video ({stored.get('path')}); "
+                f"resume it with --resume {job.root} or delete it."
+            )
+        if stored != self.file:
+            raise JobError(
+                f"the video {self.file['path']} has changed since the job {job.root} began "
+                "(its size or contents differ); put the original back or delete the job."
+            )
+
+
+def describe_file(path: str | Path) -> dict:
+    """What identifies a source video for a job: its absolute path, size and SHA-256."""
+    p = Path(path).resolve()
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def load_source(path: str | Path, resolution: int, width: int | None, height: int | None) -> Source:
@@ -63,11 +90,16 @@ def load_source(path: str | Path, resolution: int, width: int | None, height: in
     first = prepare_image(frames[0], resolution=resolution, width=width, height=height)
     h, w = first.shape[:2]
     fitted = np.stack([first, *(fit_to_bucket(f, h, w) for f in frames[1:])])
-    return Source(str(path), fitted, fps if fps > 0 else 30.0)
+    return Source(str(path), fitted, fps if fps > 0 else 30.0, describe_file(path))
 
 
-def prepare_extension(bundle, settings: GenerationSettings, video: str | Path) -> tuple[Prepared, Source]:
-    """Validate an extension of `video` by `settings` (its length is the new part's); ValueError."""
+def prepare_extension(
+    bundle, settings: GenerationSettings, video: str | Path, image: np.ndarray | None = None
+) -> tuple[Prepared, Source]:
+    """Validate an extension of `video` by `settings` (its length is the new part's); ValueError.
+
+    `image` is the start image's pixels for the inverted order (instead of `settings.image`'s file).
+    """
     from ..io import read_video
 
     if settings.end_image or settings.keyframes or settings.t2v_colour or settings.loop:
@@ -91,7 +123,7 @@ def prepare_extension(bundle, settings: GenerationSettings, video: str | Path) -
         return prepare(bundle, settings, image=source.frames[0]), source
     if not settings.image:
         raise ValueError("leading into a video (the inverted order) needs a start image to lead from.")
-    prepared = prepare(bundle, settings)
+    prepared = prepare(bundle, settings, image=image)
     height, width = prepared.image.shape[:2]
     return prepared, load_source(video, resolution, width, height)
 
@@ -101,50 +133,87 @@ def _pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
 
 
+def resume_extension(bundle, job_dir: str | Path) -> tuple[Prepared, Source]:
+    """`(prepared, source)` of an unfinished extension job, from its settings, its stored start
+    image and the video it extends, which must be the same file (size and SHA-256) as when the job
+    began; JobError (one sentence) otherwise. Pass both on to `extend_events(..., job=job_dir)`."""
+    from ..io import load_image
+    from .generate import settings_from_dict
+    from .jobs import Job, JobError
+
+    job = Job(job_dir)
+    data = job.read()
+    try:
+        settings = settings_from_dict(data["settings"])
+        path = data["video"]["path"]
+    except (TypeError, KeyError) as e:
+        raise JobError(f"the settings in {job.root / 'job.json'} are not valid ({e}).") from None
+    if not Path(path).is_file():
+        raise JobError(f"the video {path} that the job {job.root} extends is missing; put it back to resume.")
+    if describe_file(path) != data["video"]:
+        raise JobError(
+            f"the video {path} has changed since the job {job.root} began "
+            "(its size or contents differ); put the original back or delete the job."
+        )
+    stored = job.root / "images" / "start.png"
+    image = load_image(stored) if settings.image and stored.is_file() else None
+    return prepare_extension(bundle, settings, path, image=image)
+
+
 def extend_events(
     bundle,
     prepared: Prepared,
     source: Source,
     out_dir: str | Path,
     cancel: Callable[[], bool] | None = None,
+    job: str | Path | None = None,
 ) -> Iterator[Event]:
-    """Generate `prepared`'s sections after `source`, yielding the same events as `generate_events`."""
+    """Generate `prepared`'s sections after `source`, yielding the same events as `generate_events`.
+
+    Works in a job directory as `generate_events` does (`framepack.pipeline.jobs`), which also
+    records the source file (path, size, SHA-256): `job` resumes one (`resume_extension`), and an
+    unfinished one of the same settings and video in `out_dir` is resumed too.
+    """
     from .conditioning import offloaded
+    from .jobs import open_job
 
+    s = prepared.settings
     with (
+        open_job(out_dir, job, s, bundle, prepared.plan.packing_order, {"video": source.file}) as job,
         applied_loras(bundle.transformer, prepared.loras),
-        offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights) as memory,
+        offloaded(bundle, s.vram_budget, s.fp8_weights) as memory,
     ):
-        yield from _extend(bundle, prepared, source, out_dir, cancel, memory)
+        source.check(job)
+        job.check_images(prepared)
+        yield from _extend(bundle, prepared, source, job, cancel, memory)
 
 
-def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel, memory) -> Iterator[Event]:
-    from ..io import write_gif, write_json_atomic, write_mp4, write_png_frames
-    from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
+def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> Iterator[Event]:
+    from .conditioning import vae_decode, vae_encode
+    from .jobs import JobRun, SegmentedVideo
 
     s, plan = prepared.settings, prepared.plan
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = s.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{s.seed}"
-    video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
-    started = time.perf_counter()
     model = bundle.transformer
     device, schedule, ws = model.device, plan.schedule, plan.window
 
     # 1. Conditioning: the prompts, the start frame (anchor and image condition), the source's end
-    #    next to the new part (its tail going forward, its head going backward).
+    #    next to the new part (its tail going forward, its head going backward); once per job.
     yield Stage("encoding")
     forward = plan.packing_order == "forward"
-    first = source.frames[0] if forward else prepared.image  # (H, W, 3)
     count = source.frames.shape[0]
     n = min(schedule.history_frames + ws, (count - 1) // 4 + 1)  # history + decoder context, in latents
     near = source.frames[count - (4 * n - 3) :] if forward else source.frames[: 4 * n - 3]
-    with torch.no_grad(), memory.transformer_away(model):  # under a budget: the encoders visit alone
-        prompts = [encode_prompt(bundle, p) for p in prepared.prompts]
-        negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
-        siglip = encode_image(bundle, first)
-        start = vae_encode(bundle, _pixels(first[None])).float().cpu()  # (1, C, 1, h, w)
-        near_latents = vae_encode(bundle, _pixels(near)).float().cpu()  # (1, C, n, h, w)
+
+    def encode() -> dict[str, torch.Tensor]:
+        with torch.no_grad(), memory.transformer_away(model):  # under a budget: the encoders visit alone
+            tensors = _encode_inputs(bundle, prepared)  # prompts, SigLIP and latent of the start frame
+            tensors["near_latents"] = vae_encode(bundle, _pixels(near)).float().cpu()  # (1, C, n, h, w)
+        return tensors
+
+    inputs = job.inputs(prepared, encode)
+    prompts, negative = prompt_embeds(inputs, prepared, device)
+    siglip = inputs["siglip"].to(device)
+    start, near_latents = inputs["start_latent"], inputs["near_latents"]
     _, c, _, h, w = near_latents.shape
     speed = accelerate_run(model, device, s, memory)
 
@@ -167,8 +236,22 @@ def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel, memory)
         "sections": len(plan.sections),
         "extension": {"source": source.path, "source_frames": int(count), "source_fps": source.fps},
     }
+    video = SegmentedVideo(job, decoder, not forward, source.fps, s.crf, s.gif or s.png)
+    run = JobRun(job, video, info, len(plan.sections))
+    saved, restored = run.restore([section.number for section in plan.sections], generator)
+    for section in plan.sections:  # the committed sections' latents back in the bank
+        if section.number not in saved:
+            continue
+        if forward:  # generated in display order, each appended
+            bank = torch.cat([bank, saved[section.number]], dim=2)
+        else:
+            bank[:, :, list(section.window)] = saved[section.number]
+    if restored is not None:
+        yield restored
 
     for section in plan.sections:
+        if section.number in saved:
+            continue
         t0 = time.perf_counter()
         if forward:  # the last latents so far, the source's first frame as anchor
             layout, anchors = forward_layout(schedule), start
@@ -206,24 +289,8 @@ def _extend(bundle, prepared: Prepared, source: Source, out_dir, cancel, memory)
             lo, hi = (section.window.start if section.window.start > 1 else 0), total + n
 
         yield Stage("decoding")
-        with torch.no_grad():
-            decoder.update(bank, lo, hi)
-        frames = decoder.frames
-        info["frames"] = int(frames.shape[0])
-        write_mp4(frames, video_path, fps=source.fps, crf=s.crf, metadata={"framepack": json.dumps(info)})
-        yield SectionDone(
-            section.number, len(plan.sections), video_path, int(frames.shape[0]), time.perf_counter() - t0
-        )
+        final = section.number == plan.sections[-1].number
+        yield run.commit(section.number, latents, bank, lo, hi, final, generator, t0)
 
     yield Stage("writing")
-    if s.png:
-        write_png_frames(decoder.frames, out / f"{stem}_frames")
-    gif_path = write_gif(decoder.frames, out / f"{stem}.gif", fps=source.fps) if s.gif else None
-    info.update(
-        video=video_path.name,
-        gif=gif_path.name if gif_path else None,
-        seconds=round(time.perf_counter() - started, 3),
-        **speed.info(),
-    )
-    write_json_atomic(info, sidecar_path)
-    yield Finished(video_path, int(decoder.frames.shape[0]), sidecar_path, gif_path, info["seconds"], info)
+    yield run.finish(s.png, s.gif, source.fps, speed.info())

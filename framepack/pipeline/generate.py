@@ -12,7 +12,6 @@ so a stopped run keeps every finished section and `generate_events(..., job=DIR)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import queue
 import threading
@@ -257,12 +256,15 @@ def generate_events(
     fly for the run and removed after it, leaving the bundle's transformer as it was.
     """
     from .conditioning import offloaded
+    from .jobs import open_job
 
     with (
+        open_job(out_dir, job, prepared.settings, bundle, prepared.plan.packing_order) as job,
         applied_loras(bundle.transformer, prepared.loras),
         offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights) as memory,
     ):
-        for event in _run(bundle, prepared, out_dir, cancel, job, memory):
+        job.check_images(prepared)
+        for event in _run(bundle, prepared, job, cancel, memory):
             if isinstance(event, Finished) and prepared.settings.loop:
                 event.info["loop_seam"] = record_loop_seam(event.video, event.sidecar)
             yield event
@@ -286,42 +288,37 @@ def _encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
     return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
 
 
-def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir, memory) -> Iterator[Event]:
-    from ..io import write_gif, write_json_atomic, write_png_frames
-    from .conditioning import PromptEmbeds, vae_decode
-    from .jobs import Job, SegmentedVideo
+def prompt_embeds(inputs: dict[str, torch.Tensor], prepared: Prepared, device) -> tuple[list, object]:
+    """The stored prompt embeddings of a run on `device`: one per timed prompt, and the negative
+    prompt's (None without real CFG)."""
+    from .conditioning import PromptEmbeds
+
+    def embeds(key: str) -> PromptEmbeds:
+        return PromptEmbeds(inputs[f"{key}.text"], inputs[f"{key}.mask"], inputs[f"{key}.pooled"]).to(device)
+
+    prompts = [embeds(f"prompt_{i}") for i in range(len(prepared.prompts))]
+    return prompts, embeds("negative") if prepared.settings.cfg != 1 else None
+
+
+def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
+    from .conditioning import vae_decode
+    from .jobs import JobRun, SegmentedVideo
 
     s, plan = prepared.settings, prepared.plan
-    started = time.perf_counter()
-    if job_dir is not None:
-        job = Job(job_dir)
-        out, stem = job.out, job.read()["name"]
-    else:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = s.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{s.seed}"
-        job = Job.open_for(out, stem, s.to_dict(), str(getattr(bundle, "root", "")), plan.packing_order)
-        job.check_images(prepared)
-    video_path, sidecar_path = out / f"{stem}.mp4", out / f"{stem}.json"
     model = bundle.transformer
     device, schedule, ws = model.device, plan.schedule, plan.window
 
     # 1. Conditioning, encoded once per job (a resumed run reads it back from the job directory).
     #    Under a VRAM budget the transformer is off the device meanwhile (framepack.memory.offload).
     yield Stage("encoding")
-    inputs = job.load_inputs()
-    if inputs is None:
+
+    def encode() -> dict[str, torch.Tensor]:
         with torch.no_grad(), memory.transformer_away(model):
-            inputs = _encode_inputs(bundle, prepared)
-        job.save_images(prepared)
-        job.save_inputs(inputs)
+            return _encode_inputs(bundle, prepared)
+
+    inputs = job.inputs(prepared, encode)
     speed = accelerate_run(model, device, s, memory)  # weight streaming and the step cache, as hooks
-
-    def embeds(key: str) -> PromptEmbeds:
-        return PromptEmbeds(inputs[f"{key}.text"], inputs[f"{key}.mask"], inputs[f"{key}.pooled"]).to(device)
-
-    prompts = [embeds(f"prompt_{i}") for i in range(len(prepared.prompts))]
-    negative = embeds("negative") if s.cfg != 1 else None
+    prompts, negative = prompt_embeds(inputs, prepared, device)
     siglip = inputs["siglip"].to(device)
     start_latent = inputs["start_latent"]  # (1, C, 1, h, w)
     ref_latents = [inputs[f"ref_latent_{i}"] for i in range(sum(k.startswith("ref_latent_") for k in inputs))]
@@ -333,15 +330,8 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir, memor
         bank[:, :, plan.total_latents + i] = lat[:, :, 0]
     done = np.zeros(plan.total_latents, dtype=bool)
     done[0] = True
-    saved, restored = job.load_sections([section.number for section in plan.sections])
-    for section in plan.sections:
-        if section.number in saved:
-            bank[:, :, list(section.window)] = saved[section.number]
-            done[list(section.window)] = True
 
     generator = torch.Generator("cpu").manual_seed(s.seed)
-    if restored is not None:
-        generator.set_state(restored.rng)
     sampler = get_sampler(s.sampler)
     sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
     guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
@@ -352,16 +342,14 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir, memor
         "bundle": str(getattr(bundle, "root", "")),
         "sections": len(plan.sections),
     }
-    frames_written, before = 0, 0.0  # frames shown; seconds spent before a resume
+    run = JobRun(job, video, info, len(plan.sections))
+    saved, restored = run.restore([section.number for section in plan.sections], generator)
+    for section in plan.sections:
+        if section.number in saved:
+            bank[:, :, list(section.window)] = saved[section.number]
+            done[list(section.window)] = True
     if restored is not None:
-        video.restore(restored)
-        before, frames_written = restored.elapsed, video.frames
-        if frames_written:  # the mp4 of exactly the committed sections
-            info["frames"] = frames_written
-            video.write(video_path, {"framepack": json.dumps(info)})
-        yield SectionDone(
-            restored.number, len(plan.sections), video_path if frames_written else None, frames_written, 0.0
-        )
+        yield restored
 
     for section in plan.sections:
         if section.number in saved:
@@ -404,38 +392,10 @@ def _run(bundle, prepared: Prepared, out_dir: str | Path, cancel, job_dir, memor
             first = plan.total_latents - int(np.argmin(done[::-1])) if not done.all() else 0
             lo, hi = (first if first > 1 else 0), plan.total_latents
         yield Stage("decoding")
-        with torch.no_grad():  # settled frames are encoded once; the mp4 is a remux of the segments
-            changed = video.update(bank, lo, hi, section.number, final=bool(done.all()))
-        if changed:
-            info["frames"] = frames_written = video.frames
-            video.write(video_path, {"framepack": json.dumps(info)})
-        elapsed = before + time.perf_counter() - started
-        job.commit_section(
-            section.number, latents, video.state(section.number, generator.get_state(), elapsed)
-        )
-        video.prune()
-        yield SectionDone(
-            section.number,
-            len(plan.sections),
-            video_path if frames_written else None,
-            frames_written,
-            time.perf_counter() - t0,
-        )
+        yield run.commit(section.number, latents, bank, lo, hi, bool(done.all()), generator, t0)
 
     yield Stage("writing")
-    frames = video.all_frames() if s.png or s.gif else None
-    if s.png:
-        write_png_frames(frames, out / f"{stem}_frames")
-    gif_path = write_gif(frames, out / f"{stem}.gif", fps=prepared.fps) if s.gif else None
-    info.update(
-        video=video_path.name,
-        gif=gif_path.name if gif_path else None,
-        seconds=round(before + time.perf_counter() - started, 3),
-        **speed.info(),
-    )
-    write_json_atomic(info, sidecar_path)
-    job.remove()  # everything it held is in the outputs now
-    yield Finished(video_path, frames_written, sidecar_path, gif_path, info["seconds"], info)
+    yield run.finish(s.png, s.gif, prepared.fps, speed.info())
 
 
 def accelerate_run(model, device, s: GenerationSettings, memory=None):

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +39,19 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, concat_mp4, write_json_atomic, write_mp4
+from .joblock import JobLock
 
 __all__ = [
     "JOB_SUFFIX",
     "Job",
     "JobError",
+    "JobRun",
     "SectionState",
     "SegmentedVideo",
+    "check_free",
     "find_job",
+    "open_job",
+    "resume_job",
     "resume_prepared",
 ]
 
@@ -94,6 +102,11 @@ class Job:
     def out(self) -> Path:
         return self.root.parent
 
+    @property
+    def name(self) -> str:
+        """The output file stem (`<out>/<name>.mp4`)."""
+        return self.read()["name"]
+
     def read(self) -> dict:
         try:
             data = json.loads((self.root / "job.json").read_text())
@@ -104,8 +117,17 @@ class Job:
         return data
 
     @classmethod
-    def open_for(cls, out: Path, stem: str, settings_dict: dict, bundle_root: str, order: str) -> Job:
-        """The job of a new run: created, or resumed when an unfinished one with the same settings exists."""
+    def open_for(
+        cls,
+        out: Path,
+        stem: str,
+        settings_dict: dict,
+        bundle_root: str,
+        order: str,
+        extra: dict | None = None,
+    ) -> Job:
+        """The job of a new run: created, or resumed when an unfinished one with the same settings
+        exists. `extra` is more of the job's description for `job.json` (an extension's video)."""
         job = cls(out / f"{stem}{JOB_SUFFIX}")
         described = {
             "version": _VERSION,
@@ -113,6 +135,7 @@ class Job:
             "bundle": bundle_root,
             "order": order,
             "settings": _settings_json(settings_dict),
+            **(extra or {}),
         }
         if (job.root / "job.json").is_file():
             old = job.read()
@@ -173,6 +196,16 @@ class Job:
         except Exception as e:  # a damaged file: one sentence, the job cannot go on
             raise JobError(f"the job's inputs {path} cannot be read ({e}).") from None
 
+    def inputs(self, prepared, encode) -> dict[str, torch.Tensor]:
+        """The run's conditioning: read back from the job, or `encode()`d and stored with the
+        fitted images (once per job)."""
+        inputs = self.load_inputs()
+        if inputs is None:
+            inputs = encode()
+            self.save_images(prepared)
+            self.save_inputs(inputs)
+        return inputs
+
     # ------------------------------------------------------------------ sections
     def _section_path(self, number: int) -> Path:
         return self.root / "sections" / f"{number:04d}.safetensors"
@@ -225,6 +258,55 @@ class Job:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _taken(root: Path, pid: int) -> JobError:
+    who = f"pid {pid}" if pid else "pid unknown"
+    return JobError(f"the job {root} is being run by another process ({who}).")
+
+
+def check_free(job_dir: str | Path) -> None:
+    """JobError when another run holds the job directory (a check before any work; the run's own
+    lock in `open_job` is what keeps two runs apart)."""
+    pid = JobLock(job_dir).holder()
+    if pid is not None:
+        raise _taken(Path(job_dir), pid)
+
+
+@contextmanager
+def open_job(
+    out_dir: str | Path, job_dir: str | Path | None, settings, bundle, order: str, extra: dict | None = None
+) -> Iterator[Job]:
+    """The job directory a run works in, locked against other processes while the run holds it.
+
+    `job_dir` resumes that job (its folder and name replace `out_dir` and `settings.name`);
+    otherwise `<out_dir>/<name>.job` is created, or resumed when it holds the same settings
+    (`Job.open_for`). JobError when another process runs the job (`framepack.pipeline.joblock`).
+    """
+    if job_dir is not None:
+        job = Job(job_dir)
+        job.read()
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = settings.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{settings.seed}"
+        bundle_root = str(getattr(bundle, "root", ""))
+        job = Job.open_for(out, stem, settings.to_dict(), bundle_root, order, extra)
+    lock = JobLock(job.root)
+    try:
+        pid = lock.acquire()
+    except FileNotFoundError:  # finished (and removed) by the run that held it
+        raise JobError(f"{job.root} is not an unfinished job directory (no job.json in it).") from None
+    if pid is not None:
+        raise _taken(job.root, pid)
+    try:
+        if not (job.root / "job.json").is_file():
+            raise JobError(f"{job.root} is not an unfinished job directory (no job.json in it).")
+        yield job
+    finally:
+        lock.release()
+        if not (job.root / "job.json").exists():  # finished: where an open file kept it (Windows)
+            shutil.rmtree(job.root, ignore_errors=True)
 
 
 class SegmentedVideo:
@@ -308,6 +390,95 @@ class SegmentedVideo:
         return np.concatenate([np.load(folder / f"{name}.npy") for name, _ in self.segments])
 
 
+class JobRun:
+    """What every run does in its job directory, a generation's and an extension's alike: restore
+    the committed sections and the generator, rebuild the mp4 after each new section and commit
+    it, write the outputs at the end and remove the job. The caller samples; this keeps the books.
+    """
+
+    def __init__(self, job: Job, video: SegmentedVideo, info: dict, sections: int) -> None:
+        self.job, self.video, self.info, self.sections = job, video, info, sections
+        stem = job.name
+        self.video_path, self.sidecar_path = job.out / f"{stem}.mp4", job.out / f"{stem}.json"
+        self.started, self.before = time.perf_counter(), 0.0  # seconds spent before a resume
+        self.frames = 0  # frames in the mp4
+
+    @property
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def _section_done(self, number: int, seconds: float):
+        from .generate import SectionDone
+
+        shown = self.video_path if self.frames else None
+        return SectionDone(number, self.sections, shown, self.frames, seconds)
+
+    def _write(self) -> None:
+        self.info["frames"] = self.frames = self.video.frames
+        self.video.write(self.video_path, {"framepack": json.dumps(self.info)})
+
+    def restore(self, numbers: list[int], generator: torch.Generator):
+        """The committed sections' latents by number, and the `SectionDone` of the last one (None
+        for a fresh job); restores `generator` and the video, and writes the mp4 of exactly them."""
+        saved, state = self.job.load_sections(numbers)
+        if state is None:
+            return saved, None
+        generator.set_state(state.rng)
+        self.video.restore(state)
+        self.before = state.elapsed
+        if self.video.frames:
+            self._write()
+        return saved, self._section_done(state.number, 0.0)
+
+    def commit(
+        self, number: int, latents: torch.Tensor, bank, lo: int, hi: int, final: bool, generator, t0: float
+    ):
+        """Show latents `[lo, hi)` of `bank` after section `number` (its window `latents`), commit
+        it with the generator's state; returns its `SectionDone` (`t0`: when it started)."""
+        with torch.no_grad():  # settled frames are encoded once; the mp4 is a remux of the segments
+            if self.video.update(bank, lo, hi, number, final):
+                self._write()
+        self.job.commit_section(
+            number, latents, self.video.state(number, generator.get_state(), self.elapsed)
+        )
+        self.video.prune()
+        return self._section_done(number, time.perf_counter() - t0)
+
+    def finish(self, png: bool, gif: bool, fps: float, extra: dict):
+        """PNG frames, the GIF and the sidecar (`extra` added to its info); removes the job and
+        returns the `Finished` event."""
+        from ..io import write_gif, write_png_frames
+        from .generate import Finished
+
+        out, stem = self.job.out, self.video_path.stem
+        frames = self.video.all_frames() if png or gif else None
+        if png:
+            write_png_frames(frames, out / f"{stem}_frames")
+        gif_path = write_gif(frames, out / f"{stem}.gif", fps=fps) if gif else None
+        self.info.update(
+            video=self.video_path.name,
+            gif=gif_path.name if gif_path else None,
+            seconds=round(self.elapsed, 3),
+        )
+        self.info.update(extra)
+        write_json_atomic(self.info, self.sidecar_path)
+        self.job.remove()  # everything it held is in the outputs now
+        return Finished(
+            self.video_path, self.frames, self.sidecar_path, gif_path, self.info["seconds"], self.info
+        )
+
+
+def resume_job(bundle, job_dir: str | Path):
+    """`(prepared, source)` to continue an unfinished job: `source` is the video an extension job
+    extends (`framepack.pipeline.extend`), None for a generation. Pass both on with `job=job_dir`
+    to `extend_events` when `source` is set, else to `generate_events`."""
+    if "video" in Job(job_dir).read():
+        from .extend import resume_extension
+
+        return resume_extension(bundle, job_dir)
+    return resume_prepared(bundle, job_dir), None
+
+
 def resume_prepared(bundle, job_dir: str | Path):
     """The `Prepared` inputs of an unfinished job, from its settings and stored images.
 
@@ -322,6 +493,8 @@ def resume_prepared(bundle, job_dir: str | Path):
 
     job = Job(job_dir)
     data = job.read()
+    if "video" in data:
+        raise JobError(f"the job {job.root} extends a video; continue it with resume_job.")
     try:
         settings = settings_from_dict(data["settings"])
     except TypeError as e:
