@@ -105,7 +105,9 @@ def cmd_batch(args: argparse.Namespace) -> None:
                 raise ValueError("no model given: pass --model or give the job a model.")
             if loaded is None or loaded[0] != model:
                 loaded = None
-                loaded = (model, load_bundle(model, device=device))
+                # With a budget the weights wait on the host (load_bundle); a later job of the same
+                # model without one moves them onto the device, one with one plans them there.
+                loaded = (model, load_bundle(model, device=device, vram_budget=job.settings.vram_budget))
             _run_job(loaded[1], job, args.out)
         except ValueError as e:
             failed.append(job.name)

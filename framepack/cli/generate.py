@@ -153,7 +153,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--vram-budget",
         metavar="GB|auto",
-        help="device memory for the weights: transformer blocks beyond it stream, encoders and VAE visit",
+        help="device memory for all weights (transformer, encoders, VAE): they load onto the host and "
+        "only what fits visits the device; transformer blocks beyond it stream",
     )
     p.add_argument(
         "--fp8-weights",
@@ -332,7 +333,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 vram_budget=args.vram_budget,
                 fp8_weights=args.fp8_weights,
             )
-            bundle = load_bundle(args.model, device=_device(args.device))
+            budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
+            if job_dir is not None:
+                from ..pipeline.jobs import Job
+
+                budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own
+            bundle = load_bundle(args.model, device=_device(args.device), vram_budget=budget)
             source = None
             if job_dir is not None:  # a generation or an extension, as the job holds
                 from ..pipeline.jobs import resume_job

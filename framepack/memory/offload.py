@@ -40,6 +40,7 @@ from .streaming import (
 
 __all__ = [
     "Offloader",
+    "belongs_on",
     "layers_of",
     "module_bytes",
     "on_device",
@@ -190,6 +191,13 @@ class Offloader:
             return f"encoders and VAE resident ({format_bytes(self.weights)} of weights fit)"
         streamed = f", {len(self.streamed)} streaming their layers" if self.streamed else ""
         return f"encoders and VAE on the device only while used{streamed}"
+
+
+def belongs_on(module: nn.Module, device: torch.device | str) -> None:
+    """Record that `module`'s weights wait on the host for `device` (`load_bundle` under a budget):
+    a run without a budget moves them there, as after a budgeted run (`Offloader.close`)."""
+    if torch.device(device).type != "cpu":
+        module.__dict__[_AWAY] = torch.device(device)
 
 
 def on_device(module: nn.Module):

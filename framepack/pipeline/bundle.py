@@ -39,6 +39,7 @@ __all__ = [
     "download_bundle",
     "download_plan",
     "load_bundle",
+    "weights_home",
 ]
 
 MANIFEST_NAME = "framepack.json"
@@ -329,6 +330,7 @@ class Bundle:
     vae: nn.Module  # diffusers AutoencoderKLHunyuanVideo
     transformer: nn.Module  # framepack.model.PackedTransformer
     root: Path | None = None  # the bundle directory (None for a named bundle)
+    target: torch.device | None = None  # where runs compute, when the weights were loaded elsewhere
 
     def modules(self) -> dict[str, nn.Module]:
         """The components with weights, by name."""
@@ -337,13 +339,17 @@ class Bundle:
 
     @property
     def device(self) -> torch.device:
-        """Where the transformer is (the other components may have been moved elsewhere)."""
+        """The device runs compute on: `target` for a bundle whose weights wait on the host for a
+        VRAM budget (`load_bundle(..., vram_budget=...)`), else where the transformer is."""
+        if self.target is not None:
+            return self.target
         return next(self.transformer.parameters()).device
 
     def to(self, device: torch.device | str) -> Bundle:
         """Move every component to `device`, keeping each one's dtype; returns self."""
         for module in self.modules().values():
             module.to(device)
+        self.target = None
         return self
 
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -496,17 +502,44 @@ def _load_component(component: str, directory: Path, dtype: torch.dtype | None, 
     raise AssertionError(component)
 
 
+def weights_home(device: torch.device | str, vram_budget: str | float | None) -> torch.device:
+    """Where `load_bundle` puts the weights for runs on `device`: the host (CPU) when a VRAM budget
+    is set (GiB or "auto"; the planner of `framepack.memory` then moves them), else `device`."""
+    from ..memory.streaming import parse_budget
+
+    device = torch.device(device)
+    return torch.device("cpu") if parse_budget(vram_budget) is not None else device
+
+
+def _pin(module: nn.Module) -> None:
+    """Page-lock `module`'s host weights one tensor at a time (the copies CUDA streams from; the
+    planner's own `pin_memory` calls then find them pinned and copy nothing)."""
+    from ..memory.streaming import _tensors
+
+    for t in _tensors(module):
+        if t.device.type == "cpu" and not t.is_pinned():
+            t.data = t.data.pin_memory()
+
+
 def load_bundle(
     name_or_path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
+    vram_budget: str | float | None = None,
 ) -> Bundle:
     """Load a bundle directory or a named bundle (`NAMED_BUNDLES`, from the local hub cache).
 
     Dtypes follow `component_dtypes(device, dtype)`: fp32 on a CPU, the release's on a GPU.
+    With a `vram_budget` (GiB or "auto") the weights load onto the host (`weights_home`; pinned
+    for CUDA), shard by shard, and only a run's memory planner moves them onto `device`
+    (`Bundle.device` stays `device`); a run without a budget moves them all there.
     Raises `BundleError` (a ValueError) with one sentence naming the failing component.
     """
+    try:
+        home = weights_home(device, vram_budget)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     path = Path(name_or_path)
     if path.is_dir():
         root: Path | None = path
@@ -520,11 +553,22 @@ def load_bundle(
     else:
         root = None
         manifest, dirs = _cached_named(str(name_or_path), cache_dir)
-    dtypes = component_dtypes(device, dtype)
-    loaded = {c: _load_component(c, dirs[c], dtypes.get(c), device) for c in COMPONENTS}
+    dtypes = component_dtypes(device, dtype)  # the target's dtypes, wherever the weights wait
+    pin = home != torch.device(device) and torch.device(device).type == "cuda"
+    loaded = {}
+    for c in COMPONENTS:
+        loaded[c] = _load_component(c, dirs[c], dtypes.get(c), home)
+        if c in dtypes:
+            loaded[c] = loaded[c].to(home).eval().requires_grad_(False)
+            if pin:
+                _pin(loaded[c])
     loaded["vae"].use_framewise_encoding = manifest.vae_temporal_tiles  # see Manifest
     loaded["vae"].use_framewise_decoding = manifest.vae_temporal_tiles
-    for component in dtypes:
-        loaded[component] = loaded[component].to(device).eval().requires_grad_(False)
     loaded["transformer"].fp32_head = True  # as the release: the output head runs in fp32
-    return Bundle(manifest=manifest, root=root, **loaded)
+    target = torch.device(device) if home != torch.device(device) else None
+    if target is not None:
+        from ..memory.offload import belongs_on
+
+        for c in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
+            belongs_on(loaded[c], target)  # a run without a budget takes them there
+    return Bundle(manifest=manifest, root=root, target=target, **loaded)

@@ -217,7 +217,7 @@ def offloaded(bundle: Bundle, vram_budget: str | float | None, fp8: bool = False
     all kept on the device when everything fits, else each visits it only while used."""
     model = bundle.transformer
     visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
-    device = next(model.parameters()).device
+    device = bundle.device  # a bundle loaded onto the host for a budget: the device it runs on
     memory = plan_offload(model, visitors, device, vram_budget, beside=bundle.vae, fp8=fp8)
     try:
         yield memory

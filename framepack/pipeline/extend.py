@@ -194,7 +194,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
 
     s, plan = prepared.settings, prepared.plan
     model = bundle.transformer
-    device, schedule, ws = model.device, plan.schedule, plan.window
+    device, schedule, ws = bundle.device, plan.schedule, plan.window
 
     # 1. Conditioning: the prompts, the start frame (anchor and image condition), the source's end
     #    next to the new part (its tail going forward, its head going backward); once per job.

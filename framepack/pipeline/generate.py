@@ -306,7 +306,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
 
     s, plan = prepared.settings, prepared.plan
     model = bundle.transformer
-    device, schedule, ws = model.device, plan.schedule, plan.window
+    device, schedule, ws = bundle.device, plan.schedule, plan.window
 
     # 1. Conditioning, encoded once per job (a resumed run reads it back from the job directory).
     #    Under a VRAM budget the transformer is off the device meanwhile (framepack.memory.offload).

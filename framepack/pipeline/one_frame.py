@@ -89,7 +89,7 @@ def generate_frame(
         raise ValueError("a reference image (--end-image) goes into the post group; keep post in the groups.")
     started = time.perf_counter()
     model = bundle.transformer
-    device = model.device
+    device = bundle.device
     layout = inverted_layout(schedule, blank=0)
     # As `generate_events`: LoRAs on, then under a VRAM budget the encoders visit the device while
     # the transformer is away, then the transformer is streamed (and cached) and the VAE visits.
