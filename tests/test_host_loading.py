@@ -129,3 +129,41 @@ def test_a_budgeted_generation_through_the_api_equals_the_plain_one(tmp_path, mo
     done = framepack.generate(model, tmp_path, name="tight", vram_budget=budget / GIB, **base)
     assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])
     assert 0 < json.loads(done.sidecar.read_text())["device_weights_peak_bytes"] <= budget
+
+
+def test_the_gui_queue_gives_jobs_without_a_budget_the_servers(tmp_path):
+    from framepack.gui.jobs import JobQueue
+    from framepack.pipeline.generate import GenerationSettings
+
+    bundle = load_bundle(tiny_bundle_dir(), device="cpu", vram_budget=2)
+    queue = JobQueue(bundle, tmp_path, start=False, vram_budget=2)
+    image = np.zeros((64, 64, 3), np.uint8)
+    budgets = []
+    for own in (None, "none", 0.5):
+        job = queue.submit(GenerationSettings(prompt="a cat", sections=1, vram_budget=own), image)
+        assert job.error is None, job.error
+        budgets.append(job.settings.vram_budget)
+    assert budgets == [2, "none", 0.5]  # "none": every weight on the device for that job
+    queue.close(timeout=1)
+
+
+def test_cli_refuses_a_bad_budget_in_one_sentence(tmp_path, capsys):
+    from framepack.cli.main import main
+
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(tiny_bundle_dir()),
+                "--outputs",
+                str(tmp_path / "o"),
+                "--vram-budget",
+                "lots",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "VRAM budget" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -26,6 +26,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--auth", help="USER:PASSWORD, or a file with one USER:PASSWORD per line")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument(
+        "--vram-budget",
+        metavar="GB|auto",
+        help="device memory for all weights: they load onto the host, and it is the budget of jobs "
+        "that give none ('none' in the form: everything on the device)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -57,6 +63,7 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from ..memory.streaming import parse_budget
     from .generate import _device
     from .main import UserError
 
@@ -72,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         auth = parse_auth(args.auth)
         device = _device(args.device)
+        parse_budget(args.vram_budget)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.host not in LOOPBACK:
@@ -100,10 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         library.disable_progress_bar()
         library.set_verbosity_error()
     try:
-        bundle = load_bundle(args.model, device=device)
+        bundle = load_bundle(args.model, device=device, vram_budget=args.vram_budget)
     except ValueError as e:
         raise UserError(str(e)) from None
-    queue = JobQueue(bundle, outputs)
+    queue = JobQueue(bundle, outputs, vram_budget=args.vram_budget)
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:
         launch(app, outputs, host=args.host, port=args.port, auth=auth)

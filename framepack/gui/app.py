@@ -147,7 +147,8 @@ def build_app(
                             0, 0.5, value=0.15, step=0.01, label="Cache threshold (0.15: ~2x, 0.1: ~1.6x)"
                         )
                         vram_budget = gr.Textbox(
-                            "", label="Memory budget (GB or 'auto'; empty: all on the device)"
+                            "",
+                            label="Memory budget for all weights (GB, 'auto' or 'none'; empty: the server's, if any)",
                         )
                     with gr.Row():
                         sampler = gr.Dropdown(["unipc", "euler"], value="unipc", label="Sampler")

@@ -102,7 +102,9 @@ class FormValues:
     gif: bool = False
     cache: str | None = "off"  # step cache: off, teacache or fbcache
     cache_threshold: float = 0.15
-    vram_budget: str | None = ""  # GiB of device memory for the transformer, "auto", or empty: all of it
+    vram_budget: str | None = (
+        ""  # GiB of device memory for all weights, "auto", "none", or empty: the server's
+    )
     sampler: str | None = "unipc"
     png: bool = False  # also every frame as a PNG
     t2v_colour: str | None = DEFAULT_COLOUR  # no start image (and no video): text-to-video from this colour

@@ -125,10 +125,19 @@ def describe_error(e: BaseException) -> str:
 
 
 class JobQueue:
-    """Jobs in submission order and the one worker thread that runs them on `bundle`'s device."""
+    """Jobs in submission order and the one worker thread that runs them on `bundle`'s device.
 
-    def __init__(self, bundle, out_dir: str | Path, start: bool = True):
+    `vram_budget` (the server's `--vram-budget`, for a bundle loaded onto the host with it) is the
+    budget of new jobs that give none; a job's own budget wins, and "none" runs it with every
+    weight on the device (the bundle moves there, which works when it fits). Resumed jobs keep
+    the budget they were started with.
+    """
+
+    def __init__(
+        self, bundle, out_dir: str | Path, start: bool = True, vram_budget: str | float | None = None
+    ):
         self.bundle = bundle
+        self.vram_budget = vram_budget
         self.out_dir = Path(out_dir)
         self._cond = threading.Condition()
         self._jobs: dict[int, Job] = {}
@@ -176,6 +185,8 @@ class JobQueue:
         latent time index from the history `one_frame_groups` (`framepack.pipeline.one_frame`).
         """
         source = None
+        if settings.vram_budget is None and self.vram_budget is not None:  # the server's budget
+            settings = dataclasses.replace(settings, vram_budget=self.vram_budget)
         try:
             if video is not None and one_frame is not None:
                 raise ValueError(
