@@ -9,8 +9,10 @@ through two slots on a side stream); prints the plan, peak device memory
 (`torch.cuda.max_memory_allocated`), seconds per generated frame (section time / 4*window),
 the ratio to the unlimited budget, and the model FLOPs utilisation (analytic FLOPs of the model
 calls actually computed / time / `--peak-tflops`, default by device name: 989 for H100/H200 bf16
-dense). Needs about 27 GB of host RAM for the weights. `--spec tiny --device cpu` runs the same
-code on a CPU in seconds (for checking the script, not for numbers).
+dense). Needs about 27 GB of host RAM for the weights, held once: as `load_bundle` does under a
+budget, they wait on the host (pinned for CUDA) and only the planner moves them; `--transformer
+DIR` loads a checkpoint that way (shard by shard) instead of random weights. `--spec tiny --device
+cpu` runs the same code on a CPU in seconds (for checking the script, not for numbers).
 
     python bench/gpu_13b.py [--budgets 6 8 16 unlimited] [--teacache 0.15] [--steps 25] [--record]
 """
@@ -30,8 +32,9 @@ from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.caching import TeaCache, reset_caches  # noqa: E402
 from framepack.memory import GIB  # noqa: E402
+from framepack.memory.offload import pin_host  # noqa: E402
 from framepack.memory.runtime import accelerate  # noqa: E402
-from framepack.model import PackedTransformer, get_spec  # noqa: E402
+from framepack.model import PackedTransformer, get_spec, load_transformer  # noqa: E402
 from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0  # noqa: E402
 from framepack.testing import random_packed_inputs  # noqa: E402
 
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--size", default="640x640", help="pixels, height x width")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--spec", default="hunyuan-13b")
+    parser.add_argument("--transformer", metavar="DIR", help="a checkpoint instead of random --spec weights")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8", action="store_true", help="fp8 host copies of the streamed blocks")
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
@@ -99,10 +103,16 @@ def main() -> None:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
     t0 = time.perf_counter()
-    model = random_model(args.spec, dtype)
+    if args.transformer:  # the host, shard by shard, as load_bundle under a budget
+        model = load_transformer(args.transformer, dtype=dtype, device="cpu").eval().requires_grad_(False)
+        model.fp32_head = True
+    else:
+        model = random_model(args.spec, dtype)
+    if cuda:
+        pin_host(model)  # the host copies the planner streams from
     cfg = model.config
     print(
-        f"built {args.spec} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B) in {time.perf_counter() - t0:.0f} s"
+        f"built {args.transformer or args.spec} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B) in {time.perf_counter() - t0:.0f} s"
     )
     inputs = random_packed_inputs(cfg, h, w, text_tokens=512, seed=1)
     inputs["text_mask"][:, args.prompt_tokens :] = 0
@@ -176,6 +186,7 @@ def main() -> None:
             run.detach()
             if cuda:
                 model.to("cpu")
+                pin_host(model)  # back on the host, as the next budget expects it
                 torch.cuda.empty_cache()
     for row in rows:  # ratios once the unlimited runs are known
         cache = None if row[1] == "none" else args.teacache

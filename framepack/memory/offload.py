@@ -44,6 +44,7 @@ __all__ = [
     "layers_of",
     "module_bytes",
     "on_device",
+    "pin_host",
     "plan_offload",
     "vae_decode_bytes",
     "vae_tiles",
@@ -198,6 +199,14 @@ def belongs_on(module: nn.Module, device: torch.device | str) -> None:
     a run without a budget moves them there, as after a budgeted run (`Offloader.close`)."""
     if torch.device(device).type != "cpu":
         module.__dict__[_AWAY] = torch.device(device)
+
+
+def pin_host(module: nn.Module) -> None:
+    """Page-lock `module`'s host weights one tensor at a time, the copies CUDA streams from (never a
+    second copy of the module; the planner's own `pin_memory` calls then copy nothing)."""
+    for t in _tensors(module):
+        if t.device.type == "cpu" and not t.is_pinned():
+            t.data = t.data.pin_memory()
 
 
 def on_device(module: nn.Module):

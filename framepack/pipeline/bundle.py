@@ -511,16 +511,6 @@ def weights_home(device: torch.device | str, vram_budget: str | float | None) ->
     return torch.device("cpu") if parse_budget(vram_budget) is not None else device
 
 
-def _pin(module: nn.Module) -> None:
-    """Page-lock `module`'s host weights one tensor at a time (the copies CUDA streams from; the
-    planner's own `pin_memory` calls then find them pinned and copy nothing)."""
-    from ..memory.streaming import _tensors
-
-    for t in _tensors(module):
-        if t.device.type == "cpu" and not t.is_pinned():
-            t.data = t.data.pin_memory()
-
-
 def load_bundle(
     name_or_path: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -554,6 +544,8 @@ def load_bundle(
         root = None
         manifest, dirs = _cached_named(str(name_or_path), cache_dir)
     dtypes = component_dtypes(device, dtype)  # the target's dtypes, wherever the weights wait
+    from ..memory.offload import belongs_on, pin_host
+
     pin = home != torch.device(device) and torch.device(device).type == "cuda"
     loaded = {}
     for c in COMPONENTS:
@@ -561,14 +553,12 @@ def load_bundle(
         if c in dtypes:
             loaded[c] = loaded[c].to(home).eval().requires_grad_(False)
             if pin:
-                _pin(loaded[c])
+                pin_host(loaded[c])
     loaded["vae"].use_framewise_encoding = manifest.vae_temporal_tiles  # see Manifest
     loaded["vae"].use_framewise_decoding = manifest.vae_temporal_tiles
     loaded["transformer"].fp32_head = True  # as the release: the output head runs in fp32
     target = torch.device(device) if home != torch.device(device) else None
     if target is not None:
-        from ..memory.offload import belongs_on
-
         for c in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
             belongs_on(loaded[c], target)  # a run without a budget takes them there
     return Bundle(manifest=manifest, root=root, target=target, **loaded)
