@@ -167,3 +167,29 @@ def test_cli_refuses_a_bad_budget_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "VRAM budget" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_generate_under_a_budget_loads_on_the_host_and_keeps_to_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import framepack.pipeline.bundle as bundle_module
+    from framepack.cli.main import main
+
+    seen = []
+    real = bundle_module.load_bundle
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("vram_budget"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_module, "load_bundle", recording)
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "start.png")
+    bundle = load_bundle(tiny_bundle_dir())
+    plan = plan_memory(bundle.transformer, None)
+    budget = (module_bytes(bundle.vae) + plan.base_bytes + max(plan.block_bytes)) / GIB
+    args = ["generate", "--model", str(tiny_bundle_dir()), "--image", str(tmp_path / "start.png")]
+    args += ["--prompt", "a cat", "--sections", "1", "--steps", "2", "--out", str(tmp_path / "out")]
+    assert main([*args, "--vram-budget", str(budget), "--device", "cpu", "--name", "b"]) == 0
+    assert seen == [str(budget)]
+    info = json.loads((tmp_path / "out" / "b.json").read_text())
+    assert 0 < info["device_weights_peak_bytes"] <= budget * GIB
