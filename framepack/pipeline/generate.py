@@ -258,10 +258,10 @@ def generate_events(
     from .conditioning import offloaded
     from .jobs import open_job
 
-    with (
-        open_job(out_dir, job, prepared.settings, bundle, prepared.plan.packing_order) as job,
+    with (  # the memory plan first: a budget too small fails before the job directory exists
         applied_loras(bundle.transformer, prepared.loras),
         offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights) as memory,
+        open_job(out_dir, job, prepared.settings, bundle, prepared.plan.packing_order) as job,
     ):
         job.check_images(prepared)
         for event in _run(bundle, prepared, job, cancel, memory):
