@@ -41,6 +41,9 @@ def modes(work: Path) -> dict[str, list[str]]:
     Image.fromarray(frames[0]).save(lead_in)
     return {
         "image_to_video": ["--image", str(START), "--prompt", "a red circle moves right on a blue background"],
+        # A LoRA trained by `framepack train docs/demo_lora_up/train.toml` on the 81 "moves up" clips.
+        "lora": ["--image", str(START), "--prompt", "a red circle moves right on a blue background",
+                 "--lora", str(ROOT / "docs" / "demo_lora_up") + ":1.0"],
         "text_to_video": ["--t2v-colour", "purple", "--prompt", "a white circle moves left on a purple background"],
         "loop": ["--image", str(EXAMPLES / "green_circle_moves_down.png"), "--loop",
                  "--prompt", "a green circle moves down on a yellow background"],
