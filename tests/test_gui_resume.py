@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from framepack.gui.jobs import CANCELLED, DONE, FAILED, QUEUED, JobQueue
 from framepack.gui.resume import unfinished_jobs
@@ -150,17 +151,22 @@ def test_resume_endpoint_finishes_a_job_left_before_the_server_started(tmp_path,
     from gui_server import Server
 
     model, settings = tiny_bundle_dir(), dict(prompt="a bird flies", sections=2, steps=2, name="left")
-    ref = framepack.generate(model, tmp_path / "ref", image=image, **settings)
-    done = []
-    with pytest.raises(Cancelled):
-        framepack.generate(
-            model,
-            tmp_path / "outputs",
-            image=image,
-            on_event=lambda e: done.append(e) if isinstance(e, SectionDone) else None,
-            cancel=lambda: bool(done),
-            **settings,
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs (OMP_NUM_THREADS=1): sums in the same order
+    try:
+        ref = framepack.generate(model, tmp_path / "ref", image=image, **settings)
+        done = []
+        with pytest.raises(Cancelled):
+            framepack.generate(
+                model,
+                tmp_path / "outputs",
+                image=image,
+                on_event=lambda e: done.append(e) if isinstance(e, SectionDone) else None,
+                cancel=lambda: bool(done),
+                **settings,
+            )
+    finally:
+        torch.set_num_threads(threads)
     server = Server(model, tmp_path / "outputs")
     try:
         client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
