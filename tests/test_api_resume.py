@@ -19,13 +19,6 @@ WS = 9
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    img = np.zeros((64, 96, 3), np.uint8)
-    img[16:48, 24:56] = (30, 160, 200)
-    return img
-
-
-@pytest.fixture(scope="module")
 def model() -> str:
     return str(tiny_bundle_dir())
 

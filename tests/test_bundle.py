@@ -15,7 +15,6 @@ from framepack.pipeline.bundle import (
     HUNYUAN_PROMPT_TEMPLATE,
     MANIFEST_NAME,
     NAMED_BUNDLES,
-    Bundle,
     BundleError,
     Manifest,
     component_dtypes,
@@ -30,14 +29,9 @@ from framepack.pipeline.conditioning import (
     vae_decode,
     vae_encode,
 )
-from framepack.testing import make_tiny_bundle, tiny_bundle, tiny_bundle_dir
+from framepack.testing import make_tiny_bundle, tiny_bundle_dir
 
 PROMPT = "A cat walks in the rain, the camera slowly zooms in."
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Bundle:
-    return tiny_bundle()
 
 
 @pytest.fixture
@@ -111,6 +105,7 @@ def test_manifest_round_trip_and_defaults(tmp_path):
     d = Manifest()
     assert (d.template_crop, d.max_prompt_tokens, d.text_hidden_layer, d.window) == (95, 256, -3, 9)
     assert (d.fps, d.resolution, d.steps, d.distilled_guidance, d.shift) == (30, 640, 25, 10.0, None)
+    assert d.cfg == 1.0  # real CFG off by default, as the release
 
 
 def test_prompt_template_is_diffusers_default():
@@ -130,6 +125,7 @@ def test_prompt_template_is_diffusers_default():
         ({"window": 0}, "window"),
         ({"resolution": 100}, "multiple of 16"),
         ({"shift": -1.0}, "shift"),
+        ({"cfg": 0}, "cfg"),
     ],
 )
 def test_manifest_rejects_bad_values(tmp_path, data, words):

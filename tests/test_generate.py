@@ -15,14 +15,9 @@ from PIL import Image
 from framepack.io import read_video
 from framepack.pipeline.generate import GenerationSettings, SectionDone, generate
 from framepack.sampling import Cancelled
-from framepack.testing import tiny_bundle, tiny_bundle_dir
+from framepack.testing import tiny_bundle_dir
 
 WS = 9
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +99,22 @@ def test_cfg_and_timed_prompts_run(bundle, image, tmp_path):
         negative_prompt="rain",
     )
     assert done.frames == 4 * (WS * 2 + 1) - 3
+
+
+def test_the_manifest_cfg_is_the_default(bundle, image, tmp_path):
+    import dataclasses
+
+    from framepack.pipeline.generate import prepare
+
+    assert prepare(bundle, GenerationSettings(prompt="x", sections=1), image).cfg == 1.0
+    guided = dataclasses.replace(bundle, manifest=bundle.manifest.replace(cfg=2.0))
+    assert prepare(guided, GenerationSettings(prompt="x", sections=1), image).cfg == 2.0
+    assert prepare(guided, GenerationSettings(prompt="x", sections=1, cfg=1.0), image).cfg == 1.0
+    by_default, _ = _run(guided, image, tmp_path / "a", sections=1)
+    explicit, _ = _run(bundle, image, tmp_path / "b", sections=1, cfg=2.0)
+    plain, _ = _run(bundle, image, tmp_path / "c", sections=1)
+    a, b, c = (read_video(d.video)[0] for d in (by_default, explicit, plain))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 # ---------------------------------------------------------------- the command line

@@ -19,7 +19,7 @@ from framepack.gui.form import (
     save_input_image,
     settings_from_form,
 )
-from framepack.gui.jobs import CANCELLED, DONE, FAILED, JobQueue, describe_error
+from framepack.gui.jobs import CANCELLED, DONE, FAILED, describe_error
 from framepack.gui.view import (
     finished_videos,
     format_duration,
@@ -30,28 +30,8 @@ from framepack.gui.view import (
 )
 from framepack.io import read_video
 from framepack.pipeline.generate import GenerationSettings
-from framepack.testing import tiny_bundle
 
 WS = 9
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    img = np.zeros((64, 96, 3), np.uint8)
-    img[16:48, 24:56] = (200, 80, 30)
-    return img
-
-
-@pytest.fixture
-def queue(bundle, tmp_path):
-    q = JobQueue(bundle, tmp_path / "out")
-    yield q
-    q.close()
 
 
 def _settings(**kw) -> GenerationSettings:

@@ -15,28 +15,8 @@ from framepack.gui.resume import unfinished_jobs
 from framepack.gui.view import progress_html
 from framepack.io import read_video
 from framepack.pipeline.generate import GenerationSettings, StepEvent
-from framepack.testing import tiny_bundle
 
 WS = 9
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    img = np.zeros((64, 96, 3), np.uint8)
-    img[16:48, 24:56] = (90, 200, 60)
-    return img
-
-
-@pytest.fixture
-def queue(bundle, tmp_path):
-    q = JobQueue(bundle, tmp_path / "out")
-    yield q
-    q.close()
 
 
 def _settings(**kw) -> GenerationSettings:

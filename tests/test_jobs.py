@@ -82,13 +82,6 @@ def test_segments_and_tail_are_the_incremental_frames(tmp_path, forward):
     assert np.array_equal(video.all_frames(), full.frames)
 
 
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    img = np.zeros((64, 96, 3), np.uint8)
-    img[16:48, 24:56] = (200, 40, 90)
-    return img
-
-
 def _pngs(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("frame_*.png"))])
 

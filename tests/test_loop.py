@@ -14,12 +14,7 @@ from PIL import Image
 
 from framepack.pipeline.generate import GenerationSettings, generate, prepare
 from framepack.pipeline.loop import loop_seam
-from framepack.testing import tiny_bundle, tiny_bundle_dir
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
+from framepack.testing import tiny_bundle_dir
 
 
 @pytest.fixture(scope="module")

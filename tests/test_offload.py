@@ -23,11 +23,6 @@ from framepack.testing import tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
-
-
-@pytest.fixture(scope="module")
 def image() -> np.ndarray:
     img = np.full((64, 64, 3), 90, np.uint8)
     img[16:48, 20:44] = (200, 30, 30)

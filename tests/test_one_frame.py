@@ -16,21 +16,9 @@ from PIL import Image
 from framepack.pipeline.conditioning import vae_encode
 from framepack.pipeline.generate import GenerationSettings, _pixels, prepare
 from framepack.pipeline.one_frame import generate_frame
-from framepack.testing import tiny_bundle, tiny_bundle_dir
+from framepack.testing import tiny_bundle_dir
 
 WS = 9
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    img = np.zeros((64, 96, 3), np.uint8)
-    img[16:48, 24:56] = (30, 200, 90)
-    return img
 
 
 def _frame(bundle, image, tmp_path, calls=None, settings=None, **kw):

@@ -64,8 +64,24 @@ def test_folder_source(prepared, source):
         assert entry["caption"] == (source / entry["file"]).with_suffix(".txt").read_text().strip()
         assert (entry["latent_frames"], entry["frames"], entry["height"], entry["width"]) == (4, 13, 64, 64)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["index.json"] + [e["file"] for e in index["clips"]]
+        ["index.json", "empty_prompt.safetensors"] + [e["file"] for e in index["clips"]]
     )
+
+
+def test_empty_caption_is_stored_for_caption_dropout(prepared, bundle):
+    from framepack.pipeline.conditioning import encode_prompt
+
+    out, _, _ = prepared
+    empty, expected = LatentCache(out).empty_prompt(), encode_prompt(bundle, "")
+    assert set(empty) == {"text", "text_mask", "pooled"}
+    assert torch.equal(empty["text"], expected.text[0]) and torch.equal(empty["pooled"], expected.pooled[0])
+    assert torch.equal(empty["text_mask"], expected.mask[0]) and int(empty["text_mask"].sum()) >= 1
+    (out / "empty_prompt.safetensors").rename(out / "moved.safetensors")
+    try:
+        with pytest.raises(InputError, match="empty_prompt.safetensors.*framepack prepare"):
+            LatentCache(out).empty_prompt()
+    finally:
+        (out / "moved.safetensors").rename(out / "empty_prompt.safetensors")
 
 
 def test_cache_file_contents(prepared, bundle):

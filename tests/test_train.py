@@ -165,6 +165,18 @@ def test_two_processes_match_one(cache, tmp_path, fsdp):
         torch.testing.assert_close(x[k], y[k], atol=1e-4, rtol=0)
 
 
+def test_caption_dropout_trains_on_the_empty_caption(cache, tmp_path):
+    from framepack.training.data import LatentCache
+
+    empty = LatentCache(cache).empty_prompt()
+    dropped = Trainer(config(cache, tmp_path / "a", caption_dropout=1.0)).batch(0)
+    for key, name in (("text", "text"), ("text_mask", "text_mask"), ("pooled", "pooled")):
+        assert all(torch.equal(row, empty[name].float()) for row in getattr(dropped, key))
+    kept = Trainer(config(cache, tmp_path / "b")).batch(0)
+    assert not torch.equal(kept.pooled[0], empty["pooled"].float())
+    assert torch.equal(kept.noisy, dropped.noisy)  # dropout changes the caption only
+
+
 def test_bad_configs_are_one_sentence(tmp_path, capsys):
     bad_key = tmp_path / "a.yaml"
     bad_key.write_text("data: cache\noutput: out\nlearning_rate: 0.1\n")

@@ -110,6 +110,27 @@ def test_shape_stays_inside_the_frame(seed, frames):
     assert (border == np.array(COLOURS[scene.background], dtype=np.uint8)).all()
 
 
+def test_centre_starts_say_nothing_about_the_direction():
+    from framepack.training.world import CENTRE_START
+
+    scenes = [sample_scene(s, 145, start="centre") for s in range(400)]
+    moving = [s for s in scenes if s.motion in ("left", "right", "up", "down")]
+    assert all(
+        CENTRE_START[0] <= s.x <= CENTRE_START[1] and CENTRE_START[0] <= s.y <= CENTRE_START[1]
+        for s in moving
+    )
+    for motion in ("left", "right", "up", "down"):  # every direction starts all over the centre square
+        xs = [s.x for s in moving if s.motion == motion]
+        assert len(xs) > 30 and 0.45 < np.mean(xs) < 0.55
+    for scene in moving[:20]:  # still a visible motion the right way, never leaving the frame
+        m = measure(render(scene, 145, 32))
+        assert classify_motion(m) == scene.motion and (m["area"] > 0).all()
+    with pytest.raises(ValueError, match="start"):
+        sample_scene(0, 20, start="middle")
+    with pytest.raises(ValueError, match="start"):
+        write_dataset(".", 1, start="edge", progress=False)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seeds, st.integers(min_value=20, max_value=60), st.sampled_from([32, 64]))
 def test_caption_motion_is_visible(seed, frames, size):

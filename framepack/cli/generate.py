@@ -109,7 +109,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=31337)
     p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float, default=1.0, help="real CFG scale (1 = no negative pass)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        help="real CFG scale (1 = off, no negative pass; default: the model's, 1 for the release)",
+    )
     p.add_argument("--cfg-rescale", type=float, default=0.0)
     p.add_argument("--distilled-cfg", type=float, help="distilled guidance scale (default 10)")
     p.add_argument("--window", type=int, help="latent frames per section (default 9)")

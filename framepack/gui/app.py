@@ -129,7 +129,7 @@ def build_app(
                         distilled_cfg = gr.Slider(
                             1, 32, value=m.distilled_guidance, step=0.1, label="Distilled guidance"
                         )
-                        cfg = gr.Slider(1, 32, value=1.0, step=0.1, label="CFG (real; 1 = off)")
+                        cfg = gr.Slider(1, 32, value=m.cfg, step=0.1, label="CFG (real; 1 = off)")
                     with gr.Row():
                         window = gr.Slider(
                             1, 33, value=m.window, step=1, label="Window (latent frames per section)"

@@ -408,7 +408,7 @@ def form_from_settings(
         "seed": str(pick("seed", 31337)),
         "steps": int(pick("steps", manifest.steps)),
         "distilled_cfg": float(pick("distilled_cfg", manifest.distilled_guidance)),
-        "cfg": float(pick("cfg", 1.0)),
+        "cfg": float(pick("cfg", manifest.cfg)),
         "window": int(pick("window", manifest.window)),
         "order": str(pick("order", manifest.order)),
         "resolution": int(pick("resolution", manifest.resolution)),

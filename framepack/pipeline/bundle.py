@@ -89,6 +89,7 @@ class Manifest:
     resolution: int = 640  # bucket setting
     steps: int = 25
     distilled_guidance: float = 10.0
+    cfg: float = 1.0  # real CFG scale by default (1: off, as the release; negative prompt "")
     shift: float | None = None  # None: resolution-dependent shift (FRAMEPACK.md section 5)
     vae_scaling_factor: float = 0.476986
     # True: the VAE codes clips of more than 16 frames in diffusers' overlapping temporal tiles (the
@@ -116,7 +117,7 @@ class Manifest:
             )
         if self.resolution % 16:
             raise ValueError(f"manifest resolution must be a multiple of 16, got {self.resolution}.")
-        for key in ("distilled_guidance", "vae_scaling_factor", "shift"):
+        for key in ("distilled_guidance", "vae_scaling_factor", "shift", "cfg"):
             value = getattr(self, key)
             if value is None and key == "shift":
                 continue

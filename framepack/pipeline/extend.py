@@ -269,7 +269,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
         packed = [HistoryGroup(g.latents.to(device), g.indices, g.kernel) for g in packed]
         cond = prompts[section.prompt_index]
         denoise = make_denoiser(
-            model, device, torch.tensor(layout.noisy), packed, cond, negative, guidance, siglip, s
+            model, device, torch.tensor(layout.noisy), packed, cond, negative, guidance, siglip, prepared
         )
         noise = torch.randn((1, c, ws, h, w), generator=generator)
         speed.new_section(len(sigmas) - 1, 1 if negative is None else 2)

@@ -60,7 +60,7 @@ class GenerationSettings:
     sections: int | None = None
     seed: int = 31337
     steps: int | None = None
-    cfg: float = 1.0
+    cfg: float | None = None  # real CFG scale; None: the manifest's (1 = off, no negative pass)
     cfg_rescale: float = 0.0
     distilled_cfg: float | None = None
     window: int | None = None
@@ -139,6 +139,7 @@ class Prepared:
     steps: int
     distilled_cfg: float
     fps: int
+    cfg: float = 1.0  # real CFG scale: the setting's, else the manifest's (1 = no negative pass)
     loras: list = field(default_factory=list)  # (framepack.lora.Lora, scale) pairs
 
 
@@ -228,6 +229,7 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
             m.distilled_guidance if settings.distilled_cfg is None else settings.distilled_cfg
         ),
         fps=fps,
+        cfg=float(m.cfg if settings.cfg is None else settings.cfg),
         loras=load_loras(bundle.transformer, settings.loras),
     )
 
@@ -276,7 +278,7 @@ def _encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
 
     s = prepared.settings
     tensors = {}
-    for i, text in enumerate(prepared.prompts + ([s.negative_prompt] if s.cfg != 1 else [])):
+    for i, text in enumerate(prepared.prompts + ([s.negative_prompt] if prepared.cfg != 1 else [])):
         p = encode_prompt(bundle, text)
         key = f"prompt_{i}" if i < len(prepared.prompts) else "negative"
         tensors.update({f"{key}.text": p.text, f"{key}.mask": p.mask, f"{key}.pooled": p.pooled})
@@ -297,7 +299,7 @@ def prompt_embeds(inputs: dict[str, torch.Tensor], prepared: Prepared, device) -
         return PromptEmbeds(inputs[f"{key}.text"], inputs[f"{key}.mask"], inputs[f"{key}.pooled"]).to(device)
 
     prompts = [embeds(f"prompt_{i}") for i in range(len(prepared.prompts))]
-    return prompts, embeds("negative") if prepared.settings.cfg != 1 else None
+    return prompts, embeds("negative") if prepared.cfg != 1 else None
 
 
 def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
@@ -369,7 +371,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
         packed = [HistoryGroup(g.latents.to(device), g.indices, g.kernel) for g in packed]
         noisy_indices = torch.tensor(layout.noisy)
         cond, neg = prompts[section.prompt_index], negative
-        denoise = make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, s)
+        denoise = make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, prepared)
 
         noise = torch.randn((1, c, ws, h, w), generator=generator)  # one CPU generator, every section
         speed.new_section(len(sigmas) - 1, 1 if neg is None else 2)
@@ -413,7 +415,7 @@ def accelerate_run(model, device, s: GenerationSettings, memory=None):
     )
 
 
-def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, s: GenerationSettings):
+def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, prepared: Prepared):
     """The x0 prediction `denoise(x, sigma)` the samplers call for one section's packed inputs.
 
     One model call for the velocity, a second for the negative prompt when real CFG is on.
@@ -429,7 +431,7 @@ def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, sig
 
         v = velocity(cond)
         if neg is not None:
-            v = cfg_velocity(v, velocity(neg), s.cfg, s.cfg_rescale)
+            v = cfg_velocity(v, velocity(neg), prepared.cfg, prepared.settings.cfg_rescale)
         return velocity_to_x0(x, v.to(x.device), sigma)
 
     return denoise

@@ -96,7 +96,7 @@ def generate_frame(
     with applied_loras(model, prepared.loras), offloaded(bundle, s.vram_budget, s.fp8_weights) as memory:
         with torch.no_grad(), memory.transformer_away(model):
             cond = encode_prompt(bundle, prepared.prompts[0])
-            negative = encode_prompt(bundle, s.negative_prompt) if s.cfg != 1 else None
+            negative = encode_prompt(bundle, s.negative_prompt) if prepared.cfg != 1 else None
             siglip = encode_image(bundle, prepared.image)
             start = vae_encode(bundle, _pixels(prepared.image)).float().cpu()  # (1, C, 1, h, w)
             post = None
@@ -123,7 +123,9 @@ def generate_frame(
         noisy_indices = torch.tensor([index])
         guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
 
-        denoise = make_denoiser(model, device, noisy_indices, packed, cond, negative, guidance, siglip, s)
+        denoise = make_denoiser(
+            model, device, noisy_indices, packed, cond, negative, guidance, siglip, prepared
+        )
 
         generator = torch.Generator("cpu").manual_seed(s.seed)
         noise = torch.randn((1, c, 1, h, w), generator=generator)  # (1, C, 1, h, w): one latent

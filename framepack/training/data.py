@@ -59,6 +59,21 @@ class LatentCache(Dataset):
             raise InputError(f"Cache file {path} lacks the tensor {missing[0]!r}.")
         return tensors
 
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """`text`, `text_mask`, `pooled` of the empty caption (written by `framepack prepare`)."""
+        from safetensors.torch import load_file
+
+        path = self.directory / "empty_prompt.safetensors"
+        if not path.is_file():
+            raise InputError(
+                f"{self.directory} has no empty_prompt.safetensors, which caption_dropout needs; "
+                "run `framepack prepare` into it again (it reuses the encoded clips)."
+            )
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files
+            raise InputError(f"Cache file {path} cannot be loaded ({type(e).__name__}).") from None
+
     def caption(self, i: int) -> str:
         return self.entries[i]["caption"]
 

@@ -79,6 +79,34 @@ def write_examples(folder: Path, size: int = 64) -> list[Path]:
     return written
 
 
+def merge_caches(out: Path, caches: list[Path]) -> Path:
+    """One training cache from several `prepare` caches made with the same bundle: `out` gets an
+    index of all their clips (each file a symlink named `<cache>__<file>`) and the first cache's
+    empty-caption embeddings. Returns `out`."""
+    from ..io import write_json_atomic
+    from .data import LatentCache
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries, settings = [], None
+    for cache in caches:
+        data = LatentCache(cache)
+        settings = settings or data.settings
+        for entry in data.entries:
+            name = f"{cache.name}__{entry['file']}"
+            link = out / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to((cache / entry["file"]).resolve())
+            entries.append({**entry, "file": name})
+    empty = caches[0] / "empty_prompt.safetensors"
+    if empty.is_file():
+        shutil.copyfile(empty, out / empty.name)
+    write_json_atomic(
+        {"format": "framepack-latent-cache/1", "settings": settings, "clips": entries}, out / "index.json"
+    )
+    return out
+
+
 def build_demo_bundle(
     vae_dir: Path,
     work: Path,
@@ -94,13 +122,19 @@ def build_demo_bundle(
     run_name: str = "run",
     cache_name: str = "cache",
     order: str = "inverted",
+    centre_clips: int = 0,
+    caption_dropout: float = 0.0,
+    cfg: float = 1.0,
 ) -> Path:
     """Train the demo transformer on top of `vae_dir` and write the bundle to `out`.
 
     `init`: a transformer folder to continue from (a checkpoint's `transformer/`) instead of
     training from scratch; `run_name` the run folder under `work`, `cache_name` the latent cache's
     (a cache made with another VAE is encoded again). `order`: "inverted" (anti-drifting, the
-    shipped model) or "forward" (the F1 layout; for the drift comparison).
+    shipped model) or "forward" (the F1 layout; for the drift comparison). `centre_clips`: that
+    many more clips whose shapes start near the middle (`world.sample_scene(start="centre")`), so
+    only the caption tells the direction; `caption_dropout` trains the unconditional that real
+    CFG needs, and `cfg` becomes the bundle's default real CFG scale.
     """
     import torch
 
@@ -135,6 +169,12 @@ def build_demo_bundle(
     if not (clip_dir / "manifest.jsonl").exists():
         write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)
     prepare_dataset(clip_dir, staging, cache)
+    if centre_clips:
+        centre_dir, centre_cache = work / "clips-centre", work / f"{cache_name}-centre"
+        if not (centre_dir / "manifest.jsonl").exists():
+            write_dataset(centre_dir, centre_clips, frames=frames, size=64, seed=3000, start="centre")
+        prepare_dataset(centre_dir, staging, centre_cache)
+        cache = merge_caches(work / f"{cache_name}-mix", [centre_cache, cache])
 
     run = work / run_name
     config = work / f"train-{run_name}.toml"
@@ -154,6 +194,7 @@ def build_demo_bundle(
                 'lr_schedule = "cosine"',
                 f"warmup_steps = {50 if init else 100}",
                 f"end_probability = {end_probability if order == 'inverted' else 0.0}",
+                f"caption_dropout = {caption_dropout}",
                 "checkpoint_every = 500",
                 "log_every = 25",
                 "seed = 0",
@@ -171,13 +212,16 @@ def build_demo_bundle(
     # Stored in bf16 to keep the shipped bundle small; a CPU loads it back as fp32.
     trained = load_transformer(Path(result.checkpoint) / "transformer", dtype=torch.bfloat16)
     save_transformer(trained, out / "transformer")
-    manifest.replace(order=order, packing=order).save(out / MANIFEST_NAME)
+    manifest.replace(order=order, packing=order, cfg=cfg).save(out / MANIFEST_NAME)
     write_examples(out / "examples")
     minutes = (time.time() - started) / 60
     how = (
         "inverted anti-drifting order with the released packing preset (start + 1 k1 + 2 k2 + 16 k4), "
-        f"window 9, on {clips} clips of {frames} frames; a sample's future is cut after a random "
-        f"window with probability {end_probability}."
+        f"window 9, on {clips} clips of {frames} frames"
+        + (f" and {centre_clips} more whose shapes start near the middle" if centre_clips else "")
+        + f"; a sample's future is cut after a random window with probability {end_probability}"
+        + (f"; captions dropped with probability {caption_dropout}" if caption_dropout else "")
+        + (f'. Generation uses real CFG {cfg:g} by default (negative prompt "").' if cfg != 1 else ".")
         if order == "inverted"
         else "forward (F1) order with the released packing preset (start + 16 k4 + 2 k2 + 1 k1), "
         f"window 9, on {clips} clips of {frames} frames."
@@ -236,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--order", choices=("inverted", "forward"), default="inverted", help="section order to train"
     )
+    p.add_argument(
+        "--centre-clips", type=int, default=0, help="more clips whose shapes start near the middle"
+    )
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="chance a caption is dropped")
+    p.add_argument("--cfg", type=float, default=1.0, help="the bundle's default real CFG scale")
     a = p.parse_args(argv)
     if not (a.vae / "config.json").is_file():
         print(f"demo: {a.vae} is not a trained VAE folder (no config.json).", file=sys.stderr)
@@ -255,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         a.run,
         a.cache,
         a.order,
+        a.centre_clips,
+        a.caption_dropout,
+        a.cfg,
     )
     print(out)
     return 0

@@ -15,6 +15,9 @@ Run the encoders once, so training never does. A source is a folder of videos (`
 5. written atomically to `<stem>.safetensors`, with the caption, the source and the settings in
    its metadata.
 
+The empty caption's embeddings go to `empty_prompt.safetensors`: caption dropout trains on them,
+so that real CFG's negative prompt "" at inference is the unconditional the model learned.
+
 `index.json` lists the clips of this run's source that are in the cache (files of clips no longer
 in the source stay on disk, unlisted). A rerun reuses every clip whose cache file records the same
 source (path, size, modification time), caption and settings. Unreadable videos, missing captions
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CACHE_FORMAT",
+    "EMPTY_PROMPT_NAME",
     "INDEX_NAME",
     "VIDEO_SUFFIXES",
     "PrepareReport",
@@ -54,6 +58,7 @@ __all__ = [
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 INDEX_NAME = "index.json"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"  # the empty caption's embeddings, for caption dropout
 CACHE_FORMAT = "framepack-latent-cache/1"
 
 
@@ -379,10 +384,31 @@ def prepare_dataset(
         report.entries.append(_entry(path.name, meta, tensors["latents"].shape))
         bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=report.skipped)
     bar.close()
+    _write_empty_prompt(bundle, out / EMPTY_PROMPT_NAME, settings)
     write_json_atomic(
         {"format": CACHE_FORMAT, "settings": json.loads(settings), "clips": report.entries}, report.index
     )
     return report
+
+
+def _write_empty_prompt(bundle: Bundle, path: Path, settings: str) -> None:
+    """The empty caption's `text`, `text_mask` and `pooled`: what caption dropout trains on, and
+    what real CFG's default negative prompt ("") gives at inference. Kept if already there."""
+    from safetensors import safe_open
+
+    from framepack.pipeline.conditioning import encode_prompt
+
+    expected = {"format": CACHE_FORMAT, "caption": "", "settings": settings}
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}) == expected:
+                    return
+        except Exception:  # noqa: BLE001 - a damaged file is simply written again
+            pass
+    prompt = encode_prompt(bundle, "")
+    tensors = {"text": prompt.text[0], "text_mask": prompt.mask[0], "pooled": prompt.pooled[0]}
+    _save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, expected, path)
 
 
 def _save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:

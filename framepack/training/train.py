@@ -252,6 +252,9 @@ class Trainer:
         self.order, self.schedule = _resolve_schedule(cfg, manifest, self.cache)
         self.window = self.schedule.generate
         self.clips = _Clips(self.cache, self.window + 1)
+        # Caption dropout trains on the empty caption's real embeddings, the negative prompt ""
+        # that real CFG feeds at inference.
+        self.empty = self.cache.empty_prompt() if cfg.caption_dropout else None
         guidance = cfg.distilled_guidance
         self.guidance = (
             guidance if guidance is not None else (manifest.distilled_guidance if manifest else 10.0)
@@ -552,9 +555,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=g)
         text, mask, pooled = clip["text"].float(), clip["text_mask"].float(), clip["pooled"].float()
         if cfg.caption_dropout and float(torch.rand((), generator=g)) < cfg.caption_dropout:
-            text, pooled = torch.zeros_like(text), torch.zeros_like(pooled)
-            mask = torch.zeros_like(mask)
-            mask[0] = 1  # one (zero) token, so the refiner has something to attend to
+            text, mask, pooled = (self.empty[k].float() for k in ("text", "text_mask", "pooled"))
         return {
             "noisy": (1 - sigma) * x0 + sigma * noise,
             "target": noise - x0,

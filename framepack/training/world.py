@@ -82,6 +82,11 @@ MARGIN = 0.04  # free space kept between the shape and the frame's edge (fractio
 MIN_HALF, MAX_HALF = 0.1, 0.18  # half-size (circle radius) at the start, fraction of the side
 GROWN_HALF = 0.3  # largest half-size a growing shape reaches
 TRAVEL = (0.3, 0.55)  # distance a moving centre covers over the clip, fraction of the side
+# `start="centre"`: the centre starts in this square and moves this far, so where a shape starts
+# says nothing about where it goes (every direction fits) and only the caption tells.
+CENTRE_START = (0.38, 0.62)
+CENTRE_TRAVEL = (0.15, 0.3)
+STARTS = ("anywhere", "centre")
 
 
 @dataclass(frozen=True)
@@ -160,11 +165,20 @@ def _names(rng: random.Random) -> tuple[str, str, float, str]:
     return _draw(rng, SHAPES), _draw(rng, list(COLOURS)), rng.random(), _draw(rng, list(MOTIONS))
 
 
-def _geometry(rng: random.Random, motion: str, frames: int) -> tuple[float, float, float, float]:
-    """Start x, y, half-size and speed such that the whole path stays inside the frame."""
+def _geometry(
+    rng: random.Random, motion: str, frames: int, start: str = "anywhere"
+) -> tuple[float, float, float, float]:
+    """Start x, y, half-size and speed such that the whole path stays inside the frame.
+
+    `start="centre"` moves the centre `CENTRE_TRAVEL` from a start in the `CENTRE_START` square
+    (a large shape may reach the edge and stop there, as `Scene.path` does).
+    """
     _, (dx, dy), grow = MOTIONS[motion]
     steps = max(frames - 1, 1)
     small = rng.uniform(MIN_HALF, MAX_HALF)
+    if start == "centre" and not grow:
+        x, y = rng.uniform(*CENTRE_START), rng.uniform(*CENTRE_START)
+        return x, y, small, rng.uniform(*CENTRE_TRAVEL) / steps
     if grow:  # between `small` and `big`, centred where the big shape fits
         big = rng.uniform(small + 0.08, GROWN_HALF)
         lo, hi = big + MARGIN, 1 - big - MARGIN
@@ -181,13 +195,24 @@ def _geometry(rng: random.Random, motion: str, frames: int) -> tuple[float, floa
     return x, y, small, travel / steps
 
 
-def sample_scene(seed: int, frames: int = DEFAULT_FRAMES) -> Scene:
-    """A random scene, the same for the same seed, whose shape stays inside the frame for `frames`."""
+def _check_start(start: object) -> str:
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}.")
+    return str(start)
+
+
+def sample_scene(seed: int, frames: int = DEFAULT_FRAMES, start: str = "anywhere") -> Scene:
+    """A random scene, the same for the same seed, whose shape stays inside the frame for `frames`.
+
+    `start="anywhere"` places the shape wherever its whole path fits (so a shape moving right
+    tends to start on the left); `start="centre"` starts it near the middle, whatever its motion.
+    """
     seed = _check_int("seed", seed, low=-(2**63))
     frames = _check_int("frames", frames, low=1)
+    start = _check_start(start)
     rng = random.Random(seed)
     shape, colour, u, motion = _names(rng)
-    return Scene(shape, colour, _background(u, colour), motion, *_geometry(rng, motion, frames))
+    return Scene(shape, colour, _background(u, colour), motion, *_geometry(rng, motion, frames, start))
 
 
 _CAPTION = re.compile(
@@ -272,22 +297,24 @@ def write_dataset(
     size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    start: str = "anywhere",
 ) -> list[Path]:
     """Write `count` demo clips `clip_00000.mp4` ... (30 fps) with a caption `clip_00000.txt` beside
-    each, and `manifest.jsonl` listing them; clip i is `sample_scene(seed + i, frames)`.
+    each, and `manifest.jsonl` listing them; clip i is `sample_scene(seed + i, frames, start)`.
 
     Returns the video paths. The same arguments give the same frames and captions.
     """
     count = _check_int("count", count, low=1)
     frames = _check_int("frames", frames, low=1)
     size = _check_int("size", size, low=8, high=MAX_SIZE)
+    start = _check_start(start)
     if size % 2:
         raise ValueError(f"size must be even for H.264 video, got {size}.")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
     for i in tqdm(range(count), desc="demo clips", unit="clip", disable=not progress):
-        scene = sample_scene(seed + i, frames)
+        scene = sample_scene(seed + i, frames, start)
         video = folder / f"clip_{i:05d}.mp4"
         write_mp4(render(scene, frames, size), video, fps=FPS, metadata={"caption": scene.caption})
         write_bytes_atomic((scene.caption + "\n").encode("utf-8"), video.with_suffix(".txt"))
