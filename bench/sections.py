@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.model import HistoryGroup, PackedTransformer, get_spec  # noqa: E402
-from framepack.packing.layout import gather_history  # noqa: E402
+from framepack.pipeline.generate import packed_history  # noqa: E402
 from framepack.pipeline.plan import plan_sections  # noqa: E402
 
 HEADING = "## Per-section cost: packed history vs all history at k1 (`bench/sections.py`)"
@@ -81,19 +81,8 @@ class PeakRSS:
 
 
 def packed_groups(plan, section, bank) -> list[HistoryGroup]:
-    """The history groups the generation loop builds for `section` (framepack/pipeline/generate.py)."""
-    layout, schedule = section.layout, plan.schedule
-    history = bank[:, :, list(section.history())] if section.history() else bank[:, :, :0]
-    groups = gather_history(history, schedule, plan.packing_order)
-    anchors = bank[:, :, list(section.anchors_from)]
-    kernels = [g.kernel.name for g in schedule.groups]
-    packed = [
-        HistoryGroup(torch.cat([anchors, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
-    ]
-    packed += [
-        HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
-    ]
-    return packed
+    """The history groups the generation loop builds for `section`."""
+    return packed_history(plan, section, bank)
 
 
 def full_groups(section, bank) -> list[HistoryGroup]:

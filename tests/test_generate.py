@@ -147,6 +147,36 @@ def test_cli_generates_with_events(image, tmp_path):
     assert kinds.count("step") == 4 and kinds.count("section") == 2 and kinds[-1] == "finished"
 
 
+def test_cli_out_of_device_memory_is_one_sentence_and_keeps_the_job(image, tmp_path, monkeypatch, capsys):
+    """A CUDA OOM in the middle of a run (raised here after the first section, as a card too small
+    for an unbudgeted run would) names the budget option and the resume command; the section stays."""
+    import torch
+
+    import framepack.pipeline.generate as pipeline
+    from framepack.cli.main import main
+
+    real = pipeline.generate_events
+
+    def runs_out(*args, **kwargs):
+        for event in real(*args, **kwargs):
+            yield event
+            if isinstance(event, SectionDone):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "generate_events", runs_out)
+    Image.fromarray(image).save(tmp_path / "start.png")
+    code = main(
+        ["generate", "--model", str(tiny_bundle_dir()), "--image", str(tmp_path / "start.png"), "--prompt", "a cat",
+         "--sections", "2", "--steps", "1", "--out", str(tmp_path / "out"), "--name", "clip"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert code == 2 and "Traceback" not in err and last.startswith("framepack: the device ran out of memory")
+    assert "--vram-budget auto" in last and "--resume" in last
+    assert read_video(tmp_path / "out" / "clip.mp4")[0].shape[0] > 0
+    assert (tmp_path / "out" / "clip.job").is_dir()
+
+
 BAD = [
     (["--image", "missing.png"], "missing.png"),
     (["--image", "corrupt.png"], "corrupt.png"),

@@ -88,6 +88,17 @@ def _progress(page, state: str, job: int | None = None):
     return int(el.get_attribute("data-job")), el.locator("span").inner_text()
 
 
+def _cancel_after_a_section(page, job: int) -> str:
+    """Wait until the watched job `job` has finished a section, press Stop; its final progress text."""
+    page.wait_for_function(
+        f"document.querySelector('#fp-progress .fp-progress[data-job=\"{job}\"] span')"
+        "?.textContent.includes('frames')",
+        timeout=TIMEOUT,
+    )
+    page.locator("#fp-cancel").click()
+    return _progress(page, "cancelled", job)[1]
+
+
 def _video_frames(page, tmp_path) -> int:
     """Fetch the shown video through the server, decode it, return its frame count."""
     src = page.locator("#fp-video video").get_attribute("src")
@@ -144,13 +155,7 @@ def test_queue_a_second_job_and_cancel_both(page, image_file, tmp_path):
 
     page.locator("#fp-watch input").click()  # watch the running one again, and cancel it
     page.locator("[role=option]", has_text=f"#{first} ").click()
-    page.wait_for_function(
-        f"document.querySelector('#fp-progress .fp-progress[data-job=\"{first}\"] span')"
-        "?.textContent.includes('frames')",
-        timeout=TIMEOUT,
-    )
-    page.locator("#fp-cancel").click()
-    _, text = _progress(page, "cancelled", first)
+    text = _cancel_after_a_section(page, first)
     kept = re.search(r"kept (\d+) finished section\(s\): (\d+) frames", text)
     assert kept and 1 <= int(kept[1]) < 5, text
     page.wait_for_selector("#fp-video video")
@@ -235,13 +240,7 @@ def test_cancel_a_running_job_then_resume_it(page, image_file, tmp_path):
     _fill(page, image_file, prompt, seconds=4.8, steps=24)  # 4 sections
     page.locator("#fp-generate").click()
     first, _ = _progress(page, "running")
-    page.wait_for_function(  # its first section is finished
-        f"document.querySelector('#fp-progress .fp-progress[data-job=\"{first}\"] span')"
-        "?.textContent.includes('frames')",
-        timeout=TIMEOUT,
-    )
-    page.locator("#fp-cancel").click()
-    _, text = _progress(page, "cancelled", first)
+    text = _cancel_after_a_section(page, first)
     kept = re.search(r"kept (\d+) finished section", text)
     assert kept and 1 <= int(kept[1]) < 4, text
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from framepack.gui.form import (
     FormValues,
@@ -95,6 +96,7 @@ def test_describe_error_is_one_sentence():
     assert describe_error(RuntimeError("CUDA out of memory. Tried")).startswith(
         "the device ran out of memory"
     )
+    assert describe_error(torch.OutOfMemoryError("CUDA out of memory.")).startswith("the device ran out")
     assert describe_error(KeyError("x")) == "generation failed with KeyError: 'x'."
     assert describe_error(RuntimeError("first\nsecond")) == "generation failed with RuntimeError: first."
 

@@ -412,6 +412,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except ValueError as e:
         bar.close()
         raise UserError(str(e)) from None
+    except (RuntimeError, MemoryError) as e:
+        from ..memory.runtime import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        bar.close()
+        hint = "a smaller --vram-budget" if args.vram_budget else "--vram-budget auto (or a number of GiB)"
+        raise UserError(
+            f"the device ran out of memory; run again with {hint} to stream the weights, or a lower "
+            f"resolution or window{_so_far(video)}."
+        ) from None
     finally:
         if events_file:
             events_file.close()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..memory.runtime import is_out_of_memory
 from ..pipeline.extend import extend_events, prepare_extension
 from ..pipeline.generate import (
     Finished,
@@ -112,8 +113,11 @@ def describe_error(e: BaseException) -> str:
     """One sentence for a failed job (tracebacks go to the server log, never to the page)."""
     if isinstance(e, ValueError):
         text = str(e)
-    elif isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        text = "the device ran out of memory; try a lower resolution, fewer seconds or a smaller window"
+    elif is_out_of_memory(e):
+        text = (
+            "the device ran out of memory; set a VRAM budget (auto, or a number of GiB) to stream the "
+            "weights, or try a lower resolution or a smaller window"
+        )
     elif isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         text = f"could not read or write a file{where}: {e.strerror or e}"

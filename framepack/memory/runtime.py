@@ -16,9 +16,25 @@ import torch.nn as nn
 from .offload import Offloader, module_bytes
 from .streaming import GIB, ByteLedger, WeightStreamer, budget_bytes, parse_budget, plan_memory
 
-__all__ = ["Accelerated", "accelerate", "check_speed_settings", "default_reserve", "release"]
+__all__ = [
+    "Accelerated",
+    "accelerate",
+    "check_speed_settings",
+    "default_reserve",
+    "is_out_of_memory",
+    "release",
+]
 
 _ATTACHED = "_framepack_accelerated"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for a device (or host) allocation failure: `torch.OutOfMemoryError`, `MemoryError`,
+    or a backend's RuntimeError that says "out of memory"."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(e, (oom, MemoryError)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
 
 
 def default_reserve(total: int | None, device: torch.device) -> int:

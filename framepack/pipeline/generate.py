@@ -308,7 +308,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
 
     s, plan = prepared.settings, prepared.plan
     model = bundle.transformer
-    device, schedule, ws = bundle.device, plan.schedule, plan.window
+    device, ws = bundle.device, plan.window
 
     # 1. Conditioning, encoded once per job (a resumed run reads it back from the job directory).
     #    Under a VRAM budget the transformer is off the device meanwhile (framepack.memory.offload).
@@ -358,17 +358,10 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
             continue
         t0 = time.perf_counter()
         layout = section.layout
-        history = bank[:, :, list(section.history())] if section.history() else bank[:, :, :0]
-        groups = gather_history(history, schedule, plan.packing_order)
-        anchors = bank[:, :, list(section.anchors_from)]
-        kernels = [g.kernel.name for g in schedule.groups]
         packed = [
-            HistoryGroup(torch.cat([anchors, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
+            HistoryGroup(g.latents.to(device), g.indices, g.kernel)
+            for g in packed_history(plan, section, bank)
         ]
-        packed += [
-            HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
-        ]
-        packed = [HistoryGroup(g.latents.to(device), g.indices, g.kernel) for g in packed]
         noisy_indices = torch.tensor(layout.noisy)
         cond, neg = prompts[section.prompt_index], negative
         denoise = make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, prepared)
@@ -413,6 +406,23 @@ def accelerate_run(model, device, s: GenerationSettings, memory=None):
         s.fp8_weights,
         memory=memory,
     )
+
+
+def packed_history(plan, section, bank: torch.Tensor) -> list[HistoryGroup]:
+    """The packed history groups of `section`: the anchors (start latent, end or keyframe latents)
+    before the clean k1 group, then the k2/k4/... groups, gathered from `bank` (B, C, T, h, w)."""
+    layout, schedule = section.layout, plan.schedule
+    history = bank[:, :, list(section.history())] if section.history() else bank[:, :, :0]
+    groups = gather_history(history, schedule, plan.packing_order)
+    anchors = bank[:, :, list(section.anchors_from)]
+    kernels = [g.kernel.name for g in schedule.groups]
+    packed = [
+        HistoryGroup(torch.cat([anchors, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
+    ]
+    packed += [
+        HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
+    ]
+    return packed
 
 
 def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, prepared: Prepared):
