@@ -48,13 +48,20 @@ def heldout_scenes(count: int, motions: tuple[str, ...] = DIRECTIONS):
     return scenes
 
 
-def run_video(model: str, out: Path, seed: int, scene, seconds: float, size: int):
+def run_video(model: str, out: Path, seed: int, scene, seconds: float, size: int, cfg: float | None = None):
     import framepack
 
     image = first_frame(scene, size=size)
     started = time.perf_counter()
     done = framepack.generate(
-        model, out, image=image, prompt=scene.caption, seconds=seconds, seed=seed, name=f"scene{seed}"
+        model,
+        out,
+        image=image,
+        prompt=scene.caption,
+        seconds=seconds,
+        seed=seed,
+        name=f"scene{seed}",
+        cfg=cfg,
     )
     return Path(done.video), time.perf_counter() - started
 
@@ -70,7 +77,9 @@ def size_kept(path: Path) -> bool:
 def cmd_motion(args) -> list[str]:
     rows, motion_ok, colour_ok, shape_ok, took = [], 0, 0, 0, []
     for seed, scene in heldout_scenes(args.prompts):
-        video, seconds = run_video(args.model, args.out / "motion", seed, scene, args.seconds, args.size)
+        video, seconds = run_video(
+            args.model, args.out / "motion", seed, scene, args.seconds, args.size, args.cfg
+        )
         report = evaluate_video(video, scene.caption)
         kept = size_kept(video)
         motion_ok += bool(report.motion_ok)
@@ -91,8 +100,11 @@ def cmd_motion(args) -> list[str]:
     )
     print(summary)
     command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
+    from framepack.pipeline.bundle import Manifest
+
+    cfg = args.cfg if args.cfg is not None else Manifest.load(Path(args.model) / "framepack.json").cfg
     rows.append(
-        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} | {n} x {args.seconds:g} s | "
+        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} (cfg {cfg:g}) | {n} x {args.seconds:g} s | "
         f"{motion_ok}/{n} (**{100 * motion_ok / n:.0f}%**) | {colour_ok}/{n} | {shape_ok}/{n} | "
         f"{np.mean(took):.0f} | `{command}` |"
     )
@@ -109,7 +121,9 @@ def cmd_drift(args) -> list[str]:
         order = Manifest.load(Path(model) / "framepack.json").order
         reports = []
         for seed, scene in heldout_scenes(args.prompts):
-            video, _ = run_video(model, args.out / f"drift-{name}", seed, scene, args.seconds, args.size)
+            video, _ = run_video(
+                model, args.out / f"drift-{name}", seed, scene, args.seconds, args.size, args.cfg
+            )
             reports.append(evaluate_video(video, scene.caption))
         mean = {k: float(np.mean([getattr(r, k) for r in reports])) for k in KEYS}
         row = (
@@ -132,6 +146,7 @@ def main() -> int:
         s.add_argument("--size", type=int, default=64, help="start image side in pixels")
         s.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-demo")
         s.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
+        s.add_argument("--cfg", type=float, help="real CFG scale (default: each model's manifest)")
     sub.choices["motion"].add_argument("--model", default=str(ROOT / "framepack" / "demo_model"))
     sub.choices["drift"].add_argument("--run", action="append", required=True, help="NAME=BUNDLE_DIR")
     args = p.parse_args()

@@ -177,6 +177,28 @@ def test_caption_dropout_trains_on_the_empty_caption(cache, tmp_path):
     assert torch.equal(kept.noisy, dropped.noisy)  # dropout changes the caption only
 
 
+def test_motion_weight_favours_what_moved(cache, tmp_path):
+    from framepack.training.train import motion_weights, weighted_mse
+
+    start = torch.zeros(16, 1, 4, 4)
+    x0 = torch.zeros(16, 3, 4, 4)
+    x0[:, 2, 1, 1] = 2.0  # one latent pixel moved, in the last frame of the window
+    w = motion_weights(x0, start, 9.0)
+    assert w.shape == (1, 3, 4, 4) and w.mean().item() == pytest.approx(1.0)
+    assert w[0, 2, 1, 1] == pytest.approx(10 * w[0, 0, 0, 0].item()) and w.max() == w[0, 2, 1, 1]
+    assert torch.equal(motion_weights(start.expand(16, 3, 4, 4), start, 9.0), torch.ones(1, 3, 4, 4))
+    pred, target = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    assert torch.equal(weighted_mse(pred, target, None), torch.nn.functional.mse_loss(pred, target))
+
+    plain = Trainer(config(cache, tmp_path / "a")).batch(0)
+    weighted = Trainer(config(cache, tmp_path / "b", motion_weight=4.0)).batch(0)
+    assert plain.weight is None and weighted.weight.shape == (2, 1, *plain.noisy.shape[2:])
+    assert torch.equal(plain.noisy, weighted.noisy)  # the weights change the loss only
+    assert weighted.weight.mean().item() == pytest.approx(1.0) and weighted.weight.max() > 1.5
+    result = train(config(cache, tmp_path / "c", steps=20, motion_weight=4.0))  # and it trains
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
 def test_bad_configs_are_one_sentence(tmp_path, capsys):
     bad_key = tmp_path / "a.yaml"
     bad_key.write_text("data: cache\noutput: out\nlearning_rate: 0.1\n")

@@ -134,6 +134,7 @@ class TrainConfig:
     logit_std: float = 1.0
     distilled_guidance: float | None = None  # None: the bundle's, else 10
     caption_dropout: float = 0.0
+    motion_weight: float = 0.0  # extra loss weight where the window differs from the start latent
     mode: str = "full"
     lora_rank: int = 16
     lora_alpha: float = 16.0
@@ -198,6 +199,7 @@ class TrainConfig:
         if self.distilled_guidance is not None:
             put("distilled_guidance", _float("distilled_guidance", self.distilled_guidance, 0.0))
         put("caption_dropout", _float("caption_dropout", self.caption_dropout, 0.0, 1.0))
+        put("motion_weight", _float("motion_weight", self.motion_weight, 0.0))
         _choice("mode", self.mode, MODES)
         _int("lora_rank", self.lora_rank, 1)
         put("lora_alpha", _float("lora_alpha", self.lora_alpha, 0.0, low_open=True))

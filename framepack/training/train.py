@@ -82,6 +82,23 @@ class Batch:
     clips: list[int]
     positions: list[int]
     blanks: list[int]
+    weight: torch.Tensor | None = None  # (B, 1, ws, h, w) loss weights (`motion_weight`), mean 1
+
+
+def motion_weights(x0: torch.Tensor, start: torch.Tensor, strength: float) -> torch.Tensor:
+    """(1, ws, h, w) loss weights of a window `x0` (C, ws, h, w): `1 + strength * d / max(d)` for
+    the channel-mean distance `d` of each latent pixel from the start latent `start` (C, 1, h, w),
+    scaled to a mean of 1 (all ones when nothing differs)."""
+    d = (x0 - start).abs().mean(dim=0, keepdim=True)  # (1, ws, h, w)
+    w = 1 + strength * d / d.max().clamp_min(1e-12)
+    return w / w.mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared error, each element times its (broadcast) weight when one is given."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    return ((pred - target).square() * weight.to(pred.device)).mean()
 
 
 # ------------------------------------------------------------------------------------ randomness
@@ -509,6 +526,7 @@ class Trainer:
             clips=[s["clip"] for s in samples],
             positions=[s["position"] for s in samples],
             blanks=[s["blank"] for s in samples],
+            weight=stack("weight") if cfg.motion_weight else None,
         )
 
     def _sample(self, clip_id: int, g: torch.Generator) -> dict:
@@ -570,6 +588,7 @@ class Trainer:
             "clip": clip_id,
             "position": p,
             "blank": blank,
+            "weight": motion_weights(x0, latents[:, :1], cfg.motion_weight) if cfg.motion_weight else None,
         }
 
     # ------------------------------------------------------------------------------- training
@@ -605,7 +624,7 @@ class Trainer:
         batch = self.batch(step)
         torch.manual_seed(int(_generator(cfg.seed, step, 2, self.rank).initial_seed()))  # LoRA dropout
         pred = self._forward(batch)
-        loss = F.mse_loss(pred.float(), batch.target.to(self.device))
+        loss = weighted_mse(pred.float(), batch.target.to(self.device), batch.weight)
         loss.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.grad_clip)
