@@ -52,3 +52,25 @@ def test_generate_without_model_uses_the_demo(tmp_path, capsys):
         assert nearest_colour(measure(frame[None])["background"][0]) == scene.background
     steps = np.abs(np.diff(frames.astype(np.float64), axis=0)).mean(axis=(1, 2, 3))
     assert steps.max() < 10  # no jumps, no noise: consecutive frames stay close
+
+
+def test_scaled_text_encoder_keeps_tokens_apart(tmp_path):
+    import shutil
+
+    import torch
+
+    from framepack.pipeline.bundle import load_bundle
+    from framepack.pipeline.conditioning import encode_prompt
+    from framepack.testing import tiny_bundle_dir
+    from framepack.training.demo import scale_text_encoder
+
+    copy = shutil.copytree(tiny_bundle_dir(), tmp_path / "bundle")
+    before = [encode_prompt(load_bundle(copy), f"a red circle moves {d}") for d in ("left", "up")]
+    scale_text_encoder(copy, 50.0)
+    after = [encode_prompt(load_bundle(copy), f"a red circle moves {d}") for d in ("left", "up")]
+    n = int(before[0].mask.sum())
+    norm = lambda e: e.text[0, :n].norm(dim=-1).mean().item()  # noqa: E731
+    assert norm(after[0]) > 30 * norm(before[0])  # every token's state grows with its embedding
+    gap = lambda a, b: (a.text[0, :n] - b.text[0, :n]).norm().item()  # noqa: E731
+    assert gap(*after) > 30 * gap(*before)  # and so do the differences between prompts
+    assert torch.equal(after[0].pooled, before[0].pooled)  # CLIP is untouched

@@ -79,6 +79,24 @@ def write_examples(folder: Path, size: int = 64) -> list[Path]:
     return written
 
 
+def scale_text_encoder(bundle_dir: Path, factor: float) -> None:
+    """Multiply the LLaMA token embeddings of a bundle by `factor`, in place.
+
+    The tiny random LLaMA's hidden states have a norm of about 0.1 per token (embeddings drawn
+    with std 0.02), against O(1) per element for a trained LLaMA; the packed transformer's text
+    projection then sees little but its own bias, and learns to ignore the tokens. Scaled
+    embeddings dominate the residual stream (every layer reads it through an RMSNorm), so the
+    states keep each token's identity at a useful size. The encoder stays frozen random weights.
+    """
+    import torch
+    from transformers import LlamaModel
+
+    llama = LlamaModel.from_pretrained(bundle_dir / "text_encoder")
+    with torch.no_grad():
+        llama.embed_tokens.weight.mul_(factor)
+    llama.save_pretrained(bundle_dir / "text_encoder")
+
+
 def merge_caches(out: Path, caches: list[Path]) -> Path:
     """One training cache from several `prepare` caches made with the same bundle: `out` gets an
     index of all their clips (each file a symlink named `<cache>__<file>`) and the first cache's
@@ -125,6 +143,7 @@ def build_demo_bundle(
     centre_clips: int = 0,
     caption_dropout: float = 0.0,
     cfg: float = 1.0,
+    text_scale: float = 1.0,
 ) -> Path:
     """Train the demo transformer on top of `vae_dir` and write the bundle to `out`.
 
@@ -134,7 +153,8 @@ def build_demo_bundle(
     shipped model) or "forward" (the F1 layout; for the drift comparison). `centre_clips`: that
     many more clips whose shapes start near the middle (`world.sample_scene(start="centre")`), so
     only the caption tells the direction; `caption_dropout` trains the unconditional that real
-    CFG needs, and `cfg` becomes the bundle's default real CFG scale.
+    CFG needs, and `cfg` becomes the bundle's default real CFG scale. `text_scale` multiplies
+    the frozen LLaMA's token embeddings (`scale_text_encoder`).
     """
     import torch
 
@@ -153,6 +173,8 @@ def build_demo_bundle(
     make_tiny_bundle(staging, **DEMO_MANIFEST)  # tokenizers + frozen random encoders
     shutil.rmtree(staging / "vae")
     shutil.copytree(vae_dir, staging / "vae")
+    if text_scale != 1:
+        scale_text_encoder(staging, text_scale)
     manifest = Manifest.load(staging / MANIFEST_NAME)
     if scaling_factor is not None:
         manifest = manifest.replace(vae_scaling_factor=scaling_factor)
@@ -285,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--caption-dropout", type=float, default=0.0, help="chance a caption is dropped")
     p.add_argument("--cfg", type=float, default=1.0, help="the bundle's default real CFG scale")
+    p.add_argument("--text-scale", type=float, default=1.0, help="factor on the LLaMA token embeddings")
     a = p.parse_args(argv)
     if not (a.vae / "config.json").is_file():
         print(f"demo: {a.vae} is not a trained VAE folder (no config.json).", file=sys.stderr)
@@ -307,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         a.centre_clips,
         a.caption_dropout,
         a.cfg,
+        a.text_scale,
     )
     print(out)
     return 0
