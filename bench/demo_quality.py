@@ -12,6 +12,14 @@ shape's colour at the end is still the prompted one, and that the shape is still
 with its area within a factor of two of the start (the demo VAE is too blurry at 64 pixels to
 tell a triangle from a circle reliably, so size stands in for shape).
 
+`prompts`: whether the model listens to its prompt at all: each scene's start image with each
+of the four direction prompts (same seed), counting the videos that move as their prompt says.
+A model that follows only the start image's position moves the same way for all four.
+
+`sensitivity`: how much the transformer's velocity changes (relative norm) when only the prompt
+changes, for one unseen scene at sigma 0.7: the LLaMA tokens of another direction's prompt, its
+CLIP pooled vector, the pooled vector zeroed and ten times larger.
+
 `drift`: the FramePack paper's drift measure `|M(first 15%) - M(last 15%)|` of long videos for each
 `--run NAME=BUNDLE` (the bundle's manifest gives its order), means over the same scenes.
 """
@@ -30,7 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from framepack.training.evaluate import evaluate_video  # noqa: E402
-from framepack.training.world import DIRECTIONS, first_frame, measure, sample_scene  # noqa: E402
+from framepack.training.world import (  # noqa: E402
+    DIRECTIONS,
+    first_frame,
+    measure,
+    sample_scene,
+    scene_from_caption,
+)
 
 KEYS = ("drift_sharpness", "drift_colour_mean", "drift_colour_std", "drift_size", "motion_ok")
 HELDOUT_SEED = 500_000  # far from every seed the demo training drew
@@ -48,10 +62,12 @@ def heldout_scenes(count: int, motions: tuple[str, ...] = DIRECTIONS):
     return scenes
 
 
-def run_video(model: str, out: Path, seed: int, scene, seconds: float, size: int, cfg: float | None = None):
+def run_video(
+    model: str, out: Path, seed: int, scene, seconds: float, size: int, cfg: float | None = None, image=None
+):
     import framepack
 
-    image = first_frame(scene, size=size)
+    image = first_frame(scene, size=size) if image is None else image
     started = time.perf_counter()
     done = framepack.generate(
         model,
@@ -60,7 +76,7 @@ def run_video(model: str, out: Path, seed: int, scene, seconds: float, size: int
         prompt=scene.caption,
         seconds=seconds,
         seed=seed,
-        name=f"scene{seed}",
+        name=f"scene{seed}-{scene.motion}",
         cfg=cfg,
     )
     return Path(done.video), time.perf_counter() - started
@@ -111,6 +127,87 @@ def cmd_motion(args) -> list[str]:
     return rows
 
 
+def cmd_prompts(args) -> list[str]:
+    ok, n, took = 0, 0, []
+    for seed, scene in heldout_scenes(args.prompts):
+        row = []
+        for direction in DIRECTIONS:
+            prompt = scene.caption.replace(f"moves {scene.motion}", f"moves {direction}")
+            asked = scene_from_caption(prompt, seed)  # the same scene, another direction
+            video, seconds = run_video(
+                args.model,
+                args.out / "prompts",
+                seed,
+                asked,
+                args.seconds,
+                args.size,
+                args.cfg,
+                first_frame(scene, args.size),
+            )
+            took.append(seconds)
+            moved = evaluate_video(video, prompt).measured_motion
+            ok, n = ok + (moved == direction), n + 1
+            row.append(f"{direction}->{moved}")
+        print(f"{scene.caption:55s} {' '.join(row)}", flush=True)
+    summary = f"{ok}/{n} videos move as their prompt says ({100 * ok / n:.0f}%; 25% by chance)"
+    print(summary)
+    command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
+    return [
+        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} | {summary} | {np.mean(took):.0f} s/video | `{command}` |"
+    ]
+
+
+def cmd_sensitivity(args) -> list[str]:
+    import torch
+
+    from framepack.pipeline.bundle import load_bundle
+    from framepack.pipeline.conditioning import encode_image, encode_prompt, vae_encode
+    from framepack.pipeline.generate import _pixels
+
+    torch.manual_seed(0)
+    bundle = load_bundle(args.model)
+    model = bundle.transformer.eval()
+    seed, scene = heldout_scenes(1)[0]
+    image = first_frame(scene, args.size)
+    start = vae_encode(bundle, _pixels(image)).float()  # (1, C, 1, h, w)
+    siglip = encode_image(bundle, image)
+    other = "up" if scene.motion != "up" else "left"
+    own, swap = (
+        encode_prompt(bundle, scene.caption.replace(f"moves {scene.motion}", f"moves {d}"))
+        for d in (scene.motion, other)
+    )
+    ws, sigma = bundle.manifest.window, 0.7
+    noisy = (1 - sigma) * start.expand(-1, -1, ws, -1, -1) + sigma * torch.randn(
+        1, start.shape[1], ws, *start.shape[3:]
+    )
+
+    def velocity(text, mask, pooled):
+        with torch.no_grad():
+            return model(
+                hidden_states=noisy, timestep=torch.tensor([sigma * 1000]), encoder_hidden_states=text,
+                encoder_attention_mask=mask, pooled_projections=pooled,
+                guidance=torch.tensor([bundle.manifest.distilled_guidance * 1000]),
+                latent_indices=torch.arange(1, ws + 1)[None], clean_latents=start,
+                clean_latent_indices=torch.tensor([[0]]), image_embeddings=siglip,
+            )  # fmt: skip
+
+    ref = velocity(own.text, own.mask, own.pooled)
+    change = {
+        "text tokens": velocity(swap.text, swap.mask, own.pooled),
+        "pooled": velocity(own.text, own.mask, swap.pooled),
+        "pooled zeroed": velocity(own.text, own.mask, torch.zeros_like(own.pooled)),
+        "pooled x10": velocity(own.text, own.mask, 10 * own.pooled),
+    }
+    cells = {k: f"{100 * float((v - ref).norm() / ref.norm()):.2f}%" for k, v in change.items()}
+    print(f"{scene.caption} vs 'moves {other}': " + ", ".join(f"{k} {v}" for k, v in cells.items()))
+    command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
+    return [
+        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} | "
+        + " | ".join(cells.values())
+        + f" | `{command}` |"
+    ]
+
+
 def cmd_drift(args) -> list[str]:
     from framepack.pipeline.bundle import Manifest
 
@@ -139,18 +236,25 @@ def cmd_drift(args) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("motion", "drift"):
+    for name in ("motion", "prompts", "sensitivity", "drift"):
         s = sub.add_parser(name)
-        s.add_argument("--prompts", type=int, default=20 if name == "motion" else 10)
-        s.add_argument("--seconds", type=float, default=10.0 if name == "motion" else 30.0)
+        s.add_argument("--prompts", type=int, default={"motion": 20, "prompts": 4}.get(name, 10))
+        s.add_argument("--seconds", type=float, default={"motion": 10.0, "prompts": 4.0}.get(name, 30.0))
         s.add_argument("--size", type=int, default=64, help="start image side in pixels")
         s.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-demo")
         s.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
         s.add_argument("--cfg", type=float, help="real CFG scale (default: each model's manifest)")
-    sub.choices["motion"].add_argument("--model", default=str(ROOT / "framepack" / "demo_model"))
+    for name in ("motion", "prompts", "sensitivity"):
+        sub.choices[name].add_argument("--model", default=str(ROOT / "framepack" / "demo_model"))
     sub.choices["drift"].add_argument("--run", action="append", required=True, help="NAME=BUNDLE_DIR")
     args = p.parse_args()
-    rows = cmd_motion(args) if args.what == "motion" else cmd_drift(args)
+    commands = {
+        "motion": cmd_motion,
+        "prompts": cmd_prompts,
+        "sensitivity": cmd_sensitivity,
+        "drift": cmd_drift,
+    }
+    rows = commands[args.what](args)
     if args.record:  # rows under the matching table of bench/RESULTS.md (motion: the last one)
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:
             if args.what == "drift":
