@@ -144,6 +144,7 @@ def build_demo_bundle(
     caption_dropout: float = 0.0,
     cfg: float = 1.0,
     text_scale: float = 1.0,
+    motion_weight: float = 0.0,
 ) -> Path:
     """Train the demo transformer on top of `vae_dir` and write the bundle to `out`.
 
@@ -154,7 +155,8 @@ def build_demo_bundle(
     many more clips whose shapes start near the middle (`world.sample_scene(start="centre")`), so
     only the caption tells the direction; `caption_dropout` trains the unconditional that real
     CFG needs, and `cfg` becomes the bundle's default real CFG scale. `text_scale` multiplies
-    the frozen LLaMA's token embeddings (`scale_text_encoder`).
+    the frozen LLaMA's token embeddings (`scale_text_encoder`); `motion_weight` is the train
+    config key of that name.
     """
     import torch
 
@@ -217,6 +219,7 @@ def build_demo_bundle(
                 f"warmup_steps = {50 if init else 100}",
                 f"end_probability = {end_probability if order == 'inverted' else 0.0}",
                 f"caption_dropout = {caption_dropout}",
+                f"motion_weight = {motion_weight}",
                 "checkpoint_every = 500",
                 "log_every = 25",
                 "seed = 0",
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-dropout", type=float, default=0.0, help="chance a caption is dropped")
     p.add_argument("--cfg", type=float, default=1.0, help="the bundle's default real CFG scale")
     p.add_argument("--text-scale", type=float, default=1.0, help="factor on the LLaMA token embeddings")
+    p.add_argument("--motion-weight", type=float, default=0.0, help="train config motion_weight")
     a = p.parse_args(argv)
     if not (a.vae / "config.json").is_file():
         print(f"demo: {a.vae} is not a trained VAE folder (no config.json).", file=sys.stderr)
@@ -331,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         a.caption_dropout,
         a.cfg,
         a.text_scale,
+        a.motion_weight,
     )
     print(out)
     return 0
