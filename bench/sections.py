@@ -80,11 +80,6 @@ class PeakRSS:
         self.mib = (self.peak - self.start) / 2**20
 
 
-def packed_groups(plan, section, bank) -> list[HistoryGroup]:
-    """The history groups the generation loop builds for `section`."""
-    return packed_history(plan, section, bank)
-
-
 def full_groups(section, bank) -> list[HistoryGroup]:
     """The start latent and every history latent, all at k1, after the noisy window in time."""
     layout = section.layout
@@ -135,10 +130,10 @@ def main() -> None:
         hook.remove()
         return seconds, mem.mib, tokens[0]
 
-    section_cost(plan.sections[0], packed_groups(plan, plan.sections[0], bank))  # warm-up
+    section_cost(plan.sections[0], packed_history(plan, plan.sections[0], bank))  # warm-up
     ours, base = [], []  # two passes, so one curve's freed memory never shows in the other's
     for section in plan.sections:
-        ours.append(section_cost(section, packed_groups(plan, section, bank)))
+        ours.append(section_cost(section, packed_history(plan, section, bank)))
         s, mib, tokens = ours[-1]
         print(
             f"ours     section {section.number + 1:>3}/{len(plan.sections)}: {s:7.3f} s {mib:7.1f} MiB {tokens:6d} tokens"

@@ -103,6 +103,7 @@ def merge_caches(out: Path, caches: list[Path]) -> Path:
     empty-caption embeddings. Returns `out`."""
     from ..io import write_json_atomic
     from .data import LatentCache
+    from .prepare import CACHE_FORMAT
 
     out.mkdir(parents=True, exist_ok=True)
     entries, settings = [], None
@@ -119,9 +120,7 @@ def merge_caches(out: Path, caches: list[Path]) -> Path:
     empty = caches[0] / "empty_prompt.safetensors"
     if empty.is_file():
         shutil.copyfile(empty, out / empty.name)
-    write_json_atomic(
-        {"format": "framepack-latent-cache/1", "settings": settings, "clips": entries}, out / "index.json"
-    )
+    write_json_atomic({"format": CACHE_FORMAT, "settings": settings, "clips": entries}, out / "index.json")
     return out
 
 
