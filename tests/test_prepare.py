@@ -175,6 +175,27 @@ def test_rerun_reuses_and_notices_changes(prepared, source, bundle):
     assert LatentCache(out).caption(3) == "a blue square moves up"
 
 
+def test_changed_encoder_weights_encode_again(prepared, source, tmp_path):
+    """The same bundle folder whose text encoder changed (as `scale_text_encoder` does in place)
+    must not reuse the old embeddings: the settings carry a fingerprint of the encoders."""
+    from framepack.pipeline.bundle import load_bundle
+    from framepack.training.prepare import encoder_fingerprint
+
+    out = tmp_path / "cache"
+    shutil.copytree(prepared[0], out)
+    changed = load_bundle(tiny_bundle_dir())
+    before = encoder_fingerprint(changed)
+    with torch.no_grad():
+        changed.text_encoder.embed_tokens.weight.mul_(2)
+    assert encoder_fingerprint(changed) != before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrepareWarning)
+        report = prepare_dataset(source, changed, out, window=WINDOW, progress=False)
+    assert (report.encoded, report.reused) == (4, 0)
+    fresh = load_file(out / "clip_00000.safetensors")
+    assert not torch.equal(fresh["text"], load_file(prepared[0] / "clip_00000.safetensors")["text"])
+
+
 def test_bad_arguments(source, bundle, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         prepare_dataset(tmp_path / "missing", bundle, tmp_path / "out")

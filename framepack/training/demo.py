@@ -188,8 +188,6 @@ def build_demo_bundle(
     save_transformer(PackedTransformer(cfg), staging / "transformer")  # replaced after training
 
     work = work.resolve()
-    if text_scale != 1:  # prepare's cache key does not see encoder weights: keep the text apart
-        cache_name = f"{cache_name}-text{text_scale:g}"
     clip_dir, cache = work / "clips", work / cache_name
     if not (clip_dir / "manifest.jsonl").exists():
         write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)

@@ -20,7 +20,9 @@ so that real CFG's negative prompt "" at inference is the unconditional the mode
 
 `index.json` lists the clips of this run's source that are in the cache (files of clips no longer
 in the source stay on disk, unlisted). A rerun reuses every clip whose cache file records the same
-source (path, size, modification time), caption and settings. Unreadable videos, missing captions
+source (path, size, modification time), caption and settings; the settings include a fingerprint
+of the encoders' weights and tokenizers (`encoder_fingerprint`), so a bundle whose encoders
+changed in place encodes everything again. Unreadable videos, missing captions
 and bad manifest lines are skipped with a warning and counted; they never stop the run.
 """
 
@@ -52,6 +54,7 @@ __all__ = [
     "VIDEO_SUFFIXES",
     "PrepareReport",
     "PrepareWarning",
+    "encoder_fingerprint",
     "prepare_dataset",
     "resample_indices",
 ]
@@ -228,6 +231,31 @@ def _encode(bundle: Bundle, frames: np.ndarray, caption: str) -> dict[str, torch
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+_SAMPLES = 1024  # evenly spaced elements of each tensor that enter the fingerprint as bytes
+
+
+@torch.no_grad()
+def encoder_fingerprint(bundle: Bundle) -> str:
+    """A short digest of everything `prepare` encodes with: the weights of the VAE and the three
+    encoders (each tensor's name, shape, dtype, float64 sum and an even sample of its values), the
+    two tokenizers' vocabularies and the manifest's text settings. One pass over the weights: a
+    few seconds for the released encoders on a CPU."""
+    digest = hashlib.sha256()
+    for name in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
+        for key, tensor in getattr(bundle, name).state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLES)].float().cpu().numpy()
+            total = float(torch.sum(flat, dtype=torch.float64)) if flat.is_floating_point() else 0.0
+            digest.update(f"{name}.{key}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
+            digest.update(sample.tobytes())
+    for tok in (bundle.tokenizer, bundle.tokenizer_2):
+        digest.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    m = bundle.manifest
+    text = (m.prompt_template, m.template_crop, m.max_prompt_tokens, m.text_hidden_layer)
+    digest.update(json.dumps(text).encode())
+    return digest.hexdigest()[:16]
+
+
 def _source_key(video: Path) -> dict[str, str]:
     stat = video.stat()
     return {
@@ -325,6 +353,7 @@ def prepare_dataset(
             "max_frames": max_frames,
             "vae_scaling_factor": m.vae_scaling_factor,
             "vae_temporal_tiles": m.vae_temporal_tiles,
+            "encoders": encoder_fingerprint(bundle),
         },
         sort_keys=True,
     )
