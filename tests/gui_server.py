@@ -84,7 +84,8 @@ class Server:
             time.sleep(0.3)
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def close(self) -> None:
