@@ -74,3 +74,25 @@ def test_scaled_text_encoder_keeps_tokens_apart(tmp_path):
     gap = lambda a, b: (a.text[0, :n] - b.text[0, :n]).norm().item()  # noqa: E731
     assert gap(*after) > 30 * gap(*before)  # and so do the differences between prompts
     assert torch.equal(after[0].pooled, before[0].pooled)  # CLIP is untouched
+
+
+def test_the_demo_build_runs_end_to_end(tmp_path, capsys):
+    """`python -m framepack.training.demo` on 3 centre clips and 2 steps: every stage (clips,
+    prepare, train, the bundle with its card) runs, and the bundle loads with the options given."""
+    import torch
+
+    from framepack.training import demo
+
+    out = tmp_path / "bundle"
+    args = ["--vae", str(DEFAULT_MODEL / "vae"), "--work", str(tmp_path / "work"), "--out", str(out)]
+    args += ["--centre-clips", "3", "--centre-only", "--frames", "73", "--steps", "2", "--batch-size", "2"]
+    assert demo.main(args + ["--end-probability", "1", "--cfg", "1.5", "--text-scale", "50"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    bundle = load_bundle(out)
+    assert bundle.manifest.cfg == 1.5 and bundle.manifest.order == "inverted"
+    assert next(bundle.transformer.parameters()).dtype == torch.float32  # stored bf16, loads as fp32
+    card = (out / "README.md").read_text()
+    assert "on 3 clips of 73 frames whose shapes start near the middle" in card and "| 2 |" in card
+    assert not (tmp_path / "work" / "clips").exists()  # --centre-only prepares no other clips
+    assert demo.main(["--vae", str(DEFAULT_MODEL / "vae"), "--centre-only"]) == 2
+    assert "--centre-only needs --centre-clips" in capsys.readouterr().err

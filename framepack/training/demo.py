@@ -144,6 +144,7 @@ def build_demo_bundle(
     cfg: float = 1.0,
     text_scale: float = 1.0,
     motion_weight: float = 0.0,
+    centre_only: bool = False,
 ) -> Path:
     """Train the demo transformer on top of `vae_dir` and write the bundle to `out`.
 
@@ -155,7 +156,8 @@ def build_demo_bundle(
     only the caption tells the direction; `caption_dropout` trains the unconditional that real
     CFG needs, and `cfg` becomes the bundle's default real CFG scale. `text_scale` multiplies
     the frozen LLaMA's token embeddings (`scale_text_encoder`); `motion_weight` is the train
-    config key of that name.
+    config key of that name. `centre_only` trains on the centre clips alone: where the shape
+    starts then says nothing about where it goes, so the loss rewards reading the caption.
     """
     import torch
 
@@ -181,23 +183,28 @@ def build_demo_bundle(
         manifest = manifest.replace(vae_scaling_factor=scaling_factor)
     manifest = manifest.replace(vae_temporal_tiles=False)  # the demo VAE was trained on whole clips
     manifest.save(staging / MANIFEST_NAME)
-    cfg = get_spec("tiny").replace(
+    spec = get_spec("tiny").replace(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in DEMO_TRANSFORMER.items()}
     )
     shutil.rmtree(staging / "transformer")
-    save_transformer(PackedTransformer(cfg), staging / "transformer")  # replaced after training
+    save_transformer(PackedTransformer(spec), staging / "transformer")  # replaced after training
 
     work = work.resolve()
     clip_dir, cache = work / "clips", work / cache_name
-    if not (clip_dir / "manifest.jsonl").exists():
-        write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)
-    prepare_dataset(clip_dir, staging, cache)
+    if centre_only and not centre_clips:
+        raise ValueError("centre_only needs centre_clips.")
+    if not centre_only:
+        if not (clip_dir / "manifest.jsonl").exists():
+            write_dataset(clip_dir, clips, frames=frames, size=64, seed=1000)
+        prepare_dataset(clip_dir, staging, cache)
     if centre_clips:
         centre_dir, centre_cache = work / "clips-centre", work / f"{cache_name}-centre"
         if not (centre_dir / "manifest.jsonl").exists():
             write_dataset(centre_dir, centre_clips, frames=frames, size=64, seed=3000, start="centre")
         prepare_dataset(centre_dir, staging, centre_cache)
-        cache = merge_caches(work / f"{cache_name}-mix", [centre_cache, cache])
+        cache = (
+            centre_cache if centre_only else merge_caches(work / f"{cache_name}-mix", [centre_cache, cache])
+        )
 
     run = work / run_name
     config = work / f"train-{run_name}.toml"
@@ -241,8 +248,12 @@ def build_demo_bundle(
     minutes = (time.time() - started) / 60
     how = (
         "inverted anti-drifting order with the released packing preset (start + 1 k1 + 2 k2 + 16 k4), "
-        f"window 9, on {clips} clips of {frames} frames"
-        + (f" and {centre_clips} more whose shapes start near the middle" if centre_clips else "")
+        + (
+            f"window 9, on {centre_clips} clips of {frames} frames whose shapes start near the middle"
+            if centre_only
+            else f"window 9, on {clips} clips of {frames} frames"
+            + (f" and {centre_clips} more whose shapes start near the middle" if centre_clips else "")
+        )
         + f"; a sample's future is cut after a random window with probability {end_probability}"
         + (f"; captions dropped with probability {caption_dropout}" if caption_dropout else "")
         + (f'. Generation uses real CFG {cfg:g} by default (negative prompt "").' if cfg != 1 else ".")
@@ -311,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=1.0, help="the bundle's default real CFG scale")
     p.add_argument("--text-scale", type=float, default=1.0, help="factor on the LLaMA token embeddings")
     p.add_argument("--motion-weight", type=float, default=0.0, help="train config motion_weight")
+    p.add_argument(
+        "--centre-only", action="store_true", help="train on the --centre-clips alone (no position cue)"
+    )
     a = p.parse_args(argv)
+    if a.centre_only and not a.centre_clips:
+        print("demo: --centre-only needs --centre-clips N.", file=sys.stderr)
+        return 2
     if not (a.vae / "config.json").is_file():
         print(f"demo: {a.vae} is not a trained VAE folder (no config.json).", file=sys.stderr)
         return 2
@@ -335,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         a.cfg,
         a.text_scale,
         a.motion_weight,
+        a.centre_only,
     )
     print(out)
     return 0
