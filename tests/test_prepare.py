@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import warnings
 
@@ -186,6 +187,9 @@ def test_changed_encoder_weights_encode_again(prepared, source, tmp_path):
     changed = load_bundle(tiny_bundle_dir())
     before = encoder_fingerprint(changed)
     with torch.no_grad():
+        one = changed.image_encoder.state_dict()[next(iter(changed.image_encoder.state_dict()))]
+        one.view(-1)[-1] = torch.nextafter(one.view(-1)[-1], torch.tensor(math.inf, dtype=one.dtype))
+        assert encoder_fingerprint(changed) != before  # one value, one step up, in another encoder
         changed.text_encoder.embed_tokens.weight.mul_(2)
     assert encoder_fingerprint(changed) != before
     with warnings.catch_warnings():

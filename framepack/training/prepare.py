@@ -33,6 +33,7 @@ import json
 import math
 import os
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -231,23 +232,20 @@ def _encode(bundle: Bundle, frames: np.ndarray, caption: str) -> dict[str, torch
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-_SAMPLES = 1024  # evenly spaced elements of each tensor that enter the fingerprint as bytes
-
-
 @torch.no_grad()
 def encoder_fingerprint(bundle: Bundle) -> str:
     """A short digest of everything `prepare` encodes with: the weights of the VAE and the three
-    encoders (each tensor's name, shape, dtype, float64 sum and an even sample of its values), the
-    two tokenizers' vocabularies and the manifest's text settings. One pass over the weights: a
-    few seconds for the released encoders on a CPU."""
+    encoders (each tensor's name, shape, dtype and the CRC-32 of its bytes, so any changed bit
+    shows), the two tokenizers' vocabularies and the manifest's text settings. One pass over the
+    weights at about 3.5 GB/s on one x86_64 core (measured on 2 GB of bf16 LLaMA-shaped tensors):
+    about 5 s for the released LLaMA's 16 GB. A float64 sum of each tensor, used before, took 32 s
+    and could miss a small change."""
     digest = hashlib.sha256()
     for name in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
         for key, tensor in getattr(bundle, name).state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // _SAMPLES)].float().cpu().numpy()
-            total = float(torch.sum(flat, dtype=torch.float64)) if flat.is_floating_point() else 0.0
-            digest.update(f"{name}.{key}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
-            digest.update(sample.tobytes())
+            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(memoryview(raw))
+            digest.update(f"{name}.{key}|{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x}|".encode())
     for tok in (bundle.tokenizer, bundle.tokenizer_2):
         digest.update(json.dumps(sorted(tok.get_vocab().items())).encode())
     m = bundle.manifest
