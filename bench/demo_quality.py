@@ -62,6 +62,11 @@ def heldout_scenes(count: int, motions: tuple[str, ...] = DIRECTIONS):
     return scenes
 
 
+def caption_moving(scene, direction: str) -> str:
+    """The scene's caption with its motion changed to `direction` (the rest word for word)."""
+    return scene.caption.replace(f"moves {scene.motion}", f"moves {direction}")
+
+
 def run_video(
     model: str, out: Path, seed: int, scene, seconds: float, size: int, cfg: float | None = None, image=None
 ):
@@ -132,7 +137,7 @@ def cmd_prompts(args) -> list[str]:
     for seed, scene in heldout_scenes(args.prompts):
         row = []
         for direction in DIRECTIONS:
-            prompt = scene.caption.replace(f"moves {scene.motion}", f"moves {direction}")
+            prompt = caption_moving(scene, direction)
             asked = scene_from_caption(prompt, seed)  # the same scene, another direction
             video, seconds = run_video(
                 args.model,
@@ -172,10 +177,7 @@ def cmd_sensitivity(args) -> list[str]:
     start = vae_encode(bundle, _pixels(image)).float()  # (1, C, 1, h, w)
     siglip = encode_image(bundle, image)
     other = "up" if scene.motion != "up" else "left"
-    own, swap = (
-        encode_prompt(bundle, scene.caption.replace(f"moves {scene.motion}", f"moves {d}"))
-        for d in (scene.motion, other)
-    )
+    own, swap = (encode_prompt(bundle, caption_moving(scene, d)) for d in (scene.motion, other))
     ws, sigma = bundle.manifest.window, 0.7
     noisy = (1 - sigma) * start.expand(-1, -1, ws, -1, -1) + sigma * torch.randn(
         1, start.shape[1], ws, *start.shape[3:]
