@@ -45,6 +45,7 @@ from ..model import SPECS, HistoryGroup, PackedTransformer, get_spec, load_trans
 from ..packing import PRESETS, Kernel, forward_layout, gather_history, get_schedule, inverted_layout
 from ..sampling.sigmas import dynamic_mu, flow_shift, noisy_tokens
 from . import lora as lora_lib
+from .codebook import fit_codebook, quantise
 from .config import RESUMABLE_CHANGES, TrainConfig, load_config
 from .data import LatentCache
 
@@ -106,44 +107,6 @@ def _generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded by mixing non-negative `parts` (seed, step, purpose, index)."""
     seed = int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
     return torch.Generator().manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------ +D: the codebook
-def _nearest(flat: torch.Tensor, codebook: torch.Tensor, rows: int = 65536) -> torch.Tensor:
-    """Index of the nearest code for each row of `flat` (N, C)."""
-    return torch.cat([torch.cdist(part, codebook).argmin(1) for part in flat.split(rows)])
-
-
-def fit_codebook(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """K-means of latent pixels `vectors` (N, C): k-means++ seeding, then `iters` Lloyd steps -> (k, C)."""
-    vectors = vectors.float()
-    n = vectors.shape[0]
-    if n < k:
-        raise ValueError(f"the cache has {n} latent pixels to fit, fewer than discretize = {k} codes.")
-    centers = [vectors[int(torch.randint(n, (1,), generator=generator))]]
-    d2 = (vectors - centers[0]).square().sum(1)  # (N,)
-    for _ in range(1, k):
-        if d2.sum() > 0:
-            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        else:
-            i = int(torch.randint(n, (1,), generator=generator))
-        centers.append(vectors[i])
-        d2 = torch.minimum(d2, (vectors - vectors[i]).square().sum(1))
-    codebook = torch.stack(centers)  # (k, C)
-    for _ in range(iters):
-        assign = _nearest(vectors, codebook)
-        sums = torch.zeros_like(codebook).index_add_(0, assign, vectors)
-        counts = torch.bincount(assign, minlength=k)
-        used = counts > 0  # an empty cluster keeps its centre
-        codebook[used] = sums[used] / counts[used, None]
-    return codebook
-
-
-def quantise(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Latents `(C, ...)` with every pixel (a C-vector) replaced by its nearest code of `(K, C)`."""
-    c = latents.shape[0]
-    flat = latents.movedim(0, -1).reshape(-1, c)  # (N, C)
-    return codebook[_nearest(flat.float(), codebook)].reshape(*latents.shape[1:], c).movedim(-1, 0)
 
 
 # ---------------------------------------------------------------------------------- the clips
