@@ -191,3 +191,36 @@ def test_kill_9_mid_section_then_resume_equals_uninterrupted(tmp_path, image, ca
     assert resumed.shape[0] == 4 * (3 * WS + 1) - 3 and np.array_equal(resumed, ref)
     assert np.array_equal(_pngs(tmp_path / "run" / "clip_frames"), _pngs(tmp_path / "ref" / "clip_frames"))
     assert not job.exists()
+
+
+def test_ctrl_c_while_sampling_is_one_sentence_exit_130_and_resumes(tmp_path):
+    """SIGINT in the middle of a section's sampling (the sampler runs in a worker thread): one
+    sentence naming the video so far and the resume command, exit status 130, no abort from a
+    sampling thread left running at shutdown; `--resume` then finishes the video."""
+    example = Path(__file__).resolve().parent.parent / "framepack" / "demo_model" / "examples"
+    image = next(iter(sorted(example.glob("*.png"))))
+    events = tmp_path / "events.jsonl"
+    cmd = [sys.executable, "-m", "framepack", "generate", "--image", str(image), "--prompt",
+           "a red circle moves right on a blue background", "--seconds", "2.4", "--steps", "40",
+           "--out", str(tmp_path), "--name", "clip", "--events", str(events)]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(events, lambda ev: any(e["event"] == "step" and e["section"] == 1 for e in ev), 240, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = [
+        x for x in err.replace("\r", "\n").splitlines() if x.strip() and "step/s" not in x and "it/s" not in x
+    ]
+    assert proc.returncode == 130, err[-2000:]
+    assert "terminate called" not in err and "Traceback" not in err, err[-2000:]
+    job = tmp_path / "clip.job"
+    assert lines[-1] == (
+        f"framepack: interrupted; the video so far is {tmp_path / 'clip.mp4'}; "
+        f"continue with framepack generate --resume {job}."
+    ), lines[-3:]
+    assert main(["generate", "--resume", str(job)]) == 0
+    assert read_video(tmp_path / "clip.mp4")[0].shape[0] == 4 * (2 * WS + 1) - 3

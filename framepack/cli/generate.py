@@ -258,7 +258,7 @@ def _check_writable(out: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .main import UserError
+    from .main import Interrupted, UserError
 
     job_dir = None
     if args.resume:
@@ -401,7 +401,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         stop.set()
         bar.close()
-        raise UserError(f"interrupted{_so_far(video)}.") from None
+        raise Interrupted(f"interrupted{_so_far(video)}.") from None
     except OSError as e:  # a full disk, a folder that went away: finished sections stay resumable
         bar.close()
         what = e.strerror or str(e) or type(e).__name__

@@ -17,6 +17,10 @@ class UserError(Exception):
     """Bad input; the message is shown to the user as one sentence."""
 
 
+class Interrupted(UserError):
+    """Ctrl-C, with what was kept; shown as one sentence, exit status 130 (128 + SIGINT)."""
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -148,9 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(func, args: argparse.Namespace) -> int:
-    """Run a subcommand: bad input becomes one sentence on stderr and exit status 2."""
+    """Run a subcommand: bad input becomes one sentence on stderr and exit status 2 (130 for Ctrl-C)."""
     try:
         func(args)
+    except Interrupted as e:
+        print(f"framepack: {e}", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"framepack: {e}", file=sys.stderr)
         return 2

@@ -451,32 +451,44 @@ def _sample_live(sampler, denoise, noise, sigmas, number: int, sections: int, ca
     """Run the sampler in a worker thread, yielding a `StepEvent` as each step ends, then the latents.
 
     The sampler calls back synchronously; a queue hands its steps to this generator so a caller
-    sees (and can show) every step while the next one runs.
+    sees (and can show) every step while the next one runs. When this generator ends early (Ctrl-C
+    in the caller's thread, or the caller closing it), the worker stops at its next step and is
+    joined before the exception goes on, so no sampling thread outlives the run (an interpreter
+    shutting down under one aborts the process).
     """
     done = object()
     q: queue.Queue = queue.Queue()
+    left = threading.Event()  # the caller has gone: stop at the next step
 
     def on_step(i, n, x, x0):
         q.put(StepEvent(number, sections, i, n, latent_preview(x0)))
 
+    def stop() -> bool:
+        return left.is_set() or (cancel is not None and cancel())
+
     def work():
         try:
             with torch.no_grad():
-                q.put((done, sampler(denoise, noise, sigmas, callback=on_step, cancel=cancel)))
+                q.put((done, sampler(denoise, noise, sigmas, callback=on_step, cancel=stop)))
         except BaseException as e:  # handed to the caller's thread
             q.put((done, e))
 
     thread = threading.Thread(target=work, name="framepack-sampler", daemon=True)
     thread.start()
-    while True:
-        item = q.get()
-        if isinstance(item, tuple) and item[0] is done:
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, tuple) and item[0] is done:
+                thread.join()
+                if isinstance(item[1], BaseException):
+                    raise item[1]
+                yield item[1]
+                return
+            yield item
+    finally:
+        if thread.is_alive():
+            left.set()
             thread.join()
-            if isinstance(item[1], BaseException):
-                raise item[1]
-            yield item[1]
-            return
-        yield item
 
 
 def generate(
