@@ -434,6 +434,20 @@ def test_read_video_refuses_non_videos(tmp_path):
         read_video(tmp_path / "bad.mp4")
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_read_video_refuses_a_cut_short_mp4(tmp_path, keep):
+    """A truncated mp4 (its index intact, part of its frames gone): frame-threaded decoding drops
+    the damaged frames silently, so the frame count the container lists is checked."""
+    path = write_mp4(np.random.default_rng(0).integers(0, 255, (73, 64, 64, 3), np.uint8), tmp_path / "v.mp4")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(InputError, match="cannot be decoded; it is damaged or cut short"):
+        read_video(cut)
+    assert read_video(path)[0].shape[0] == 73
+    assert read_video(cut, max_frames=1)[0].shape[0] == 1  # a first frame for a preview still reads
+
+
 # ---------------------------------------------------------------------------------------------
 # GIF, PNG frames, JSON
 

@@ -173,6 +173,20 @@ def read_video(
     p = Path(path)
     if not p.is_file():
         raise InputError(f"Video file {p} does not exist or is not a file.")
+    decoded, fps, comment, listed = _decode(p, max_frames, threads=True)
+    if max_frames is None and listed and len(decoded) < listed:
+        # Frame-threaded decoding can drop a damaged packet's frames without an error: decode
+        # once more on one thread, which reports the damage (a file whose edit list hides frames
+        # decodes cleanly and is taken as it is).
+        decoded, fps, comment, _ = _decode(p, max_frames, threads=False)
+    if not decoded:
+        raise InputError(f"Video file {p} has no frames.")
+    return np.stack(decoded), fps, _parse_metadata(comment)
+
+
+def _decode(p: Path, max_frames: int | None, threads: bool) -> tuple[list[Frames], float, str | None, int]:
+    """The frames of the first video stream, its fps, the container's comment and the frame count
+    the container lists (0 when unknown)."""
     import av
 
     try:
@@ -180,20 +194,18 @@ def read_video(
             if not container.streams.video:
                 raise InputError(f"File {p} has no video stream.")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            if threads:
+                stream.thread_type = "AUTO"
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             decoded: list[Frames] = []
             for frame in container.decode(stream):
                 decoded.append(frame.to_ndarray(format="rgb24"))  # uses the stream's colour tags
                 if max_frames is not None and len(decoded) >= max_frames:
                     break
-            comment = container.metadata.get("comment")
+            return decoded, fps, container.metadata.get("comment"), int(stream.frames or 0)
     except (av.FFmpegError, OSError) as exc:
-        reason = " ".join(str(exc).split()).rstrip(".")
-        raise InputError(f"Video file {p} cannot be decoded ({reason}).") from exc
-    if not decoded:
-        raise InputError(f"Video file {p} has no frames.")
-    return np.stack(decoded), fps, _parse_metadata(comment)
+        reason = " ".join((getattr(exc, "strerror", None) or str(exc)).split()).rstrip(".")
+        raise InputError(f"Video file {p} cannot be decoded; it is damaged or cut short ({reason}).") from exc
 
 
 def _parse_metadata(comment: str | None) -> dict[str, str]:
