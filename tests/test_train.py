@@ -214,6 +214,23 @@ def test_bad_configs_are_one_sentence(tmp_path, capsys):
     assert "'steps' must be an integer of at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("targets", [["proj_mlp"], ["to_q", "proj_mlp"]])
+def test_lora_target_read_as_a_raw_weight_is_one_sentence(cache, tmp_path, capsys, targets):
+    """The fused MLP reads `proj_mlp` as a raw weight: an adapter there would never train. The run
+    stops at its first step, before backward (which fails when no adapter was called at all), with
+    one sentence, and leaves no log or checkpoint behind."""
+    out = tmp_path / "run"
+    toml = tmp_path / "lora.toml"
+    toml.write_text(
+        f"data = '{cache}'\noutput = '{out}'\nmodel = '{tiny_bundle_dir()}'\nmode = 'lora'\n"
+        f"window = 2\nsteps = 2\nprogress = false\nlora_targets = {targets!r}\n".replace("'", '"')
+    )
+    assert train_main([str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "proj_mlp is read as a raw weight" in err and err.count("\n") == 1, err
+    assert not (out / "loss.csv").exists() and not list(out.glob("checkpoint-*"))
+
+
 def test_every_config_key_is_documented():
     text = DOCS.read_text()
     for f in dataclasses.fields(TrainConfig):

@@ -245,6 +245,7 @@ class Trainer:
             self._check_resume(self.resume_from)
         self.step = int(self._state(self.resume_from)["step"]) if self.resume_from else 0
         self.model = self._build_model()
+        self._probe = None  # the LoRA call check of the first step (`run`)
         self._check_data()
         self._owns_group = False
         if self.world > 1 and not dist.is_initialized():
@@ -587,6 +588,9 @@ class Trainer:
         batch = self.batch(step)
         torch.manual_seed(int(_generator(cfg.seed, step, 2, self.rank).initial_seed()))  # LoRA dropout
         pred = self._forward(batch)
+        if self._probe is not None:  # before backward, which fails when no adapter was called
+            check, self._probe = self._probe, None
+            check()
         loss = weighted_mse(pred.float(), batch.target.to(self.device), batch.weight)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -634,8 +638,8 @@ class Trainer:
         losses: list[float] = []
         window: list[float] = []
         checkpoint = self.resume_from
-        log = _LossLog(self.output, self.step) if self.rank == 0 and self.step < cfg.steps else None
-        probe = self._probe_lora() if cfg.mode == "lora" else None
+        start, log = self.step, None  # the log opens at its first row: a failed first step writes nothing
+        self._probe = self._probe_lora() if cfg.mode == "lora" else None
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -647,13 +651,11 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
-                if probe is not None:
-                    probe, check = None, probe
-                    check()
                 losses.append(loss)
                 window.append(loss)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    if log is not None:
+                    if self.rank == 0:
+                        log = log or _LossLog(self.output, start)
                         mean = sum(window) / len(window)
                         log.write(self.step, mean, self.lr_at(self.step - 1), time.perf_counter() - started)
                     window = []
@@ -663,6 +665,7 @@ class Trainer:
                     checkpoint = self.save_checkpoint()
         finally:
             bar.close()
+            self._probe = None
             if log is not None:
                 log.close()
         return TrainResult(losses[-1] if losses else None, losses, checkpoint, self.step)
