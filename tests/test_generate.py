@@ -188,17 +188,26 @@ BAD = [
     (["--keyframe", "soon:start.png"], "TIME:IMAGE"),
     (["--width", "100", "--height", "64"], "16"),
     (["--steps", "0"], "steps"),
+    (["--lora", "nowhere.safetensors"], "nowhere.safetensors does not exist"),
+    (["--lora", "start.png:abc"], "scale 'abc'"),
+    (["--model", "weightless"], "lacks its"),  # the settings are good: then the load fails
 ]
 
 
 @pytest.mark.parametrize("extra,needle", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_cli_bad_input_is_one_sentence_and_writes_nothing(image, tmp_path, extra, needle):
+    """Every bad setting is refused before the weights load: the model is a bundle folder with its
+    manifest and no weights, which only the last case gets as far as loading."""
     Image.fromarray(image).save(tmp_path / "start.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "framepack.json").write_bytes(
+        (tiny_bundle_dir() / "framepack.json").read_bytes()
+    )
     args = [
         "generate",
         "--model",
-        str(tiny_bundle_dir()),
+        "weightless",
         "--image",
         "start.png",
         "--prompt",

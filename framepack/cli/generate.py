@@ -257,6 +257,16 @@ def _check_writable(out: str) -> None:
         raise ValueError(f"cannot write to the output folder {folder} ({what}).") from None
 
 
+def _quiet_loaders() -> None:
+    """Our progress bar is the one to show: silence diffusers' and transformers' loading bars."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (transformers.utils.logging, diffusers.utils.logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .main import Interrupted, UserError
 
@@ -278,10 +288,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    import diffusers.utils.logging
-    import transformers.utils.logging
     from tqdm import tqdm
 
+    from ..io import InputWarning
     from ..lora import parse_lora_arg
     from ..pipeline.bundle import load_bundle
     from ..pipeline.generate import (
@@ -289,15 +298,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         GenerationSettings,
         SectionDone,
         StepEvent,
+        check_settings,
         generate_events,
         prepare,
     )
     from ..sampling import Cancelled
-
-    for library in (transformers.utils.logging, diffusers.utils.logging):  # our bar is the one to show
-        library.disable_progress_bar()
-        library.set_verbosity_error()
-    from ..io import InputWarning
 
     with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
         warnings.simplefilter("always", InputWarning)
@@ -337,6 +342,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 vram_budget=args.vram_budget,
                 fp8_weights=args.fp8_weights,
             )
+            if job_dir is None:  # the settings, images and output folder before a long load
+                from ..pipeline.bundle import read_manifest
+
+                manifest = read_manifest(args.model)
+                if not args.video:
+                    with warnings.catch_warnings():  # shown once, from `prepare` below
+                        warnings.simplefilter("ignore")
+                        check_settings(manifest, settings)
+                _check_writable(args.out)
+            _quiet_loaders()
             budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
             if job_dir is not None:
                 from ..pipeline.jobs import Job
@@ -356,8 +371,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 prepared, source = prepare_extension(bundle, settings, args.video)
             else:
                 prepared = prepare(bundle, settings)
-            if job_dir is None:
-                _check_writable(args.out)
         except ValueError as e:
             raise UserError(str(e)) from None
     for w in caught:

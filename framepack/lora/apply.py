@@ -140,7 +140,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         try:
             return path, float(tail)
         except ValueError:
-            pass
+            if Path(path).exists() and not Path(text).exists():
+                raise ValueError(f"the LoRA scale {tail!r} after {path}: is not a number.") from None
     return text, 1.0
 
 
@@ -150,7 +151,14 @@ def load_loras(
     """Read each `(path, scale)` for `model`, checking the scales; raises ValueError."""
     out = []
     for path, scale in specs:
-        if not isinstance(scale, (int, float)) or not -10 <= scale <= 10 or scale != scale:
-            raise ValueError(f"the LoRA scale for {path} must be a number from -10 to 10, got {scale!r}.")
+        check_lora_spec(path, scale)
         out.append((read_lora(Path(path), model), float(scale)))
     return out
+
+
+def check_lora_spec(path: str | os.PathLike, scale: float) -> None:
+    """A LoRA's scale is a number from -10 to 10 and its path exists; raises ValueError."""
+    if not isinstance(scale, (int, float)) or not -10 <= scale <= 10 or scale != scale:
+        raise ValueError(f"the LoRA scale for {path} must be a number from -10 to 10, got {scale!r}.")
+    if not Path(path).exists():
+        raise ValueError(f"the LoRA {path} does not exist.")

@@ -310,7 +310,8 @@ def _cached_named(name: str, cache_dir: str | os.PathLike | None) -> tuple[Manif
         except (LocalEntryNotFoundError, OSError):
             raise BundleError(
                 f"bundle {name!r} is not (completely) in the local Hugging Face cache ({repo} is missing); "
-                f"fetch it once with framepack.pipeline.bundle.download_bundle({name!r})."
+                f"fetch it once with `framepack download {name}` (in Python: "
+                f"framepack.pipeline.bundle.download_bundle({name!r}))."
             ) from None
         snapshots[repo] = Path(path)
     return spec.manifest, _component_dirs(spec, snapshots)
@@ -512,6 +513,26 @@ def weights_home(device: torch.device | str, vram_budget: str | float | None) ->
     return torch.device("cpu") if parse_budget(vram_budget) is not None else device
 
 
+def _locate(name_or_path: str | os.PathLike, cache_dir) -> tuple[Manifest, dict[str, Path]]:
+    """The manifest and component directories of a bundle directory or a cached named bundle."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return _cached_named(str(name_or_path), cache_dir)
+    if not (path / MANIFEST_NAME).is_file():
+        raise BundleError(f"{path} has no {MANIFEST_NAME}, so it is not a FramePack bundle directory.")
+    try:
+        manifest = Manifest.load(path / MANIFEST_NAME)
+    except ValueError as e:
+        raise BundleError(f"the bundle manifest {MANIFEST_NAME} in {path} is invalid: {e}") from None
+    return manifest, {c: path / c for c in COMPONENTS}
+
+
+def read_manifest(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Manifest:
+    """The manifest of the bundle `load_bundle` would load, without loading any weights (to check a
+    run's settings before a long load); raises `BundleError` as `load_bundle` does."""
+    return _locate(name_or_path, cache_dir)[0]
+
+
 def load_bundle(
     name_or_path: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -531,19 +552,8 @@ def load_bundle(
         home = weights_home(device, vram_budget)
     except ValueError as e:
         raise BundleError(str(e)) from None
-    path = Path(name_or_path)
-    if path.is_dir():
-        root: Path | None = path
-        if not (path / MANIFEST_NAME).is_file():
-            raise BundleError(f"{path} has no {MANIFEST_NAME}, so it is not a FramePack bundle directory.")
-        try:
-            manifest = Manifest.load(path / MANIFEST_NAME)
-        except ValueError as e:
-            raise BundleError(f"the bundle manifest {MANIFEST_NAME} in {path} is invalid: {e}") from None
-        dirs = {c: path / c for c in COMPONENTS}
-    else:
-        root = None
-        manifest, dirs = _cached_named(str(name_or_path), cache_dir)
+    manifest, dirs = _locate(name_or_path, cache_dir)
+    root = Path(name_or_path) if Path(name_or_path).is_dir() else None
     dtypes = component_dtypes(device, dtype)  # the target's dtypes, wherever the weights wait
     from ..memory.offload import belongs_on, pin_host
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..lora import applied_loras, load_loras
+from ..lora import applied_loras, check_lora_spec, load_loras
 from ..memory.runtime import accelerate, check_speed_settings
 from ..model.transformer import HistoryGroup
 from ..packing.layout import gather_history
@@ -151,10 +151,30 @@ def _check_number(name: str, value, low: float, high: float) -> None:
 
 
 def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
-    """Validate the settings against the bundle and load the images; raises ValueError."""
+    """Validate the settings against the bundle and load the images and LoRAs; raises ValueError."""
+    from ..io import InputWarning
+    from .conditioning import prompt_is_cut
+
+    prepared = check_settings(bundle.manifest, settings, image)
+    for text in prepared.prompts:
+        if prompt_is_cut(bundle, text):
+            short = text if len(text) <= 40 else text[:37] + "..."
+            limit = bundle.manifest.max_prompt_tokens
+            warnings.warn(
+                InputWarning(f"the prompt {short!r} is over {limit} tokens; the rest is cut off."),
+                stacklevel=2,
+            )
+    prepared.loras = load_loras(bundle.transformer, settings.loras)
+    return prepared
+
+
+def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
+    """Everything of `prepare` that needs no weights: the settings against the bundle's `manifest`,
+    the images, the section plan and the timed prompts, the LoRA files' existence. A `Prepared`
+    without LoRAs; raises ValueError. The command line runs it before loading a bundle."""
     from ..io import prepare_image
 
-    m = bundle.manifest
+    m = manifest
     _check_number("steps", settings.steps, 1, 1000)
     _check_number("cfg", settings.cfg, 0.0, 100.0)
     _check_number("cfg rescale", settings.cfg_rescale, 0.0, 1.0)
@@ -199,17 +219,8 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
     plan_kwargs = dict(window=window, order=order, schedule=m.packing, end_image=end is not None, fps=fps)
     draft = plan_sections(sections, seconds=duration, **plan_kwargs)  # validates length first
     timed = parse_timed_prompt(settings.prompt, draft.duration)
-    from ..io import InputWarning
-    from .conditioning import prompt_is_cut
-
-    for p in timed:
-        if prompt_is_cut(bundle, p.text):
-            short = p.text if len(p.text) <= 40 else p.text[:37] + "..."
-            limit = m.max_prompt_tokens
-            warnings.warn(
-                InputWarning(f"the prompt {short!r} is over {limit} tokens; the rest is cut off."),
-                stacklevel=2,
-            )
+    for path, scale in settings.loras:
+        check_lora_spec(path, scale)
     plan = plan_sections(
         sections,
         seconds=duration,
@@ -230,7 +241,6 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
         ),
         fps=fps,
         cfg=float(m.cfg if settings.cfg is None else settings.cfg),
-        loras=load_loras(bundle.transformer, settings.loras),
     )
 
 
