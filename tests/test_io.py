@@ -468,6 +468,21 @@ def test_gif_round_trip_frame_count(tmp_path):
         assert gif.info["duration"] == 100 and gif.info["loop"] == 0
 
 
+@pytest.mark.parametrize(("fps", "frames", "kept"), [(30, 73, 73), (24, 50, 50), (60, 60, 30)])
+def test_gif_lasts_as_long_as_the_video(tmp_path, fps, frames, kept):
+    """Whole-centisecond delays that end each frame at its true time (30 fps: 30, 40, 30, ... ms);
+    above 50 fps every other frame, since browsers slow delays under 20 ms to 100 ms."""
+    video = np.random.default_rng(0).integers(0, 255, (frames, 32, 32, 3), np.uint8)
+    path = write_gif(video, tmp_path / "a.gif", fps=fps)
+    delays = []
+    with Image.open(path) as gif:
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            delays.append(gif.info["duration"])
+    assert len(delays) == kept and min(delays) >= 20
+    assert abs(sum(delays) - 1000 * frames / fps) < 10, (sum(delays), delays[:6])
+
+
 def test_gif_fits_max_side_and_max_bytes(tmp_path):
     video = moving_video(24, 240, 320)
     path = write_gif(video, tmp_path / "small.gif", max_side=200)

@@ -240,8 +240,12 @@ def _encode_gif(frames: Frames, size: tuple[int, int], frame_ms: float, palette:
             image = image.resize(size, Image.Resampling.LANCZOS)
         # No dithering: dither noise differs per frame, which flickers and defeats the delta frames.
         images.append(image.quantize(palette=palette, dither=Image.Dither.NONE))
+    # GIF delays are whole centiseconds: give each frame the delay that ends it at its true time
+    # (at 30 fps 30, 30, 40, ... ms), so the GIF lasts as long as the video.
+    ends = np.round(np.arange(1, len(images) + 1) * frame_ms / 10).astype(int)
+    delays = (10 * np.diff(ends, prepend=0)).tolist()
     buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=delays, loop=0)
     return buffer.getvalue()
 
 
@@ -257,8 +261,9 @@ def write_gif(
     Frames are first scaled to fit `max_side`. While the file is too large it shrinks: the frame
     size down to 160 px on the long side, then every 2nd, 3rd ... frame is kept (each shown
     longer, so the duration holds), then the last frame shrinks to 16 px; an `InputError` if even
-    that is too large. GIF delays are in centiseconds, so fps is approximate, and identical
-    consecutive frames are merged by the writer.
+    that is too large. GIF delays are whole centiseconds: each frame's delay ends it at its true time
+    (so the GIF lasts as long as the video), above 50 fps every 2nd (3rd, ...) frame is kept, and
+    identical consecutive frames are merged by the writer.
     """
     frames = _check_frames(frames)
     rate = float(_check_fps(fps))
@@ -267,7 +272,7 @@ def write_gif(
             raise InputError(f"{name} must be an integer of at least {low}, got {value!r}.")
     _, height, width, _ = frames.shape
     long_side = min(max(height, width), max_side)
-    step = 1
+    step = max(1, math.ceil(rate / 50 - 1e-9))  # browsers show delays under 20 ms as 100 ms
     palette = _gif_palette(frames)
     while True:
         scale = long_side / max(height, width)
