@@ -43,6 +43,25 @@ def test_forward_growth_frame_counts():
     assert not dec.update(bank, 0, 1 + sections * ws)  # nothing new
 
 
+def test_leading_into_a_clip_keeps_its_first_frame_one_frame():
+    """Inverted extension: the block starts as a source clip's own frames (its first latent is one
+    frame); growing towards the start adds 4 frames per latent and the start latent's one, so the
+    new part has 4 * new - 3 frames and source frame j lands at that count + j."""
+    ws, sections, source_frames = 3, 3, 25
+    total, n = ws * sections + 1, (source_frames - 1) // 4 + 1  # new latents, source latents
+    source = np.arange(source_frames, dtype=np.uint8)[:, None, None, None].repeat(3, axis=3) * 8
+    latent = torch.tensor(source[::4, 0, 0, 0], dtype=torch.float32) / 127.5 - 1  # frame 4k of latent k
+    bank = torch.zeros(1, 16, total + n, 1, 1)
+    bank[:, :3, total:] = latent.view(1, 1, n, 1, 1)
+    dec = IncrementalDecoder(causal_decode, ws)
+    dec.frames, dec.lo, dec.hi, dec.clip_starts = source, total, total + n, (total,)
+    for k in range(sections):
+        lo = 1 + (sections - 1 - k) * ws
+        dec.update(bank, lo if lo > 1 else 0, total + n)
+    assert dec.frames.shape[0] == 4 * total - 3 + source_frames
+    assert np.array_equal(dec.frames[4 * total - 3 :][4 * ws :], source[4 * ws :])  # past the blend
+
+
 def test_preview_and_uint8_frames():
     prev = latent_preview(torch.zeros(1, 16, 3, 4, 5))
     assert prev.shape == (3, 4, 5, 3) and prev.dtype == np.uint8

@@ -108,9 +108,9 @@ def test_leading_into_a_video(source, tmp_path):
         del model.forward_packed
     done = events[-1]
     frames, fps, _ = read_video(done.video)
-    # The start latent is one frame, each new latent four; the source's first latent, decoded after
-    # them instead of first, gives four frames where it was one: three more transition frames.
-    assert fps == pytest.approx(24) and done.frames == frames.shape[0] == SOURCE_FRAMES + 2 * 4 * WS + 4
+    # The start latent is one frame, each new latent four, then the source's frames: its first
+    # latent, decoded after the new ones, stays one frame (the decoder's fourth of it).
+    assert fps == pytest.approx(24) and done.frames == frames.shape[0] == SOURCE_FRAMES + 2 * 4 * WS + 1
     kept = SOURCE_FRAMES - (4 * WS - 3)  # after the overlap blend, the frames are the source's
     diff = np.abs(frames[-kept:].astype(int) - src.frames[-kept:].astype(int))
     assert diff.mean() < 2.0, diff.mean()

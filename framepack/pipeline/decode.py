@@ -76,6 +76,18 @@ class IncrementalDecoder:
         self.decode, self.window = decode, window
         self.frames: np.ndarray | None = None  # (4 * (hi - lo) - 3, H, W, 3) uint8
         self.lo = self.hi = 0
+        # Latents that begin a separately encoded clip (a video led into): one frame each, as at the
+        # start of a clip, though decoded after others (which makes four of it; the last is kept).
+        self.clip_starts: tuple[int, ...] = ()
+
+    def _decode(self, latents: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Pixels `(1, 3, T, H, W)` of latents `[a, b)`: `4 (b - a) - 3` frames, 3 fewer for each
+        clip start after `a`."""
+        pixels = self.decode(latents[:, :, a:b])
+        drop = {f for s in self.clip_starts if a < s < b for f in range(4 * (s - a) - 3, 4 * (s - a))}
+        if drop:
+            pixels = pixels[:, :, [f for f in range(pixels.shape[2]) if f not in drop]]
+        return pixels
 
     def update(self, latents: torch.Tensor, lo: int, hi: int) -> bool:
         """Show latents `[lo, hi)` of `latents` `(1, C, N, h, w)`; True if the frames changed.
@@ -86,7 +98,7 @@ class IncrementalDecoder:
         if hi <= lo or (self.frames is not None and (lo, hi) == (self.lo, self.hi)):
             return False
         if self.frames is None:
-            self.frames = to_uint8_frames(self.decode(latents[:, :, lo:hi]))
+            self.frames = to_uint8_frames(self._decode(latents, lo, hi))
             self.lo, self.hi = lo, hi
             return True
         assert lo <= self.lo and hi >= self.hi, "the decoded block only grows"
@@ -94,14 +106,14 @@ class IncrementalDecoder:
         if lo < self.lo:  # new frames before the block (inverted order)
             ctx = min(ws, self.hi - self.lo)
             overlap = 4 * ctx - 3
-            chunk = self.decode(latents[:, :, lo : self.lo + ctx])
+            chunk = self._decode(latents, lo, self.lo + ctx)
             joined = soft_join(chunk, _from_uint8(self.frames[:overlap]), overlap)
             self.frames = np.concatenate([to_uint8_frames(joined), self.frames[overlap:]])
             self.lo = lo
         if hi > self.hi:  # new frames after the block (forward order)
             ctx = min(ws, self.hi - self.lo)
             overlap = 4 * ctx - 3
-            chunk = self.decode(latents[:, :, self.hi - ctx : hi])
+            chunk = self._decode(latents, self.hi - ctx, hi)
             joined = soft_join(_from_uint8(self.frames[-overlap:]), chunk, overlap)
             self.frames = np.concatenate([self.frames[:-overlap], to_uint8_frames(joined)])
             self.hi = hi

@@ -225,6 +225,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
     else:
         bank = torch.cat([start, torch.zeros(1, c, total - 1, h, w), near_latents], dim=2)
         decoder.frames, decoder.lo, decoder.hi = source.frames, total, total + n
+        decoder.clip_starts = (total,)  # the source's first latent is its first frame alone
     generator = torch.Generator("cpu").manual_seed(s.seed)
     sampler = get_sampler(s.sampler)
     sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
