@@ -251,6 +251,7 @@ def test_python_api_generate_and_iter(image, tmp_path):
         model, tmp_path / "out", image=str(tmp_path / "start.png"), prompt="a cat", sections=1, steps=2
     )
     assert read_video(done.video)[0].shape[0] == 4 * (WS + 1) - 3
+    assert json.loads(done.sidecar.read_text())["settings"]["image"] == str(tmp_path / "start.png")
     events = list(
         framepack.generate_iter(model, tmp_path / "out2", image=image, prompt="a cat", sections=1, steps=2)
     )

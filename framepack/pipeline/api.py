@@ -58,7 +58,7 @@ def _settings(kwargs: dict) -> GenerationSettings:
 def generate_iter(
     model: str | Path | None = None,
     out_dir: str | Path | None = None,
-    image: np.ndarray | None = None,
+    image: np.ndarray | str | Path | None = None,
     cancel: Callable[[], bool] | None = None,
     device: str = "cpu",
     resume: str | Path | None = None,
@@ -68,7 +68,8 @@ def generate_iter(
 
     `model` is a bundle directory or a named bundle (default: the shipped demo model); the loaded
     bundle is kept for the next call. `out_dir` defaults to `outputs`.
-    `settings` are the fields of `GenerationSettings` (prompt, image, seconds, seed, ...).
+    `image` is the start image: a file (recorded in the sidecar) or `(H, W, 3)` uint8 pixels.
+    `settings` are the other fields of `GenerationSettings` (prompt, seconds, seed, ...).
     `resume` continues a stopped run instead (its job directory `OUT/NAME.job`, or its mp4) with
     the job's own settings, folder and model (unless `model` is given): the finished video equals
     that of an uninterrupted run.
@@ -76,6 +77,8 @@ def generate_iter(
     if resume is not None:
         yield from _resume(model, resume, out_dir, image, cancel, device, settings)
         return
+    if isinstance(image, (str, Path)):  # a file: recorded in the sidecar as the CLI's --image is
+        settings["image"], image = str(image), None
     if model is None:
         model = default_model()
     bundle = _bundle(str(model), device, settings.get("vram_budget"))
@@ -110,7 +113,7 @@ def _resume(model, resume, out_dir, image, cancel, device: str, settings: dict) 
 def generate(
     model: str | Path | None = None,
     out_dir: str | Path | None = None,
-    image: np.ndarray | None = None,
+    image: np.ndarray | str | Path | None = None,
     on_event: Callable[[Event], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     device: str = "cpu",
