@@ -135,10 +135,15 @@ def test_cli_generates_with_events(image, tmp_path):
     Image.fromarray(image).save(tmp_path / "start.png")
     r = _cli(
         "generate", "--model", str(model), "--image", "start.png", "--prompt", "a cat walks",
-        "--sections", "2", "--steps", "2", "--out", "out", "--events", "events.jsonl", "--gif", "--png", "--name", "clip",
+        "--seconds", "3", "--steps", "2", "--out", "out", "--events", "events.jsonl", "--gif", "--png", "--name", "clip",
         cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # 3 s is 2.5 sections of 1.2 s, rounded (as the release rounds, half to even) to 2: it says so.
+    assert (
+        "framepack: 2 section(s) of 9 latents: 73 frames, 2.43 s at 30 fps (asked for 3 s; the length "
+        "is a whole number of 1.20 s sections)." in r.stderr.splitlines()
+    ), r.stderr
     mp4 = tmp_path / r.stdout.splitlines()[0]
     assert mp4.suffix == ".mp4" and read_video(mp4)[0].shape[0] == 4 * (WS * 2 + 1) - 3
     assert (tmp_path / r.stdout.splitlines()[1]).suffix == ".gif"
@@ -251,7 +256,10 @@ def test_python_api_generate_and_iter(image, tmp_path):
         model, tmp_path / "out", image=str(tmp_path / "start.png"), prompt="a cat", sections=1, steps=2
     )
     assert read_video(done.video)[0].shape[0] == 4 * (WS + 1) - 3
-    assert json.loads(done.sidecar.read_text())["settings"]["image"] == str(tmp_path / "start.png")
+    sidecar = json.loads(done.sidecar.read_text())
+    assert sidecar["settings"]["image"] == str(tmp_path / "start.png")
+    assert sidecar["settings"]["window"] is None and sidecar["used"]["window"] == WS  # the model's
+    assert sidecar["used"]["steps"] == 2 and sidecar["used"]["order"] == "inverted"
     events = list(
         framepack.generate_iter(model, tmp_path / "out2", image=image, prompt="a cat", sections=1, steps=2)
     )

@@ -270,8 +270,8 @@ def test_extending_a_video_from_the_form(queue, bundle, image):
     job = _run(queue, _form(image, video=str(source.video), prompt="the cat sits down"))
     assert job.state == DONE, job.error
     frames = read_video(job.video)[0]
-    # Inverted order: one section leads into the video (its start latent decodes to 4 frames, not 1).
-    assert job.frames == frames.shape[0] == source.frames + 4 * WS + 4
+    # Inverted order: one section from the start image leads into the video (4 * WS + 1 frames).
+    assert job.frames == frames.shape[0] == source.frames + 4 * WS + 1
     stored = job.video_source
     assert stored != str(source.video) and (queue.out_dir / "inputs") in Path(stored).parents
     back = _reload(job, queue, bundle)

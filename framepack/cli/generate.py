@@ -267,6 +267,23 @@ def _quiet_loaders() -> None:
         library.set_verbosity_error()
 
 
+def _plan_line(prepared, args: argparse.Namespace, extension: bool) -> str:
+    """What the run will make, in one line: sections, frames and seconds (and why not the seconds
+    asked for: a video is a whole number of sections, rounded as the release rounds)."""
+    plan, fps = prepared.plan, prepared.fps
+    forward_extension = extension and plan.packing_order == "forward"
+    frames = plan.frames() - (1 if forward_extension else 0)  # its start latent is the source's last
+    seconds = frames / fps
+    line = (
+        f"framepack: {len(plan.sections)} section(s) of {plan.window} latents: {frames} "
+        f"{'new ' if extension else ''}frames, {seconds:.2f} s at {fps} fps"
+    )
+    asked = None if args.resume or args.sections else args.seconds
+    if asked and abs(seconds - asked) > 1 / fps:
+        line += f" (asked for {asked:g} s; the length is a whole number of {4 * plan.window / fps:.2f} s sections)"
+    return line + "."
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .main import Interrupted, UserError
 
@@ -385,6 +402,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _one_frame(bundle, prepared, args)
         return
 
+    print(_plan_line(prepared, args, extension=source is not None), file=sys.stderr)
     stop = threading.Event()
     events_file = open(args.events, "w") if args.events else None
     total = len(prepared.plan.sections) * prepared.steps

@@ -41,6 +41,7 @@ from .generate import (
     make_denoiser,
     prepare,
     prompt_embeds,
+    used_settings,
 )
 
 __all__ = ["Source", "describe_file", "load_source", "prepare_extension", "extend_events", "resume_extension"]
@@ -233,6 +234,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
     kernels = [g.kernel.name for g in schedule.groups]
     info = {
         "settings": s.to_dict(),
+        "used": used_settings(prepared),
         "bundle": str(getattr(bundle, "root", "")),
         "sections": len(plan.sections),
         "extension": {"source": source.path, "source_frames": int(count), "source_fps": source.fps},

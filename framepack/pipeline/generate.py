@@ -244,6 +244,22 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
     )
 
 
+def used_settings(prepared: Prepared) -> dict:
+    """The values a run used where its settings left the model's defaults (None): for the sidecar."""
+    plan = prepared.plan
+    height, width = prepared.image.shape[:2]
+    return {
+        "steps": prepared.steps,
+        "cfg": prepared.cfg,
+        "distilled_cfg": prepared.distilled_cfg,
+        "window": plan.window,
+        "order": plan.order,
+        "fps": prepared.fps,
+        "width": int(width),
+        "height": int(height),
+    }
+
+
 def _pixels(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, 1, H, W) in [-1, 1]."""
     x = torch.tensor(image, dtype=torch.float32).div(127.5).sub(1)
@@ -351,6 +367,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
     video = SegmentedVideo(job, decoder, plan.packing_order != "forward", prepared.fps, s.crf, s.gif or s.png)
     info = {
         "settings": s.to_dict(),
+        "used": used_settings(prepared),
         "bundle": str(getattr(bundle, "root", "")),
         "sections": len(plan.sections),
     }
