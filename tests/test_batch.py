@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,20 @@ def test_batch_runs_reruns_skip_finished_jobs(tmp_path, start, capsys):
     states = capsys.readouterr().out.splitlines()
     assert len(states) == 5 and states[3].startswith("broken (line 4") and states[3].endswith("to do")
     assert sum(line.endswith("finished") for line in states) == 4
+
+
+def test_batch_without_a_model_uses_the_demo_model(tmp_path, capsys):
+    """As `framepack generate`: a job that names no model, without --model, runs on the shipped one."""
+    example = sorted(
+        (Path(__file__).resolve().parents[1] / "framepack" / "demo_model" / "examples").glob("*.png")
+    )[0]
+    path = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a red circle moves right", "image": str(example),
+                                                   "sections": 1, "steps": 1, "name": "demo"}])  # fmt: skip
+    assert main(["batch", path, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0, (
+        capsys.readouterr().err
+    )
+    sidecar = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert Path(sidecar["bundle"]).name == "demo_model"
 
 
 def test_bad_jobs_file_is_one_sentence(tmp_path, capsys):

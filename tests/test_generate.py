@@ -194,6 +194,7 @@ BAD = [
     (["--width", "100", "--height", "64"], "16"),
     (["--steps", "0"], "steps"),
     (["--lora", "nowhere.safetensors"], "nowhere.safetensors does not exist"),
+    (["--sections", "1", "--seconds", "3"], "not both"),
     (["--lora", "start.png:abc"], "scale 'abc'"),
     (["--model", "weightless"], "lacks its"),  # the settings are good: then the load fails
 ]

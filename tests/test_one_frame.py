@@ -117,3 +117,7 @@ def test_cli_one_frame(image, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "index" in lines[0], r.stderr
     assert not list((tmp_path / "out").glob("bad*"))
+    r = cli("--one-frame", "7", "--gif", "--seconds", "30")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "framepack: --one-frame makes one image, not a video; drop --gif, --seconds."
+    ), r.stderr

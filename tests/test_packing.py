@@ -423,3 +423,18 @@ def test_rope_tables_per_batch_row():
         for row in range(2):
             c1, s1 = pooled_rope_tables(idx[row], 2, 4, pool)
             assert torch.equal(cos[row], c1[0]) and torch.equal(sin[row], s1[0])
+
+
+def test_pack_command_reports_the_tail_token(capsys):
+    """`framepack pack`: every history length's count agrees with the summary line (the geometric
+    preset's pooled tail token appears once the history outgrows its 85 slots)."""
+    from framepack.cli.main import main
+
+    assert main(["pack", "geometric", "--size", "640x640", "--history", "85", "86", "10000"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    counts = [int(line.split("context ")[1].split()[0]) for line in out if line.startswith("history")]
+    assert counts[1] == counts[2] == counts[0] + 1
+    assert out[-1].startswith(
+        f"slots full (85 latents): {counts[0]} tokens; any longer history: {counts[2]} tokens"
+    )
+    assert main(["pack", "nonsense"]) == 2

@@ -294,7 +294,7 @@ def test_keyframes_forward_take_the_anchor():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"keyframes": (0.0,)}, "outside the video"),
+        ({"keyframes": (0.0,)}, "at the start, where the start image is"),
         ({"keyframes": (-1.0,)}, "outside the video"),
         ({"keyframes": (5.0,)}, "outside the video"),  # 5 s was asked, 4.8 s is planned
         ({"keyframes": (math.nan,)}, "finite"),

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "jobs", help="JSON-lines file: one object of generation settings (+ model, one_frame) per line"
     )
-    p.add_argument("--model", help="bundle for jobs that name none")
+    p.add_argument("--model", help="bundle for jobs that name none; default: the shipped demo model")
     p.add_argument("--out", default="outputs", help="output folder of every job")
     p.add_argument(
         "--device", default="auto", help="cpu, cuda, ... (auto: this rank's GPU when there is one)"
@@ -89,6 +89,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
     for library in (transformers.utils.logging, diffusers.utils.logging):
         library.disable_progress_bar()
         library.set_verbosity_error()
+    from ..pipeline.api import default_model
     from ..pipeline.bundle import load_bundle
 
     loaded: tuple[str, object] | None = None  # one bundle at a time: a 13B model is big
@@ -100,9 +101,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
             continue
         print(f"running {job.name} (line {job.line}, rank {rank})", flush=True)
         try:
-            model = job.model or args.model
-            if not model:
-                raise ValueError("no model given: pass --model or give the job a model.")
+            model = job.model or args.model or str(default_model())  # as generate: the demo model
             if loaded is None or loaded[0] != model:
                 loaded = None
                 # With a budget the weights wait on the host (load_bundle); a later job of the same

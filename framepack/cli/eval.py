@@ -51,7 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         line = f"{r.path}: {r.frames} frames, drift sharpness {r.drift_sharpness:.2f}, colour mean {r.drift_colour_mean:.2f}"
         if r.caption is not None:
             line += (
-                f", size {r.drift_size:.4f}; motion {r.measured_motion} (asked {r.expected_motion}) "
+                f", size {r.drift_size:.4f}; motion {r.measured_motion or 'none measured'} (asked {r.expected_motion}) "
                 f"{'ok' if r.motion_ok else 'WRONG'}; colour {r.start_colour}->{r.end_colour} "
                 f"{'kept' if r.colour_kept else 'CHANGED'}"
             )

@@ -101,7 +101,7 @@ def add_parser(sub) -> None:
         "--prompt-at", action="append", default=[], metavar="TIME:TEXT", help="a prompt from TIME seconds on"
     )
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, help="video length (default 5; a whole number of sections)")
     p.add_argument("--sections", type=int, help="number of sections instead of --seconds")
     p.add_argument(
         "--model",
@@ -297,6 +297,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
             args.model = args.model or Job(job_dir).read()["bundle"]
         except JobError as e:
             raise UserError(str(e)) from None
+    if args.sections is not None and args.seconds is not None:
+        raise UserError("give the length as --seconds or as --sections, not both.")
+    if args.one_frame is not None:
+        video_only = {"--gif": args.gif, "--png": args.png, "--seconds": args.seconds is not None}
+        video_only["--sections"] = args.sections is not None
+        if any(video_only.values()):
+            given = ", ".join(k for k, v in video_only.items() if v)
+            raise UserError(f"--one-frame makes one image, not a video; drop {given}.")
+        if not args.image and not args.resume:
+            print(
+                "framepack: warning: --one-frame without --image edits a plain grey frame.", file=sys.stderr
+            )
+    if args.seconds is None and args.sections is None:
+        args.seconds = 5.0
     if not args.model:
         from ..pipeline.api import default_model
 

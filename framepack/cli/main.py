@@ -49,7 +49,11 @@ def cmd_pack(args: argparse.Namespace) -> None:
     for n in args.history:
         total = schedule.context_length(lh, lw, history=n)
         print(f"history {n:6d} latents: context {total} tokens")
-    print(f"full history: {schedule.context_length(lh, lw)} tokens, bound {schedule.bound(lh, lw):.0f}")
+    longest = schedule.context_length(lh, lw, history=schedule.history_frames + 1)  # the tail too
+    print(
+        f"slots full ({schedule.history_frames} latents): {schedule.context_length(lh, lw)} tokens; "
+        f"any longer history: {longest} tokens; bound {schedule.bound(lh, lw):.0f}"
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> None:

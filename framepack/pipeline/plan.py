@@ -219,9 +219,10 @@ def _keyframe_latents(keyframes: Sequence[float], n: int, window: int, fps: int)
         if isinstance(t, bool) or not isinstance(t, Real) or not math.isfinite(t):
             raise ValueError(f"A keyframe time must be a finite number of seconds, got {t!r}.")
         if not 0 < t <= duration + _EPS:
+            where = "at the start, where the start image is" if t == 0 else "outside the video"
             raise ValueError(
-                f"The keyframe at {t:g} s is outside the video, which runs from 0 to {duration:g} s "
-                f"({n} sections of {window} latents at {fps} fps)."
+                f"The keyframe at {t:g} s is {where}; a keyframe goes after 0 s and at most at "
+                f"{duration:g} s ({n} sections of {window} latents at {fps} fps)."
             )
         frame = round(t * fps)
         out.append(min(max(1, -(-frame // 4)), window * n))
@@ -289,7 +290,8 @@ def plan_sections(
     sched = _schedule_for(schedule, window)
     if order == "forward" and end_image:
         raise ValueError(
-            "The forward order has no end-frame condition; use the inverted or anti-drifting order."
+            "The forward order has no end-frame condition (an end image or a loop); use the inverted "
+            "or anti-drifting order."
         )
     if order == "anti-drifting" and not end_image:
         raise ValueError(
