@@ -243,7 +243,8 @@ def test_disk_full_mid_run_keeps_the_finished_section(files, tmp_path, capsys, m
     monkeypatch.setattr(files_module, "_fsync_path", fsync)
     argv = _argv(files, tmp_path, ["--sections", "2", "--order", "forward"])
     assert main(argv) == 2
-    err = _lines(capsys.readouterr().err)
+    plan, *err = _lines(capsys.readouterr().err)  # what the run makes, then the one sentence
+    assert plan == "framepack: 2 section(s) of 9 latents: 73 frames, 2.43 s at 30 fps.", plan
     assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0], err
     out = tmp_path / "out"
     assert not list(out.rglob("*.tmp"))
@@ -339,6 +340,7 @@ def test_disk_full_at_the_start_leaves_nothing(files, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(files_module, "_fsync_path", fsync)
     assert main(_argv(files, tmp_path, [])) == 2
-    err = _lines(capsys.readouterr().err)
+    plan, *err = _lines(capsys.readouterr().err)  # what the run makes, then the one sentence
+    assert plan.startswith("framepack: 1 section(s) of 9 latents"), plan
     assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
     assert list((tmp_path / "out").iterdir()) == []  # no file, no empty job directory
