@@ -331,7 +331,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         StepEvent,
         check_settings,
         generate_events,
-        prepare,
+        prepare_checked,
     )
     from ..sampling import Cancelled
 
@@ -373,14 +373,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 vram_budget=args.vram_budget,
                 fp8_weights=args.fp8_weights,
             )
+            checked = None
             if job_dir is None:  # the settings, images and output folder before a long load
                 from ..pipeline.bundle import read_manifest
 
                 manifest = read_manifest(args.model)
                 if not args.video:
-                    with warnings.catch_warnings():  # shown once, from `prepare` below
-                        warnings.simplefilter("ignore")
-                        check_settings(manifest, settings)
+                    checked = check_settings(manifest, settings)
                 _check_writable(args.out)
             _quiet_loaders()
             budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
@@ -401,7 +400,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     raise ValueError("--one-frame makes one image from a start image; drop --video.")
                 prepared, source = prepare_extension(bundle, settings, args.video)
             else:
-                prepared = prepare(bundle, settings)
+                prepared = prepare_checked(bundle, checked)
         except ValueError as e:
             raise UserError(str(e)) from None
     for w in caught:

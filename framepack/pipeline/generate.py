@@ -152,10 +152,15 @@ def _check_number(name: str, value, low: float, high: float) -> None:
 
 def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
     """Validate the settings against the bundle and load the images and LoRAs; raises ValueError."""
+    return prepare_checked(bundle, check_settings(bundle.manifest, settings, image))
+
+
+def prepare_checked(bundle, prepared: Prepared) -> Prepared:
+    """`check_settings`'s result completed with what needs the weights: the warning for a prompt
+    the tokenizer cuts, and the LoRAs read for the transformer; raises ValueError."""
     from ..io import InputWarning
     from .conditioning import prompt_is_cut
 
-    prepared = check_settings(bundle.manifest, settings, image)
     for text in prepared.prompts:
         if prompt_is_cut(bundle, text):
             short = text if len(text) <= 40 else text[:37] + "..."
@@ -164,7 +169,7 @@ def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = Non
                 InputWarning(f"the prompt {short!r} is over {limit} tokens; the rest is cut off."),
                 stacklevel=2,
             )
-    prepared.loras = load_loras(bundle.transformer, settings.loras)
+    prepared.loras = load_loras(bundle.transformer, prepared.settings.loras)
     return prepared
 
 
