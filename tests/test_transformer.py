@@ -28,7 +28,9 @@ from framepack.model import (
     load_transformer,
     save_transformer,
 )
+from framepack.model.ops import linear
 from framepack.packing import pad_replicate
+from framepack.testing import random_packed_inputs
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -484,6 +486,36 @@ def test_bf16_stays_close_to_fp32(models):
     out = run_ours(low, inp)
     assert out.dtype == torch.float32
     assert relative_error(out, expected) < 3e-2
+
+
+def test_linear_refuses_mixed_dtypes_on_every_cpu():
+    # On a CPU without bf16 units `linear` upcasts bf16 operands; that must not hide a mismatch
+    # that CUDA (and CPUs with bf16 units) refuse.
+    w = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="input is torch.float32 but the weight is torch.bfloat16"):
+        linear(torch.randn(2, 8), w, None)
+    assert linear(torch.randn(2, 8, dtype=torch.bfloat16), w, None).dtype == torch.bfloat16
+
+
+def test_fp32_head_is_the_releases_on_a_bf16_model():
+    # The release: norm_out (modulation, layer norm) in bf16, then fp32 hidden states into an fp32
+    # proj_out. Worked out here from the model's own parts, captured at the head's input.
+    torch.manual_seed(0)
+    cfg = get_spec("tiny")
+    model = PackedTransformer(cfg).to(torch.bfloat16).eval()
+    model.fp32_head = True
+    seen = {}  # the last single block's readout (B, N_noisy, D) and norm_out's (scale, shift)
+    model.single_transformer_blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("hs", o))
+    model.norm_out.register_forward_hook(lambda m, a, o: seen.__setitem__("mod", o))
+    with torch.no_grad():
+        out = model.forward_packed(**random_packed_inputs(cfg, 8, 8))
+    assert out.dtype == torch.float32
+    hs, (scale, shift) = seen["hs"], seen["mod"]
+    assert hs.dtype == scale.dtype == torch.bfloat16
+    normed = F.layer_norm(hs, hs.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]  # bf16
+    head = F.linear(normed.float(), model.proj_out.weight.float(), model.proj_out.bias.float())
+    expected = head.view(1, 9, 4, 4, -1, 1, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(1, -1, 9, 8, 8)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- 9. bad input

@@ -37,7 +37,13 @@ def _upcast_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear` that keeps low-precision storage fast on CPUs without bf16 units."""
+    """`F.linear` that keeps low-precision storage fast on CPUs without bf16 units.
+
+    Operands of different dtypes are refused on every device, as CUDA and CPUs with bf16 units
+    refuse them, so the upcast below never hides a dtype mismatch.
+    """
+    if x.dtype != weight.dtype:
+        raise RuntimeError(f"linear: input is {x.dtype} but the weight is {weight.dtype}.")
     if _upcast_matmul(x, weight):
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(weight.dtype)

@@ -112,7 +112,9 @@ class PackedTransformer(nn.Module):
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = Linear(dim, c.patch_size_t * c.patch_size * c.patch_size * c.out_channels)
         self.gradient_checkpointing = False
-        self.fp32_head = False  # the release runs norm_out/proj_out in fp32 at inference
+        # The release's inference runs `proj_out` in fp32 on hidden states cast to fp32; `norm_out`
+        # (modulation and layer norm) stays in the model's dtype.
+        self.fp32_head = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -239,13 +241,13 @@ class PackedTransformer(nn.Module):
             hs = hs[:, x.shape[1] - n_noisy : x.shape[1]]
         # hs: (B, N_noisy, D)
 
-        # 4. Head on the noisy tokens only, then unpatchify.
+        # 4. Head on the noisy tokens only (norm_out in the model's dtype, as diffusers' AdaLayerNormContinuous
+        # computes it: two roundings, not one fused multiply-add), then unpatchify.
+        scale, shift = self.norm_out(temb)  # (B, D) each
+        hs = F.layer_norm(hs, hs.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
         head_dtype = torch.float32 if self.fp32_head else dtype
-        scale, shift = self.norm_out(temb.to(head_dtype))  # (B, D) each
-        hs = hs.to(head_dtype)
-        hs = torch.addcmul(shift[:, None], F.layer_norm(hs, hs.shape[-1:], eps=1e-6), 1 + scale[:, None])
         w_out, b_out = self.proj_out.weight, self.proj_out.bias
-        out = linear(hs, w_out.to(head_dtype), b_out.to(head_dtype))  # (B, N_noisy, C*4)
+        out = linear(hs.to(head_dtype), w_out.to(head_dtype), b_out.to(head_dtype))  # (B, N_noisy, C*4)
         p = c.patch_size
         out = out.view(b, t, h // p, w // p, -1, 1, p, p)
         return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, -1, t, h, w)  # (B, C, T, H, W)

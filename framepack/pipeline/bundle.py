@@ -567,7 +567,7 @@ def load_bundle(
                 pin_host(loaded[c])
     loaded["vae"].use_framewise_encoding = manifest.vae_temporal_tiles  # see Manifest
     loaded["vae"].use_framewise_decoding = manifest.vae_temporal_tiles
-    loaded["transformer"].fp32_head = True  # as the release: the output head runs in fp32
+    loaded["transformer"].fp32_head = True  # as the release: proj_out runs in fp32 (norm_out does not)
     target = torch.device(device) if home != torch.device(device) else None
     if target is not None:
         for c in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
