@@ -40,9 +40,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """`F.linear` that keeps low-precision storage fast on CPUs without bf16 units.
 
     Operands of different dtypes are refused on every device, as CUDA and CPUs with bf16 units
-    refuse them, so the upcast below never hides a dtype mismatch.
+    refuse them, so the upcast below never hides a dtype mismatch (under autocast, which casts
+    both, they are allowed).
     """
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise RuntimeError(f"linear: input is {x.dtype} but the weight is {weight.dtype}.")
     if _upcast_matmul(x, weight):
         b = None if bias is None else bias.float()
