@@ -17,6 +17,7 @@ from framepack.io import (
     BUCKETS_640,
     InputError,
     buckets,
+    crop_start,
     fit_to_bucket,
     load_image,
     pick_bucket,
@@ -95,8 +96,13 @@ def test_buckets_refuse_bad_resolution(resolution):
 @pytest.mark.parametrize(
     ("height", "width", "resolution", "expected"),
     [
-        # |512*bw - 512*bh| = 512*|bw - bh|: (608, 640) and (640, 608) tie at 32; the first wins.
-        (512, 512, 640, (608, 640)),
+        # |512*bw - 512*bh| = 512*|bw - bh|: (608, 640) and (640, 608) tie at 512 * 32; the release
+        # keeps the later one (640 tall x 608 wide), as it does for every square size.
+        (512, 512, 640, (640, 608)),
+        (640, 640, 640, (640, 608)),
+        (1, 1, 640, (640, 608)),
+        # At 320 the square ties are (304, 320) and (320, 304): the later again.
+        (1000, 1000, 320, (320, 304)),
         # 1080p: |1080*832 - 1920*480| = 23,040 beats (448, 864): 72,960 and (512, 768): 153,600.
         (1080, 1920, 640, (480, 832)),
         (1920, 1080, 640, (832, 480)),
@@ -154,6 +160,28 @@ def test_fit_to_bucket_same_size_is_identity():
     image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     np.testing.assert_array_equal(fit_to_bucket(image, 32, 48), image)
     np.testing.assert_array_equal(fit_to_bucket(image, 32, 16), image[:, 16:32])  # crop only
+
+
+@pytest.mark.parametrize(
+    ("excess", "start"),
+    # The release's box starts at excess / 2 and PIL rounds it half to even: 1.5 -> 2 and 3.5 -> 4
+    # (flooring gives 1 and 3: they differ when the excess is 3 mod 4); 0.5 -> 0, 2.5 -> 2.
+    [(0, 0), (1, 0), (2, 1), (3, 2), (4, 2), (5, 2), (6, 3), (7, 4), (11, 6), (13, 6)],
+)
+def test_crop_start_rounds_half_to_even(excess, start):
+    assert crop_start(excess) == start
+    image = np.random.default_rng(excess).integers(0, 256, (16, 32 + excess, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(fit_to_bucket(image, 16, 32), image[:, start : start + 32])  # no resize
+    tall = image.transpose(1, 0, 2)
+    np.testing.assert_array_equal(fit_to_bucket(tall, 32, 16), tall[start : start + 32])
+
+
+def test_fit_to_bucket_crops_the_resized_image_as_the_release():
+    # 100x105 to 64x64: scale max(64/100, 64/105) = 0.64, resized to 64 x round(67.2) = 67 wide; the
+    # excess 3 starts the crop at column 2, worked out as above.
+    image = np.random.default_rng(1).integers(0, 256, (100, 105, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(image).resize((67, 64), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(fit_to_bucket(image, 64, 64), resized[:, 2:66])
 
 
 def test_fit_to_bucket_refuses_bad_arrays():

@@ -10,6 +10,7 @@ from framepack.io.files import atomic_write, write_bytes_atomic, write_json_atom
 from framepack.io.images import (
     BUCKETS_640,
     buckets,
+    crop_start,
     fit_to_bucket,
     load_image,
     pick_bucket,
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write",
     "buckets",
     "concat_mp4",
+    "crop_start",
     "fit_to_bucket",
     "load_image",
     "pick_bucket",

@@ -2,7 +2,8 @@
 
 FRAMEPACK.md section 6: at the 640 setting the buckets are (416, 960) ... (608, 640) and their
 transposes; an image goes to the bucket minimising |h*bw - w*bh| (the closest aspect ratio, with
-no division), is resized to cover it (Lanczos) and centre-cropped to it exactly.
+no division; ties go to the later bucket, as in the release), is resized to cover it (Lanczos) and
+centre-cropped to it exactly, the crop box rounded as the release's float box is (half to even).
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def buckets(resolution: int = 640) -> list[tuple[int, int]]:
 
 
 def pick_bucket(height: int, width: int, resolution: int = 640) -> tuple[int, int]:
-    """The bucket (h, w) minimising |height*w - width*h|; ties go to the first in `buckets`."""
+    """The bucket (h, w) minimising |height*w - width*h|; ties go to the LAST in `buckets`.
+
+    That is the release's rule (it keeps a candidate whose distance is <= the best so far), so a
+    square image at 640 becomes 640 tall x 608 wide.
+    """
     height, width = _check_int("height", height), _check_int("width", width)
-    return min(buckets(resolution), key=lambda b: abs(height * b[1] - width * b[0]))
+    candidates = buckets(resolution)
+    return min(reversed(candidates), key=lambda b: abs(height * b[1] - width * b[0]))
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:
@@ -179,6 +185,15 @@ def _check_image(image: object) -> ImageArray:
     return image
 
 
+def crop_start(excess: int) -> int:
+    """Where a centre crop starts when the resized side is `excess` pixels too long.
+
+    The release hands PIL the float box `excess / 2`, which PIL rounds half to even: excess 3 starts
+    at 2 (not 1), excess 5 at 2, excess 7 at 4; it differs from flooring when excess is 3 mod 4.
+    """
+    return round(excess / 2)  # Python's round is half to even, as PIL's crop
+
+
 def fit_to_bucket(image: ImageArray, height: int, width: int) -> ImageArray:
     """Resize `image` (H, W, 3) to cover (height, width) with Lanczos, then centre-crop to it exactly."""
     image = _check_image(image)
@@ -188,7 +203,7 @@ def fit_to_bucket(image: ImageArray, height: int, width: int) -> ImageArray:
     rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
     if (rh, rw) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((rw, rh), Image.Resampling.LANCZOS))
-    top, left = (rh - height) // 2, (rw - width) // 2
+    top, left = crop_start(rh - height), crop_start(rw - width)
     return np.ascontiguousarray(image[top : top + height, left : left + width])  # (height, width, 3)
 
 
