@@ -167,14 +167,14 @@ def cmd_sensitivity(args) -> list[str]:
 
     from framepack.pipeline.bundle import load_bundle
     from framepack.pipeline.conditioning import encode_image, encode_prompt, vae_encode
-    from framepack.pipeline.generate import _pixels
+    from framepack.pipeline.decode import from_uint8_frames
 
     torch.manual_seed(0)
     bundle = load_bundle(args.model)
     model = bundle.transformer.eval()
     seed, scene = heldout_scenes(1)[0]
     image = first_frame(scene, args.size)
-    start = vae_encode(bundle, _pixels(image)).float()  # (1, C, 1, h, w)
+    start = vae_encode(bundle, from_uint8_frames(image[None])).float()  # (1, C, 1, h, w)
     siglip = encode_image(bundle, image)
     other = "up" if scene.motion != "up" else "left"
     own, swap = (encode_prompt(bundle, caption_moving(scene, d)) for d in (scene.motion, other))

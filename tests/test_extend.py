@@ -73,11 +73,11 @@ def test_extension_keeps_the_source_and_adds_sections(bundle, source, tmp_path):
 
     # The first section's history is the source: its k1 group holds the start and the last source latent.
     from framepack.pipeline.conditioning import vae_encode
-    from framepack.pipeline.extend import _pixels
+    from framepack.pipeline.decode import from_uint8_frames
 
     with torch.no_grad():
-        tail = vae_encode(bundle, _pixels(src.frames[SOURCE_FRAMES - (4 * 12 - 3) :])).float()
-        start = vae_encode(bundle, _pixels(src.frames[:1])).float()
+        tail = vae_encode(bundle, from_uint8_frames(src.frames[SOURCE_FRAMES - (4 * 12 - 3) :])).float()
+        start = vae_encode(bundle, from_uint8_frames(src.frames[:1])).float()
     k1 = history[0][0].cpu()
     torch.testing.assert_close(k1[:, :, 0], start[:, :, 0])
     torch.testing.assert_close(k1[:, :, 1], tail[:, :, -1])
@@ -116,11 +116,11 @@ def test_leading_into_a_video(source, tmp_path):
     assert diff.mean() < 2.0, diff.mean()
 
     from framepack.pipeline.conditioning import vae_encode
-    from framepack.pipeline.extend import _pixels
+    from framepack.pipeline.decode import from_uint8_frames
 
     with torch.no_grad():
-        head = vae_encode(bundle, _pixels(src.frames[: 4 * 12 - 3])).float()
-        start = vae_encode(bundle, _pixels(image[None])).float()
+        head = vae_encode(bundle, from_uint8_frames(src.frames[: 4 * 12 - 3])).float()
+        start = vae_encode(bundle, from_uint8_frames(image[None])).float()
     k1 = history[0].cpu()  # the first section made (the last in time) leads into the source
     torch.testing.assert_close(k1[:, :, 0], start[:, :, 0])
     torch.testing.assert_close(k1[:, :, 1], head[:, :, 0])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from framepack.cli.main import main
 from framepack.io import concat_mp4, read_video, write_mp4
-from framepack.pipeline.decode import IncrementalDecoder
+from framepack.pipeline.decode import IncrementalDecoder, to_uint8_frames
 from framepack.pipeline.generate import GenerationSettings, SectionDone, generate, generate_events
 from framepack.pipeline.jobs import Job, JobError, SegmentedVideo, find_job, resume_prepared
 from framepack.sampling import Cancelled
@@ -73,13 +73,24 @@ def test_segments_and_tail_are_the_incremental_frames(tmp_path, forward):
         assert full.update(bank, lo, hi) and video.update(bank, lo, hi, k, final)
         folder = tmp_path / "x.job" / "segments"
         settled = [np.load(folder / f"{name}.npy") for name, _ in video.segments]
-        tail = [video.decoder.frames] if len(video.decoder.frames) else []
+        tail_frames = video.decoder.frames
+        tail = [to_uint8_frames(tail_frames)] if tail_frames.shape[2] else []
         stored = np.concatenate([*tail, *settled] if not forward else [*settled, *tail])
-        assert np.array_equal(stored, full.frames) and video.frames == len(full.frames)
-        assert len(video.decoder.frames) <= 4 * ws - 3  # only the blending tail stays in memory
+        expected = to_uint8_frames(full.frames)
+        assert np.array_equal(stored, expected) and video.frames == len(expected)
+        # only the blending tail stays in memory, as the decoder's floats (blends need them unrounded)
+        assert tail_frames.shape[2] <= 4 * ws - 3 and tail_frames.dtype == torch.float32
+        torch.testing.assert_close(
+            tail_frames,
+            full.frames[:, :, : tail_frames.shape[2]]
+            if not forward
+            else full.frames[:, :, len(expected) - tail_frames.shape[2] :],
+            rtol=0,
+            atol=0,
+        )
         video.write(tmp_path / "x.mp4", {})
-        assert read_video(tmp_path / "x.mp4")[0].shape[0] == len(full.frames)
-    assert np.array_equal(video.all_frames(), full.frames)
+        assert read_video(tmp_path / "x.mp4")[0].shape[0] == len(expected)
+    assert np.array_equal(video.all_frames(), to_uint8_frames(full.frames))
 
 
 def _pngs(folder: Path) -> np.ndarray:

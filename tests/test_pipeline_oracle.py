@@ -64,6 +64,7 @@ import framepack.pipeline.generate as generate_module
 from framepack.model import load_transformer, save_transformer
 from framepack.pipeline.bundle import load_bundle
 from framepack.pipeline.conditioning import encode_image, encode_prompt, vae_encode
+from framepack.pipeline.decode import from_uint8_frames
 from framepack.sampling import euler
 from framepack.testing import tiny_bundle_dir
 
@@ -269,7 +270,7 @@ def test_conditioning_pieces_match_diffusers(results, image):
     assert_close(ours.text[:, :n], text[:, :n], rtol=0, atol=1e-6)
     assert_close(ours.pooled, pipe._get_clip_prompt_embeds(PROMPT, device="cpu", dtype=torch.float32))
     pixels = pipe.video_processor.preprocess(Image.fromarray(image), HEIGHT, WIDTH)  # (1, 3, H, W)
-    ours_pixels = generate_module._pixels(image)[:, :, 0]
+    ours_pixels = from_uint8_frames(image[None])[:, :, 0]
     assert_close(ours_pixels, pixels, rtol=0, atol=1e-6)
     assert_close(encode_image(bundle, image), pipe.encode_image(pixels, device="cpu", dtype=torch.float32))
     start = vae_encode(bundle, ours_pixels[:, :, None])  # (1, 16, 1, h, w)

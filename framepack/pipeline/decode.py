@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["soft_join", "IncrementalDecoder", "latent_preview", "to_uint8_frames"]
+__all__ = ["soft_join", "IncrementalDecoder", "from_uint8_frames", "latent_preview", "to_uint8_frames"]
 
 # Linear latent -> RGB map of the HunyuanVideo VAE latents (the factors ComfyUI uses for previews).
 _RGB_FACTORS = (
@@ -46,35 +46,57 @@ def latent_preview(latents: torch.Tensor) -> np.ndarray:
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
-    """`(1, 3, T, H, W)` pixels in [-1, 1] to `(T, H, W, 3)` uint8."""
-    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, T, H, W)
+    """`(1, 3, T, H, W)` pixels, nominally [-1, 1], to `(T, H, W, 3)` uint8, as the release writes them.
+
+    `clamp(x, -1, 1) * 127.5 + 127.5`, then truncated to an integer (the release's float -> uint8
+    cast): 0.999 -> 254.87 -> 254. A uint8 frame read as `v / 127.5 - 1` in fp32 comes back exact.
+    """
+    x = (pixels[0].float().clamp(-1, 1) * 127.5 + 127.5).to(torch.uint8)  # (3, T, H, W)
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
 
-def soft_join(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:
-    """Concatenate `(B, C, T, H, W)` clips in time, cross-fading the `overlap` shared frames."""
-    if overlap <= 0:
-        return torch.cat([earlier, later], dim=2)
-    w = torch.linspace(1, 0, overlap, dtype=earlier.dtype, device=earlier.device).view(1, 1, -1, 1, 1)
-    blend = earlier[:, :, -overlap:] * w + later[:, :, :overlap] * (1 - w)
-    return torch.cat([earlier[:, :, :-overlap], blend, later[:, :, overlap:]], dim=2)
-
-
-def _from_uint8(frames: np.ndarray) -> torch.Tensor:
-    """`(T, H, W, 3)` uint8 to `(1, 3, T, H, W)` float pixels in [-1, 1]."""
+def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """`(T, H, W, 3)` uint8 to `(1, 3, T, H, W)` float32 pixels in [-1, 1] (`v / 127.5 - 1`)."""
     return torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+
+
+def soft_join(
+    earlier: torch.Tensor, later: torch.Tensor, overlap: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Concatenate `(B, C, T, H, W)` clips in time, cross-fading the `overlap` shared frames.
+
+    The cross-fade is the release's: weights `linspace(1, 0)` and `w * earlier + (1 - w) * later`,
+    computed in `dtype` (the VAE's: fp16 on a GPU, as the release blends its fp16 frames); the
+    frames outside the overlap keep their values. The result has the inputs' common dtype.
+    """
+    out_dtype = torch.promote_types(earlier.dtype, later.dtype)
+    if overlap <= 0:
+        return torch.cat([earlier.to(out_dtype), later.to(out_dtype)], dim=2)
+    dtype = dtype or out_dtype
+    w = torch.linspace(1, 0, overlap, dtype=dtype, device=earlier.device).view(1, 1, -1, 1, 1)
+    a, b = earlier[:, :, -overlap:].to(dtype), later[:, :, :overlap].to(dtype)
+    blend = (w * a + (1 - w) * b).to(out_dtype)
+    return torch.cat(
+        [earlier[:, :, :-overlap].to(out_dtype), blend, later[:, :, overlap:].to(out_dtype)], dim=2
+    )
 
 
 class IncrementalDecoder:
     """Frames of the contiguous block of latents `[lo, hi)` decoded so far, grown at either end.
 
-    Finished frames are kept as uint8 (a quarter of float32: a 60 s video at 640x640 is 2.2 GB,
-    not 8.9 GB); only the overlap being blended is turned back into floats.
+    The frames are kept as the decoder gave them, floats not clamped, and later sections blend into
+    them in `blend_dtype` (the VAE's), as the release does; only the writer clamps and turns them
+    into 8 bits (`to_uint8_frames`). `SegmentedVideo` keeps just the blending tail in memory.
     """
 
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], window: int) -> None:
-        self.decode, self.window = decode, window
-        self.frames: np.ndarray | None = None  # (4 * (hi - lo) - 3, H, W, 3) uint8
+    def __init__(
+        self,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        window: int,
+        blend_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.decode, self.window, self.blend_dtype = decode, window, blend_dtype
+        self.frames: torch.Tensor | None = None  # (1, 3, 4 * (hi - lo) - 3, H, W) float pixels
         self.lo = self.hi = 0
         # Latents that begin a separately encoded clip (a video led into): one frame each, as at the
         # start of a clip, though decoded after others (which makes four of it; the last is kept).
@@ -98,23 +120,21 @@ class IncrementalDecoder:
         if hi <= lo or (self.frames is not None and (lo, hi) == (self.lo, self.hi)):
             return False
         if self.frames is None:
-            self.frames = to_uint8_frames(self._decode(latents, lo, hi))
+            self.frames = self._decode(latents, lo, hi)
             self.lo, self.hi = lo, hi
             return True
         assert lo <= self.lo and hi >= self.hi, "the decoded block only grows"
-        ws = self.window
+        ws, dtype = self.window, self.blend_dtype
         if lo < self.lo:  # new frames before the block (inverted order)
             ctx = min(ws, self.hi - self.lo)
             overlap = 4 * ctx - 3
             chunk = self._decode(latents, lo, self.lo + ctx)
-            joined = soft_join(chunk, _from_uint8(self.frames[:overlap]), overlap)
-            self.frames = np.concatenate([to_uint8_frames(joined), self.frames[overlap:]])
+            self.frames = soft_join(chunk, self.frames, overlap, dtype)
             self.lo = lo
         if hi > self.hi:  # new frames after the block (forward order)
             ctx = min(ws, self.hi - self.lo)
             overlap = 4 * ctx - 3
             chunk = self._decode(latents, self.hi - ctx, hi)
-            joined = soft_join(_from_uint8(self.frames[-overlap:]), chunk, overlap)
-            self.frames = np.concatenate([self.frames[:-overlap], to_uint8_frames(joined)])
+            self.frames = soft_join(self.frames, chunk, overlap, dtype)
             self.hi = hi
         return True

@@ -28,7 +28,7 @@ from ..lora import applied_loras
 from ..model.transformer import HistoryGroup
 from ..packing.layout import forward_layout, gather_history
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
-from .decode import IncrementalDecoder
+from .decode import IncrementalDecoder, from_uint8_frames
 from .generate import (
     Event,
     GenerationSettings,
@@ -129,11 +129,6 @@ def prepare_extension(
     return prepared, load_source(video, resolution, width, height)
 
 
-def _pixels(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
-
-
 def resume_extension(bundle, job_dir: str | Path) -> tuple[Prepared, Source]:
     """`(prepared, source)` of an unfinished extension job, from its settings, its stored start
     image and the video it extends, which must be the same file (size and SHA-256) as when the job
@@ -208,7 +203,9 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
     def encode() -> dict[str, torch.Tensor]:
         with torch.no_grad(), memory.transformer_away(model):  # under a budget: the encoders visit alone
             tensors = _encode_inputs(bundle, prepared)  # prompts, SigLIP and latent of the start frame
-            tensors["near_latents"] = vae_encode(bundle, _pixels(near)).float().cpu()  # (1, C, n, h, w)
+            tensors["near_latents"] = (
+                vae_encode(bundle, from_uint8_frames(near)).float().cpu()
+            )  # (1, C, n, h, w)
         return tensors
 
     inputs = job.inputs(prepared, encode)
@@ -218,15 +215,22 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
     _, c, _, h, w = near_latents.shape
     speed = accelerate_run(model, device, s, memory)
 
-    decoder = IncrementalDecoder(lambda lat: vae_decode(bundle, lat.to(device)).float().cpu(), ws)
+    decoder = IncrementalDecoder(
+        lambda lat: vae_decode(bundle, lat.to(device)).cpu(), ws, bundle.dtypes()["vae"]
+    )
     total = plan.total_latents  # inverted: [start | the new latents], then the source's head
+    # The source's own pixels: the frames a section can blend into (at most 4 * ws - 3 next to the
+    # seam) as floats in the decoder; the rest stays uint8 and is written with the first segment.
+    seam = min(count, 4 * ws - 3)
     if forward:
         bank = near_latents  # grows at the end
-        decoder.frames, decoder.lo, decoder.hi = source.frames, 0, n  # the source's own pixels
+        decoder.frames, decoder.lo, decoder.hi = from_uint8_frames(source.frames[count - seam :]), 0, n
+        far = source.frames[: count - seam]
     else:
         bank = torch.cat([start, torch.zeros(1, c, total - 1, h, w), near_latents], dim=2)
-        decoder.frames, decoder.lo, decoder.hi = source.frames, total, total + n
+        decoder.frames, decoder.lo, decoder.hi = from_uint8_frames(source.frames[:seam]), total, total + n
         decoder.clip_starts = (total,)  # the source's first latent is its first frame alone
+        far = source.frames[seam:]
     generator = torch.Generator("cpu").manual_seed(s.seed)
     sampler = get_sampler(s.sampler)
     sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
@@ -240,6 +244,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
         "extension": {"source": source.path, "source_frames": int(count), "source_fps": source.fps},
     }
     video = SegmentedVideo(job, decoder, not forward, source.fps, s.crf, s.gif or s.png)
+    video.pending = far  # a resumed job has written it already (restore drops it)
     run = JobRun(job, video, info, len(plan.sections))
     saved, restored = run.restore([section.number for section in plan.sections], generator)
     for section in plan.sections:  # the committed sections' latents back in the bank

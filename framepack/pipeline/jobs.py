@@ -13,9 +13,11 @@ last finished section intact:
 - `segments/NNNN.mp4`: frames that no later section can change, each encoded once (and
   `NNNN.npy`, the raw uint8 frames, when a GIF or PNG frames are wanted at the end);
   `segments/NNNN.tail.mp4`: the frames the next section still blends into (`4 * window - 3`);
+- `sections/NNNN.tail.safetensors`: those frames as the decoder gave them (floats, not clamped, in
+  the VAE's dtype), which the next section blends into as the release does; only the last is kept;
 - `sections/NNNN.safetensors`, the commit of section NNNN (generation order), written last: its
-  window latents, the CPU generator's state after it, the raw frames still being blended, and (as
-  metadata) the decoded range and the segment list in display order.
+  window latents, the CPU generator's state after it, and (as metadata) the decoded range and the
+  segment list in display order.
 
 The playable `<out>/<name>.mp4` is rebuilt after every section by remuxing the segments (stream
 copy, `framepack.io.concat_mp4`), not by encoding every frame again, so writing stays constant per
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, concat_mp4, write_json_atomic, write_mp4
+from .decode import from_uint8_frames, to_uint8_frames
 from .joblock import JobLock
 
 __all__ = [
@@ -71,7 +74,7 @@ class SectionState:
     rng: torch.Tensor  # the CPU generator's state after the section (uint8)
     lo: int  # decoded latent range [lo, hi)
     hi: int
-    tail: np.ndarray  # (P, H, W, 3) uint8 frames still to be blended
+    tail: torch.Tensor  # (1, 3, P, H, W) float pixels still to be blended (the decoder's, unclamped)
     segments: list[list] = field(default_factory=list)  # [name, frames] in display order
     tail_name: str | None = None  # the segment file stem of the tail's mp4
     elapsed: float = 0.0  # seconds spent on the job so far
@@ -210,15 +213,17 @@ class Job:
     def _section_path(self, number: int) -> Path:
         return self.root / "sections" / f"{number:04d}.safetensors"
 
+    def _tail_path(self, number: int) -> Path:
+        return self.root / "sections" / f"{number:04d}.tail.safetensors"
+
     def commit_section(self, number: int, latents: torch.Tensor, state: SectionState) -> None:
-        """Write section `number`'s commit (after its segments): latents, RNG, decoder state."""
+        """Write section `number`'s commit (after its segments): latents, RNG, decoder state. The
+        blending tail goes to its own file first; earlier sections' tails are dropped after."""
         from safetensors.torch import save_file
 
-        tensors = {
-            "latents": latents.detach().float().cpu().contiguous(),
-            "rng": state.rng.contiguous(),
-            "tail": torch.from_numpy(np.ascontiguousarray(state.tail)),
-        }
+        with atomic_write(self._tail_path(number)) as tmp:
+            save_file({"tail": state.tail.detach().cpu().contiguous()}, str(tmp))
+        tensors = {"latents": latents.detach().float().cpu().contiguous(), "rng": state.rng.contiguous()}
         meta = {
             "lo": state.lo,
             "hi": state.hi,
@@ -228,6 +233,22 @@ class Job:
         }
         with atomic_write(self._section_path(number)) as tmp:
             save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        for old in (self.root / "sections").glob("*.tail.safetensors"):
+            if old != self._tail_path(number):
+                old.unlink(missing_ok=True)
+
+    def _read_tail(self, number: int, commit) -> torch.Tensor:
+        """The float frames section `number` left to be blended (a job written before the float
+        blend kept them as uint8 in the commit itself)."""
+        from safetensors.torch import load_file
+
+        path = self._tail_path(number)
+        if not path.is_file() and "tail" in commit.keys():
+            return from_uint8_frames(commit.get_tensor("tail").numpy())
+        try:
+            return load_file(str(path))["tail"]
+        except Exception as e:
+            raise JobError(f"the job's blending frames {path} cannot be read ({e}).") from None
 
     def load_sections(self, numbers: list[int]) -> tuple[dict[int, torch.Tensor], SectionState | None]:
         """Window latents of the committed sections (a prefix of `numbers`) and the last one's state."""
@@ -235,15 +256,20 @@ class Job:
 
         latents: dict[int, torch.Tensor] = {}
         state = None
+        committed = []  # the prefix of `numbers` with a commit
         for n in numbers:
-            path = self._section_path(n)
-            if not path.is_file():
+            if not self._section_path(n).is_file():
                 break
+            committed.append(n)
+        for n in committed:
+            path = self._section_path(n)
             try:
                 with safe_open(str(path), "pt") as f:
                     meta = json.loads(f.metadata()["state"])
-                    latents[n] = f.get_tensor("latents")
-                    rng, tail = f.get_tensor("rng"), f.get_tensor("tail").numpy()
+                    latents[n], rng = f.get_tensor("latents"), f.get_tensor("rng")
+                    tail = self._read_tail(n, f) if n == committed[-1] else None
+            except JobError:
+                raise
             except Exception as e:
                 raise JobError(f"the job's section file {path} cannot be read ({e}).") from None
             state = SectionState(
@@ -322,22 +348,30 @@ class SegmentedVideo:
         self.fps, self.crf, self.keep_raw = fps, crf, keep_raw
         self.segments: list[list] = []  # [name, frames] in display order
         self.tail_name: str | None = None
+        # uint8 frames beyond the decoder's, settled from the start (a source video's far part),
+        # written with the first segment
+        self.pending: np.ndarray | None = None
 
     @property
     def frames(self) -> int:
-        tail = self.decoder.frames
-        return sum(n for _, n in self.segments) + (0 if tail is None else len(tail))
+        tail, pending = self.decoder.frames, self.pending
+        return (
+            sum(n for _, n in self.segments)
+            + (0 if tail is None else tail.shape[2])
+            + (0 if pending is None else len(pending))
+        )
 
     def restore(self, state: SectionState) -> None:
         self.segments = [list(s) for s in state.segments]
         self.decoder.lo, self.decoder.hi = state.lo, state.hi
-        self.decoder.frames = state.tail if state.hi > state.lo else None
-        self.tail_name = state.tail_name
+        self.decoder.frames = state.tail.float() if state.hi > state.lo else None
+        self.tail_name, self.pending = state.tail_name, None
 
     def state(self, number: int, rng: torch.Tensor, elapsed: float) -> SectionState:
         tail = self.decoder.frames
-        if tail is None:
-            tail = np.zeros((0, 1, 1, 3), np.uint8)
+        # Stored in the blend dtype: the tail after an update is decoded or blended frames, which
+        # that dtype holds exactly (an fp16 VAE's tail takes half the bytes of fp32).
+        tail = torch.zeros(1, 3, 0, 1, 1) if tail is None else tail.to(self.decoder.blend_dtype)
         lo, hi = self.decoder.lo, self.decoder.hi
         return SectionState(number, rng, lo, hi, tail, self.segments, self.tail_name, elapsed)
 
@@ -345,10 +379,16 @@ class SegmentedVideo:
         """Decode and show latents `[lo, hi)`; write the new segment, the tail and the mp4 parts."""
         if not self.decoder.update(bank, lo, hi):
             return False
-        frames = self.decoder.frames
-        keep = 0 if final else min(len(frames), 4 * self.decoder.window - 3)
-        cut = keep if self.at_start else len(frames) - keep
-        settled, tail = (frames[cut:], frames[:cut]) if self.at_start else (frames[:cut], frames[cut:])
+        frames = self.decoder.frames  # (1, 3, T, H, W) float
+        count = frames.shape[2]
+        keep = 0 if final else min(count, 4 * self.decoder.window - 3)
+        cut = keep if self.at_start else count - keep
+        head, rest = frames[:, :, :cut], frames[:, :, cut:]
+        settled, tail = (rest, head) if self.at_start else (head, rest)
+        settled = to_uint8_frames(settled)
+        if self.pending is not None:
+            parts = [settled, self.pending] if self.at_start else [self.pending, settled]
+            settled, self.pending = np.concatenate(parts), None
         folder = self.job.root / "segments"
         name = f"{number:04d}"
         if len(settled):
@@ -358,10 +398,10 @@ class SegmentedVideo:
                     np.save(f, settled)
             entry = [name, int(len(settled))]
             self.segments.insert(0, entry) if self.at_start else self.segments.append(entry)
-        self.decoder.frames = np.ascontiguousarray(tail)  # only the frames still to be blended stay
-        self.tail_name = name if len(tail) else None
+        self.decoder.frames = tail.contiguous()  # only the frames still to be blended stay
+        self.tail_name = name if tail.shape[2] else None
         if self.tail_name:
-            write_mp4(tail, folder / f"{name}.tail.mp4", fps=self.fps, crf=self.crf)
+            write_mp4(to_uint8_frames(tail), folder / f"{name}.tail.mp4", fps=self.fps, crf=self.crf)
         return True
 
     def parts(self) -> list[Path]:

@@ -29,8 +29,8 @@ from ..lora import applied_loras
 from ..model.transformer import HistoryGroup
 from ..packing.layout import inverted_layout
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
-from .decode import to_uint8_frames
-from .generate import Prepared, _pixels, accelerate_run, make_denoiser
+from .decode import from_uint8_frames, to_uint8_frames
+from .generate import Prepared, accelerate_run, make_denoiser
 
 __all__ = ["FrameDone", "group_names", "check_one_frame", "generate_frame", "MAX_INDEX"]
 
@@ -98,10 +98,12 @@ def generate_frame(
             cond = encode_prompt(bundle, prepared.prompts[0])
             negative = encode_prompt(bundle, s.negative_prompt) if prepared.cfg != 1 else None
             siglip = encode_image(bundle, prepared.image)
-            start = vae_encode(bundle, _pixels(prepared.image)).float().cpu()  # (1, C, 1, h, w)
+            start = (
+                vae_encode(bundle, from_uint8_frames(prepared.image[None])).float().cpu()
+            )  # (1, C, 1, h, w)
             post = None
             if prepared.end_image is not None:
-                post = vae_encode(bundle, _pixels(prepared.end_image)).float().cpu()
+                post = vae_encode(bundle, from_uint8_frames(prepared.end_image[None])).float().cpu()
         speed = accelerate_run(model, device, s, memory)
         _, c, _, h, w = start.shape
 
