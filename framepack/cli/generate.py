@@ -173,7 +173,7 @@ def add_parser(sub) -> None:
         "--cache-calibration", metavar="FILE", help="JSON from python -m framepack.caching.calibrate"
     )
     p.add_argument("--out", default="outputs", help="output folder")
-    p.add_argument("--name", help="output file name (without extension)")
+    p.add_argument("--name", help="output file name, without extension or folder (a plain file name)")
     p.add_argument("--events", help="write one JSON line per event to this file")
     p.add_argument(
         "--resume",

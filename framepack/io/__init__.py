@@ -6,7 +6,13 @@ PyAV (the `video` extra) is imported only when a video is written or read.
 from __future__ import annotations
 
 from framepack.io.errors import InputError, InputWarning
-from framepack.io.files import atomic_write, write_bytes_atomic, write_json_atomic
+from framepack.io.files import (
+    MAX_NAME_BYTES,
+    atomic_write,
+    check_file_name,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from framepack.io.images import (
     BUCKETS_640,
     buckets,
@@ -20,10 +26,12 @@ from framepack.io.video import concat_mp4, read_video, write_gif, write_mp4, wri
 
 __all__ = [
     "BUCKETS_640",
+    "MAX_NAME_BYTES",
     "InputError",
     "InputWarning",
     "atomic_write",
     "buckets",
+    "check_file_name",
     "concat_mp4",
     "crop_start",
     "fit_to_bucket",

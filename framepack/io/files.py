@@ -11,12 +11,43 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from framepack.io.errors import InputError
+
+# The longest name an output may take: with the longest suffix written beside it (the temporary
+# ".NAME.json.XXXXXXXX.tmp" of `atomic_write`, 19 bytes) it stays under the usual 255-byte limit.
+MAX_NAME_BYTES = 200
+
+
+def check_file_name(name: object, what: str = "the name") -> str:
+    """`name` when outputs can be named after it (`<out>/<name>.mp4`), else InputError.
+
+    A plain file name: 1 to `MAX_NAME_BYTES` bytes of UTF-8, no `/` or `\\` (so never a path, on
+    any system), no leading dot (so not `.`, `..` or a hidden file), no control character (NUL
+    included) or undecodable byte, no whitespace at either end (refused rather than stripped, so the
+    files are named exactly as asked). `what` starts the one-sentence error ("the name", or a place
+    and "the name").
+    """
+    if isinstance(name, str) and _is_plain(name):
+        return name
+    shown = repr(name[:40] + "...") if isinstance(name, str) and len(name) > 43 else repr(name)
+    raise InputError(
+        f"{what} {shown} is not a plain file name: use 1 to {MAX_NAME_BYTES} bytes with no / or \\, "
+        "no control characters, no leading dot and no spaces at either end."
+    )
+
+
+def _is_plain(name: str) -> bool:
+    if name != name.strip() or name.startswith(".") or any(c in "/\\" for c in name):
+        return False
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):  # Cs: an undecodable argv byte
+        return False
+    return 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES
 
 
 def _fsync_path(path: Path) -> None:

@@ -4,7 +4,8 @@ Each non-blank line of the jobs file is one JSON object: the fields of `Generati
 (`prompt`, `image`, `seconds`, `seed`, `loras`, ...), plus optionally `model` (a bundle; the
 batch's default otherwise), `video` (a video to extend) and `one_frame` / `one_frame_groups`
 (a one-frame job writes a PNG).
-A job without a `name` is named after its position and content, so a rerun finds it again.
+A job without a `name` is named after its position and content, so a rerun finds it again; a
+`name` must be a plain file name (`framepack.io.check_file_name`), as everywhere.
 A job is finished when its output (video or PNG) and its JSON sidecar exist; the sidecar is
 written last, so a job stopped half-way runs again. Relative paths in a job (`image`, `end_image`,
 keyframe images, LoRA files, `video`, and a `model` that is a folder there) are relative to the
@@ -21,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import check_file_name
 from .generate import GenerationSettings, settings_from_dict
 
 __all__ = ["Job", "read_jobs", "job_outputs", "is_finished", "shard", "process_rank"]
@@ -112,11 +114,10 @@ def _job(data: dict, index: int, line: int, where: str, base: Path | None = None
     if "loras" in fields:
         fields["loras"] = _loras(fields["loras"], where)
     fields = _rebase(fields, base)
-    if not fields.get("name"):
+    if fields.get("name") is None:
         digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
         fields["name"] = f"job{index:04d}-{digest}"
-    elif "/" in fields["name"] or "\\" in fields["name"] or fields["name"].startswith("."):
-        raise ValueError(f"{where}: the name {fields['name']!r} must be a plain file name.")
+    check_file_name(fields["name"], f"{where}: the name")
     model, one_frame, video = data.get("model"), data.get("one_frame"), data.get("video")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"{where}: model must be a bundle directory or name.")

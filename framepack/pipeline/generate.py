@@ -177,9 +177,11 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
     """Everything of `prepare` that needs no weights: the settings against the bundle's `manifest`,
     the images, the section plan and the timed prompts, the LoRA files' existence. A `Prepared`
     without LoRAs; raises ValueError. The command line runs it before loading a bundle."""
-    from ..io import prepare_image
+    from ..io import check_file_name, prepare_image
 
     m = manifest
+    if settings.name is not None:  # None: a name from the time and seed
+        check_file_name(settings.name)
     _check_number("steps", settings.steps, 1, 1000)
     _check_number("cfg", settings.cfg, 0.0, 100.0)
     _check_number("cfg rescale", settings.cfg_rescale, 0.0, 1.0)
