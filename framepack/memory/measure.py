@@ -30,11 +30,16 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {  # storages of the inputs: an output on one of them is a view or an in-place result
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t._base is None:
                 storage = t.untyped_storage()
                 key, n = storage.data_ptr(), storage.nbytes()
-                if n and key not in self.sizes:  # a new storage (in-place ops return an old one)
+                if n and key not in self.sizes and key not in given:  # a new storage
                     self.sizes[key] = n
                     self.live += n
                     self.peak = max(self.peak, self.live)

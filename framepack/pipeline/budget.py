@@ -1,0 +1,105 @@
+"""A run's device memory besides weights (`framepack.memory.estimate`), and the early budget check.
+
+`run_need` works it out from the transformer's config, the VAE and a prepared run (its widest
+section's tokens, step cache, real CFG); `bundle_need` for a loaded bundle; `check_budget` before
+any weights load, from the bundle's config files alone (modules built on the meta device), so a
+budget too small is refused with one sentence before a long load.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from ..memory.estimate import (
+    ALLOCATOR_MARGIN,
+    DeviceNeed,
+    activation_bytes,
+    cache_bytes,
+    device_overhead,
+    section_tokens,
+)
+from ..memory.offload import TILES, module_bytes, vae_decode_bytes
+from ..memory.streaming import budget_bytes, parse_budget, plan_memory
+
+__all__ = ["bundle_need", "check_budget", "run_need", "run_size"]
+
+SIGLIP_TOKENS = 729  # the release's image encoder (384 px, 14 px patches), when its config says nothing
+
+
+def run_size(prepared) -> str:
+    height, width = prepared.image.shape[:2]
+    return f"{width}x{height}"
+
+
+def run_need(cfg, vae: nn.Module, dtype: torch.dtype, prepared, device, text_tokens: int) -> DeviceNeed:
+    """What `prepared` holds on `device` besides weights with transformer config `cfg` in `dtype`,
+    `vae` (a loaded or a meta module) and up to `text_tokens` text + image-encoder tokens."""
+    device = torch.device(device)
+    s = prepared.settings
+    height, width = (v // 8 for v in prepared.image.shape[:2])  # latents
+    image, noisy = section_tokens(prepared.plan, height, width)
+    itemsize = dtype.itemsize
+    branches = 1 if prepared.cfg == 1 else 2
+    shape = (1, vae.config.latent_channels, prepared.plan.window + 2, height, width)
+    cuda = device.type == "cuda"
+    return DeviceNeed(
+        activations=activation_bytes(cfg, image, text_tokens, itemsize),
+        cache=cache_bytes(cfg, s.cache, image, noisy, itemsize, branches),
+        vae_decode=vae_decode_bytes(vae, shape, TILES[-1]),  # the tile shrinks to the room left
+        overhead=device_overhead(device),
+        margin=ALLOCATOR_MARGIN if cuda else 0.0,
+    )
+
+
+def _image_tokens(config: dict | None) -> int:
+    if not config or "image_size" not in config or "patch_size" not in config:
+        return SIGLIP_TOKENS
+    return (int(config["image_size"]) // int(config["patch_size"])) ** 2
+
+
+def bundle_need(bundle, prepared) -> DeviceNeed:
+    """`run_need` for a loaded bundle."""
+    model = bundle.transformer
+    config = getattr(bundle.image_encoder, "config", None)
+    config = None if config is None else getattr(config, "to_dict", lambda: None)()
+    tokens = bundle.manifest.max_prompt_tokens + (_image_tokens(config) if model.config.has_image_proj else 0)
+    return run_need(model.config, bundle.vae, model.dtype, prepared, bundle.device, tokens)
+
+
+def check_budget(model: str | os.PathLike, prepared, device) -> None:
+    """Refuse (ValueError, one sentence) a VRAM budget that cannot hold `prepared` on `device`
+    with the bundle `model`, before any weights load: the smallest plan (the transformer's
+    non-block weights and one streamed block, the VAE beside them) and `run_need`."""
+    from diffusers import AutoencoderKLHunyuanVideo
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..model import PackedTransformer, TransformerConfig
+    from .bundle import _locate, _read_config, component_dtypes
+
+    s = prepared.settings
+    total = budget_bytes(parse_budget(s.vram_budget), device)
+    if total is None:
+        return
+    manifest, dirs = _locate(model, None)
+    dtypes = component_dtypes(device)
+    cfg = TransformerConfig.from_dict(_read_config("transformer", dirs["transformer"]))
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warning about float32 modules concerns loading
+    try:
+        with torch.device("meta"):
+            transformer = PackedTransformer(cfg).to(dtypes["transformer"])
+            vae = AutoencoderKLHunyuanVideo.from_config(_read_config("vae", dirs["vae"])).to(dtypes["vae"])
+    finally:
+        diffusers_logging.set_verbosity(level)
+    full = plan_memory(transformer, None, fp8=s.fp8_weights)
+    least = full.base_bytes + max(full.load_bytes, default=0) + module_bytes(vae)
+    try:
+        siglip = _read_config("image_encoder", dirs["image_encoder"])
+    except ValueError:
+        siglip = None
+    tokens = manifest.max_prompt_tokens + (_image_tokens(siglip) if cfg.has_image_proj else 0)
+    need = run_need(cfg, vae, dtypes["transformer"], prepared, device, tokens)
+    need.check(total, least, run_size(prepared))
