@@ -6,7 +6,8 @@ Random bf16 weights in the `hunyuan-13b` spec (no download), the 640 bucket (640
 real, 729 SigLIP tokens. For each budget (GiB, or "unlimited") and cache setting the transformer
 is placed with `framepack.memory.runtime.accelerate` (weights streamed from pinned host memory
 through two slots on a side stream); prints the plan, peak device memory
-(`torch.cuda.max_memory_allocated`), seconds per generated frame (section time / 4*window),
+(`torch.cuda.max_memory_allocated`), what the process holds on the card (`max_memory_reserved` plus
+the measured context overhead, `framepack.memory.estimate`; the budget bounds this), seconds per generated frame (section time / 4*window),
 the ratio to the unlimited budget, and the model FLOPs utilisation (analytic FLOPs of the model
 calls actually computed / time / `--peak-tflops`, default by device name: 989 for H100/H200 bf16
 dense). Needs about 27 GB of host RAM for the weights, held once: as `load_bundle` does under a
@@ -32,6 +33,13 @@ from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.caching import TeaCache, reset_caches  # noqa: E402
 from framepack.memory import GIB  # noqa: E402
+from framepack.memory.estimate import (  # noqa: E402
+    ALLOCATOR_MARGIN,
+    DeviceNeed,
+    activation_bytes,
+    cache_bytes,
+    device_overhead,
+)
 from framepack.memory.offload import pin_host  # noqa: E402
 from framepack.memory.runtime import accelerate  # noqa: E402
 from framepack.model import PackedTransformer, get_spec, load_transformer  # noqa: E402
@@ -45,8 +53,8 @@ packed history, 25 UniPC steps, batch 1. s/frame = section time / 36 frames. Rat
 the unlimited budget's (same cache setting), measured in one run. Targets: peak <= 6 GB at the
 6 GB budget (goal 4 GB), s/frame at 6 GB within 1.25x of unlimited.
 
-| date | machine | budget | cache | plan | peak GiB | s/frame | ratio to unlimited | skipped | MFU | command |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
+| date | machine | budget | cache | plan | peak GiB | held GiB (<= budget) | s/frame | ratio to unlimited | skipped | MFU | command |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
@@ -134,6 +142,14 @@ def main() -> None:
     for cache in caches:
         for budget in args.budgets:
             unlimited = budget == "unlimited"
+            itemsize = dtype.itemsize
+            need = DeviceNeed(  # what the device holds besides weights (framepack.memory.estimate)
+                activation_bytes(cfg, image_tokens, args.prompt_tokens + 729, itemsize),
+                cache_bytes(cfg, "teacache" if cache else None, image_tokens, noisy_tokens, itemsize),
+                overhead=device_overhead(device),
+                margin=ALLOCATOR_MARGIN if cuda else 0.0,
+            )
+            total = None if unlimited else round(float(budget) * GIB)
             run = accelerate(
                 model,
                 device,
@@ -141,6 +157,7 @@ def main() -> None:
                 "teacache" if cache else None,
                 cache or 0.0,
                 fp8=args.fp8 and not unlimited,
+                reserve=None if unlimited else need.reserve(total),
             )
             if cuda:
                 torch.cuda.synchronize(device)
@@ -158,6 +175,11 @@ def main() -> None:
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - start
             peak_gib = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
+            # What nvidia-smi shows: the allocator's reserve plus the context and workspaces.
+            held_gib = (
+                (torch.cuda.max_memory_reserved(device) + need.overhead) / GIB if cuda else float("nan")
+            )
+            fits = "-" if unlimited or not cuda else ("yes" if held_gib <= float(budget) else "NO")
             cache_obj = run.cache
             skipped = cache_obj.stats.skipped if isinstance(cache_obj, TeaCache) else 0
             computed = args.steps - skipped
@@ -177,6 +199,7 @@ def main() -> None:
                     label,
                     plan,
                     f"{peak_gib:.2f}",
+                    f"{held_gib:.2f} ({fits})",
                     f"{per_frame:.3f}",
                     None,
                     f"{skipped}/{args.steps}",
@@ -191,11 +214,11 @@ def main() -> None:
     for row in rows:  # ratios once the unlimited runs are known
         cache = None if row[1] == "none" else args.teacache
         base = results.get(("unlimited", cache))
-        row[5] = f"{results[(row[0], cache)]['per_frame'] / base['per_frame']:.3f}" if base else "-"
+        row[6] = f"{results[(row[0], cache)]['per_frame'] / base['per_frame']:.3f}" if base else "-"
         plain = results[(row[0], None)]["per_frame"]
         speedup = plain / results[(row[0], cache)]["per_frame"]
         print(
-            f"{row[0]:>9} GiB, {row[1]:>13}: {row[4]} s/frame, {row[5]}x the unlimited budget, "
+            f"{row[0]:>9} GiB, {row[1]:>13}: {row[5]} s/frame, {row[6]}x the unlimited budget, "
             f"{speedup:.2f}x faster than without a cache"
         )
     if args.record:

@@ -23,7 +23,14 @@ import torch
 
 from .pipeline.bundle import HUNYUAN_PROMPT_TEMPLATE, MANIFEST_NAME, Bundle, Manifest, load_bundle
 
-__all__ = ["TINY_MANIFEST", "make_tiny_bundle", "random_packed_inputs", "tiny_bundle", "tiny_bundle_dir"]
+__all__ = [
+    "TINY_MANIFEST",
+    "make_tiny_bundle",
+    "random_packed_inputs",
+    "tight_budget",
+    "tiny_bundle",
+    "tiny_bundle_dir",
+]
 
 # Generation defaults of the tiny bundles (the template crop is computed per tokenizer).
 TINY_MANIFEST = dict(resolution=64, steps=4, window=9)
@@ -282,3 +289,29 @@ def random_packed_inputs(
         guidance=torch.full((batch,), 10000.0),
         image_embeds=randn(batch, 4, config.image_proj_dim) if config.has_image_proj else None,
     )
+
+
+def tight_budget(bundle, prepared=None, fp8: bool = False) -> int:
+    """Bytes of the smallest VRAM budget for `bundle` that changes no output: the VAE beside the
+    transformer's non-block weights and one streamed block (every block streams), plus, for a
+    `prepared` run, what that run holds besides weights (`framepack.pipeline.budget.bundle_need`)
+    with room for the VAE's default (256-px tile) decode, so the decode tile does not shrink.
+    `fp8`: the plan with fp8 host copies (a block plus one tensor's raw copy)."""
+    import dataclasses
+
+    from .memory.offload import TILES, module_bytes, vae_decode_bytes
+    from .memory.streaming import plan_memory
+
+    plan = plan_memory(bundle.transformer, None, fp8=fp8)
+    weights = module_bytes(bundle.vae) + plan.base_bytes + max(plan.load_bytes)
+    if prepared is None:
+        return weights
+    from .pipeline.budget import bundle_need
+
+    need = bundle_need(bundle, prepared)
+    h, w = (side // 8 for side in prepared.image.shape[:2])
+    shape = (1, bundle.vae.config.latent_channels, prepared.plan.window + 2, h, w)
+    need = dataclasses.replace(
+        need, vae_decode=max(need.vae_decode, vae_decode_bytes(bundle.vae, shape, TILES[0]))
+    )
+    return need.smallest(weights)

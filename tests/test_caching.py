@@ -167,20 +167,19 @@ def test_bad_names_and_thresholds():
 
 def test_pipeline_streams_and_caches_exactly_at_threshold_zero(tmp_path):
     from framepack.io import read_video
-    from framepack.memory.offload import module_bytes
-    from framepack.pipeline.generate import GenerationSettings, generate
-    from framepack.testing import tiny_bundle
+    from framepack.pipeline.generate import GenerationSettings, generate, prepare
+    from framepack.testing import tight_budget, tiny_bundle
 
     bundle = tiny_bundle()
     image = np.full((64, 96, 3), 90, np.uint8)
     image[16:48, 24:56] = (200, 30, 30)
     base = dict(prompt="a cat walks", sections=2, steps=4)
     plain = generate(bundle, GenerationSettings(**base, name="plain"), tmp_path, image=image)
-    plan = plan_memory(bundle.transformer, None)
-    vae = module_bytes(bundle.vae)  # the VAE visits beside the transformer under the same budget
-    budget = (plan.base_bytes + max(plan.block_bytes) + vae) / 2**30
-    plan8 = plan_memory(bundle.transformer, None, fp8=True)  # fp8: a block plus one tensor's raw copy
-    budget8 = (plan8.base_bytes + max(plan8.load_bytes) + vae) / 2**30
+    # The smallest budgets (every block streams, the VAE visits beside them, the run's activations
+    # and cache state kept); fp8: a block plus one tensor's raw copy.
+    cached = prepare(bundle, GenerationSettings(**base, cache="teacache", cache_threshold=0.0), image=image)
+    budget = tight_budget(bundle, cached) / 2**30
+    budget8 = tight_budget(bundle, prepare(bundle, GenerationSettings(**base), image=image), fp8=True) / 2**30
     fast = GenerationSettings(**base, name="fast", cache="teacache", cache_threshold=0.0, vram_budget=budget)
     done = generate(bundle, fast, tmp_path, image=image)
     assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])

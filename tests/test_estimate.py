@@ -1,16 +1,25 @@
-"""The device-memory estimate (`framepack.memory.estimate`) against measured peaks on the CPU."""
+"""The device-memory estimate (`framepack.memory.estimate`) against measured peaks, and the budget
+check it drives: one sentence and exit 2 before any work, and a plan that fits its budget."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from framepack.caching import reset_caches
+from framepack.cli.main import main
 from framepack.memory.estimate import DeviceNeed, activation_bytes, cache_bytes
 from framepack.memory.measure import LiveBytes
 from framepack.memory.runtime import accelerate
+from framepack.memory.streaming import GIB
 from framepack.model import PackedTransformer, get_spec
 from framepack.packing.schedule import K1, K2, K4
+from framepack.pipeline.api import default_model
+from framepack.pipeline.budget import bundle_need
+from framepack.pipeline.bundle import load_bundle
+from framepack.pipeline.generate import GenerationSettings, prepare
 from framepack.testing import random_packed_inputs
 
 # Modelled / measured (LiveBytes, fp32 on a CPU): 1.05-1.16 when written.
@@ -51,3 +60,43 @@ def test_smallest_budget_and_the_sentence():
     with pytest.raises(ValueError, match=r"^a VRAM budget of .* cannot hold this run at 8x8 .*or more\.$"):
         need.check(total - 1, 2000, "8x8")
     need.check(total, 2000, "8x8")
+
+
+def _generate(tmp_path, budget, *extra):
+    out = tmp_path / "out"
+    args = ["generate", "--prompt", "a cat", "--sections", "1", "--steps", "1", "--device", "cpu"]
+    return main([*args, "--vram-budget", str(budget), "--out", str(out), "--name", "v", *extra]), out
+
+
+def test_a_budget_too_small_is_one_sentence_before_any_work(tmp_path, capsys):
+    code, out = _generate(tmp_path, 0.01)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err[-1].startswith("framepack: a VRAM budget of 0.01 GiB cannot hold this run at ")
+    assert "give --vram-budget 0.051 or more." in err[-1]
+
+
+def test_the_plan_at_a_feasible_budget_fits_it(tmp_path, capsys):
+    code, out = _generate(tmp_path, 0.052, "--cache", "teacache")
+    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "besides weights the device holds activations" in err
+    info = json.loads((out / "v.json").read_text())
+
+    def find(d, key):
+        if isinstance(d, dict):
+            if key in d:
+                return d[key]
+            for v in d.values():
+                r = find(v, key)
+                if r is not None:
+                    return r
+        return None
+
+    peak = find(info, "device_weights_peak_bytes")
+    assert "kept besides weights" in find(info, "offload")
+    bundle = load_bundle(default_model(), device="cpu", vram_budget=0.052)
+    prepared = prepare(bundle, GenerationSettings(prompt="a cat", sections=1, steps=1, cache="teacache"))
+    need = bundle_need(bundle, prepared)
+    budget = round(0.052 * GIB)
+    assert peak + need.working + need.overhead <= budget, (peak, need, budget)

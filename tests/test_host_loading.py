@@ -20,12 +20,13 @@ from torch.utils._pytree import tree_flatten
 import framepack
 from framepack.io import read_video
 from framepack.memory.offload import module_bytes
-from framepack.memory.streaming import GIB, plan_memory
+from framepack.memory.streaming import GIB
 from framepack.model import load_transformer
 from framepack.model.loading import save_transformer
 from framepack.pipeline import api
 from framepack.pipeline.bundle import BundleError, component_dtypes, load_bundle, weights_home
-from framepack.testing import tiny_bundle_dir
+from framepack.pipeline.generate import GenerationSettings, prepare
+from framepack.testing import tight_budget, tiny_bundle_dir
 
 META = torch.device("meta")
 
@@ -124,8 +125,8 @@ def test_a_budgeted_generation_through_the_api_equals_the_plain_one(tmp_path, mo
     model = tiny_bundle_dir()
     plain = framepack.generate(model, tmp_path, name="plain", **base)
     bundle = api._bundle(str(model), "cpu", None)
-    plan = plan_memory(bundle.transformer, None)
-    budget = module_bytes(bundle.vae) + plan.base_bytes + max(plan.block_bytes)
+    settings = GenerationSettings(prompt=base["prompt"], sections=2, steps=2)
+    budget = tight_budget(bundle, prepare(bundle, settings, image=image))
     done = framepack.generate(model, tmp_path, name="tight", vram_budget=budget / GIB, **base)
     assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])
     assert 0 < json.loads(done.sidecar.read_text())["device_weights_peak_bytes"] <= budget
@@ -185,8 +186,9 @@ def test_cli_generate_under_a_budget_loads_on_the_host_and_keeps_to_it(tmp_path,
     monkeypatch.setattr(bundle_module, "load_bundle", recording)
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "start.png")
     bundle = load_bundle(tiny_bundle_dir())
-    plan = plan_memory(bundle.transformer, None)
-    budget = (module_bytes(bundle.vae) + plan.base_bytes + max(plan.block_bytes)) / GIB
+    image = np.full((64, 64, 3), 90, np.uint8)
+    prepared = prepare(bundle, GenerationSettings(prompt="a cat", sections=1, steps=2), image=image)
+    budget = tight_budget(bundle, prepared) / GIB
     args = ["generate", "--model", str(tiny_bundle_dir()), "--image", str(tmp_path / "start.png")]
     args += ["--prompt", "a cat", "--sections", "1", "--steps", "2", "--out", str(tmp_path / "out")]
     assert main([*args, "--vram-budget", str(budget), "--device", "cpu", "--name", "b"]) == 0

@@ -321,7 +321,8 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
     from framepack.io import read_video
     from framepack.memory.runtime import accelerate
     from framepack.memory.streaming import GIB, plan_memory
-    from framepack.pipeline.generate import GenerationSettings, generate
+    from framepack.pipeline.budget import bundle_need
+    from framepack.pipeline.generate import GenerationSettings, generate, prepare
     from framepack.testing import tiny_bundle
 
     bundle = tiny_bundle()
@@ -330,7 +331,9 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
     with applied_loras(bundle.transformer, load_loras(bundle.transformer, [(lora, 1.0)])):
         plan = plan_memory(bundle.transformer, None)  # the LoRA factors stream with their blocks
     vae = sum(t.numel() * t.element_size() for t in bundle.vae.state_dict().values())
-    budget = (plan.base_bytes + max(plan.block_bytes) + vae) / GIB  # one block beside the VAE: all stream
+    prepared = prepare(bundle, GenerationSettings(prompt="a cat", sections=1, steps=2), image=image)
+    working = bundle_need(bundle, prepared).working  # the run's activations beside the weights
+    budget = (plan.base_bytes + max(plan.block_bytes) + vae + working) / GIB  # one block + VAE: all stream
     frames = []
     for name, vram in (("resident", None), ("streamed", budget), ("again", budget)):
         s = GenerationSettings(

@@ -4,6 +4,7 @@ output; the VAE's decode tile follows the room the budget leaves; one-frame mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,14 +13,15 @@ import torch
 import torch.nn as nn
 
 from framepack.io import read_video
-from framepack.memory import GIB, plan_memory
+from framepack.memory import GIB
 from framepack.memory.measure import LiveBytes
 from framepack.memory.offload import module_bytes, on_device, plan_offload, vae_decode_bytes, vae_tiles
 from framepack.memory.runtime import release
+from framepack.pipeline.budget import bundle_need
 from framepack.pipeline.conditioning import encode_prompt, offloaded, vae_decode
 from framepack.pipeline.generate import GenerationSettings, generate, prepare
 from framepack.pipeline.one_frame import generate_frame
-from framepack.testing import tiny_bundle
+from framepack.testing import tight_budget, tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +46,6 @@ class _NoBlocks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.transformer_blocks, self.single_transformer_blocks = nn.ModuleList(), nn.ModuleList()
-
-
-def _tight_budget(bundle) -> int:
-    """Bytes that hold the VAE beside the transformer's non-block weights and one streamed block."""
-    plan = plan_memory(bundle.transformer, None)
-    return module_bytes(bundle.vae) + plan.base_bytes + max(plan.block_bytes)
 
 
 def _watch(bundle, seen: list):
@@ -83,8 +79,11 @@ def _watch(bundle, seen: list):
 def test_generation_under_a_budget_is_bit_identical_in_sequence_and_within_it(bundle, image, tmp_path):
     base = dict(prompt="a cat walks", sections=2, steps=2)
     plain = generate(bundle, GenerationSettings(**base, name="plain"), tmp_path, image=image)
-    budget = _tight_budget(bundle)
-    assert budget < sum(module_bytes(m) for m in bundle.modules().values())  # not everything fits
+    prepared = prepare(bundle, GenerationSettings(**base), image=image)
+    budget = tight_budget(bundle, prepared)
+    assert tight_budget(bundle) < sum(
+        module_bytes(m) for m in bundle.modules().values()
+    )  # not everything fits
     seen: list = []
     undo = _watch(bundle, seen)
     try:
@@ -124,7 +123,9 @@ def test_everything_resident_when_it_fits(bundle, image, tmp_path):
         with torch.no_grad():
             encode_prompt(bundle, "a cat")
         assert memory.visits == 0 and memory.ledger.current == total - module_bytes(bundle.transformer)
-    settings = GenerationSettings(prompt="a cat", sections=1, steps=1, name="fits", vram_budget=total / GIB)
+    settings = GenerationSettings(prompt="a cat", sections=1, steps=1, name="fits")
+    working = bundle_need(bundle, prepare(bundle, settings, image=image)).working  # beside the weights
+    settings = dataclasses.replace(settings, vram_budget=(total + working) / GIB)
     info = generate(bundle, settings, tmp_path, image=image).info
     assert "resident" in info["offload"] and info["device_weights_peak_bytes"] == total
 
@@ -176,10 +177,13 @@ def test_too_small_a_budget_is_one_sentence_before_anything_is_written(bundle, i
         with offloaded(bundle, small):
             pass
     assert all(_on_device(m) for m in _visitors(bundle).values())
-    tight = _tight_budget(bundle) / GIB  # enough, but not for an fp8 block's raw copy beside it
+    prepared = prepare(bundle, GenerationSettings(prompt="a cat", sections=1), image=image)
+    tight = tight_budget(bundle, prepared) / GIB  # enough, but not for an fp8 block's raw copy beside it
     for budget, fp8 in ((small, False), (tight, True)):
         settings = GenerationSettings(prompt="a cat", sections=1, vram_budget=budget, fp8_weights=fp8)
-        with pytest.raises(ValueError, match="too small"):
+        with pytest.raises(
+            ValueError, match=r"cannot hold this run at \d+x\d+ .* give --vram-budget [0-9.]+ or more"
+        ):
             generate(bundle, settings, tmp_path, image=image)
     assert not any(tmp_path.iterdir())
 
@@ -194,10 +198,10 @@ def test_video_extension_under_a_budget_is_bit_identical(tmp_path):
         frames[t, 20:40, 2 * t : 2 * t + 16] = (230, 200, 40)
     write_mp4(frames, tmp_path / "clip.mp4", fps=24)
     videos = []
-    for name, budget in (("plain", None), ("tight", _tight_budget(bundle) / GIB)):
-        settings = GenerationSettings(
-            prompt="it moves", steps=2, window=3, sections=1, name=name, vram_budget=budget
-        )
+    settings = GenerationSettings(prompt="it moves", steps=2, window=3, sections=1)
+    tight = tight_budget(bundle, prepare_extension(bundle, settings, tmp_path / "clip.mp4")[0])
+    for name, budget in (("plain", None), ("tight", tight / GIB)):
+        settings = dataclasses.replace(settings, name=name, vram_budget=budget)
         prepared, source = prepare_extension(bundle, settings, tmp_path / "clip.mp4")
         *_, done = extend_events(bundle, prepared, source, tmp_path)
         videos.append(read_video(done.video)[0])
@@ -260,10 +264,9 @@ def test_one_frame_under_a_budget_and_a_cache_is_the_same_png(bundle, image, tmp
     plain = generate_frame(
         bundle, prepare(bundle, GenerationSettings(**common, name="plain"), image=image), tmp_path
     )
-    budget = _tight_budget(bundle) / GIB
-    settings = GenerationSettings(
-        **common, name="tight", vram_budget=budget, cache="teacache", cache_threshold=0.0
-    )
+    settings = GenerationSettings(**common, name="tight", cache="teacache", cache_threshold=0.0)
+    budget = tight_budget(bundle, prepare(bundle, settings, image=image)) / GIB
+    settings = dataclasses.replace(settings, vram_budget=budget)
     seen: list = []
     undo = _watch(bundle, seen)
     try:
@@ -286,7 +289,8 @@ def test_a_cancelled_budgeted_run_lets_go_and_resumes_to_the_same_video(bundle, 
 
     base = dict(prompt="a cat walks", sections=3, steps=1, order="forward", name="a")
     ref = generate(bundle, GenerationSettings(**base), tmp_path / "ref", image=image)
-    settings = GenerationSettings(**base, vram_budget=_tight_budget(bundle) / GIB)
+    tight = tight_budget(bundle, prepare(bundle, GenerationSettings(**base), image=image))
+    settings = GenerationSettings(**base, vram_budget=tight / GIB)
     done = []
     record = lambda e: done.append(e) if isinstance(e, SectionDone) else None  # noqa: E731
     with pytest.raises(Cancelled):

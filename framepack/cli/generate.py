@@ -267,9 +267,10 @@ def _quiet_loaders() -> None:
         library.set_verbosity_error()
 
 
-def _plan_line(prepared, args: argparse.Namespace, extension: bool) -> str:
+def _plan_line(prepared, args: argparse.Namespace, extension: bool, bundle=None) -> str:
     """What the run will make, in one line: sections, frames and seconds (and why not the seconds
-    asked for: a video is a whole number of sections, rounded as the release rounds)."""
+    asked for: a video is a whole number of sections, rounded as the release rounds); under a VRAM
+    budget, what the device holds besides weights (`framepack.pipeline.budget`)."""
     plan, fps = prepared.plan, prepared.fps
     forward_extension = extension and plan.packing_order == "forward"
     frames = plan.frames() - (1 if forward_extension else 0)  # its start latent is the source's last
@@ -281,6 +282,10 @@ def _plan_line(prepared, args: argparse.Namespace, extension: bool) -> str:
     asked = None if args.resume or args.sections else args.seconds
     if asked and abs(seconds - asked) > 1 / fps:
         line += f" (asked for {asked:g} s; the length is a whole number of {4 * plan.window / fps:.2f} s sections)"
+    if bundle is not None and prepared.settings.vram_budget is not None:
+        from ..pipeline.budget import bundle_need
+
+        line += f"; besides weights the device holds {bundle_need(bundle, prepared).describe()}"
     return line + "."
 
 
@@ -379,7 +384,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
                 manifest = read_manifest(args.model)
                 if not args.video:
+                    from ..pipeline.budget import check_budget
+
                     checked = check_settings(manifest, settings)
+                    check_budget(args.model, checked, _device(args.device))  # before the load
                 _check_writable(args.out)
             _quiet_loaders()
             budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
@@ -415,7 +423,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _one_frame(bundle, prepared, args)
         return
 
-    print(_plan_line(prepared, args, extension=source is not None), file=sys.stderr)
+    print(_plan_line(prepared, args, extension=source is not None, bundle=bundle), file=sys.stderr)
     stop = threading.Event()
     events_file = open(args.events, "w") if args.events else None
     total = len(prepared.plan.sections) * prepared.steps

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .estimate import DeviceNeed
 from .streaming import (
     ByteLedger,
     MemoryPlan,
@@ -93,6 +94,8 @@ class Offloader:
     visits: int = 0  # how many times a module was copied in
     inside: set[int] = field(default_factory=set)  # id(module) of the modules in a `use` block
     activations: bool = True  # whether `room` is meaningful (see `plan_offload`)
+    need: DeviceNeed | None = None  # the run's bytes besides weights, when given
+    kept: int = 0  # bytes of the budget held besides weights and the decode (context, allocator, step cache)
 
     # ---------------------------------------------------------------------------- parking
     def park(self, module: nn.Module) -> None:
@@ -159,7 +162,7 @@ class Offloader:
         activations are not accounted for."""
         if self.total is None or not self.activations:
             return None
-        return self.total - self.ledger.current
+        return self.total - self.ledger.current - self.kept
 
     @contextmanager
     def transformer_away(self, model: nn.Module) -> Iterator[None]:
@@ -188,10 +191,14 @@ class Offloader:
     def describe(self) -> str:
         if self.total is None:
             return "no budget"
+        besides = ""
+        if self.need is not None:
+            kept = format_bytes(self.need.reserve(self.total))
+            besides = f"; {kept} kept besides weights ({self.need.describe()})"
         if self.resident:
-            return f"encoders and VAE resident ({format_bytes(self.weights)} of weights fit)"
+            return f"encoders and VAE resident ({format_bytes(self.weights)} of weights fit){besides}"
         streamed = f", {len(self.streamed)} streaming their layers" if self.streamed else ""
-        return f"encoders and VAE on the device only while used{streamed}"
+        return f"encoders and VAE on the device only while used{streamed}{besides}"
 
 
 def belongs_on(module: nn.Module, device: torch.device | str) -> None:
@@ -224,13 +231,17 @@ def plan_offload(
     reserve: int | None = None,
     beside: nn.Module | None = None,
     fp8: bool = False,
+    need: DeviceNeed | None = None,
+    run_size: str = "this size",
 ) -> Offloader:
     """Plan the encoders' and the VAE's visits for `vram_budget` (GiB, "auto" or None) and park them.
 
     `beside` is the visitor used while the transformer holds the device (the VAE, for decoding
     between sections); the transformer's budget leaves room for it (its plan checked with `fp8` host
     copies when asked, so a too small budget fails before any work). `reserve` bytes are kept for
-    activations (default: `runtime.default_reserve`). On a CPU, where activations share the host's
+    activations (default: `runtime.default_reserve`); `need` (`estimate.DeviceNeed`, the run's
+    activations, step cache, VAE decode and CUDA overhead at its token count, `run_size` naming it)
+    replaces it, and also counts on a CPU. On a CPU, where activations share the host's
     memory with everything else, the budget bounds the weights only, unless `reserve` is given
     (then `Offloader.room` also picks the VAE's decode tile there). Raises ValueError when a module
     cannot fit.
@@ -247,20 +258,27 @@ def plan_offload(
                 m.to(away)
         return Offloader(device, None, None)
     release(transformer)  # an earlier run's streaming comes off, so its bytes count (`accelerate` would)
+    if need is not None:
+        reserve = need.reserve(total)
     weights = total - (default_reserve(total, device) if reserve is None else reserve)
     sizes = [module_bytes(m) for m in visitors]
     off = Offloader(device, total, weights, activations=device.type != "cpu" or reserve is not None)
+    off.need = need
+    if need is not None:
+        off.kept = reserve - max(need.activations, need.vae_decode)
     fits = module_bytes(transformer) + sum(sizes) <= weights
     if not fits:  # every check before anything is registered or moved
         off.resident = False
         off.transformer_budget = weights - (0 if beside is None else module_bytes(beside))
         full = plan_memory(transformer, None, fp8=fp8)
-        need = full.base_bytes + max(full.load_bytes, default=0)  # non-block weights and one block
-        if off.transformer_budget < need:  # too small: one sentence, before any work
+        least = full.base_bytes + max(full.load_bytes, default=0)  # non-block weights and one block
+        if need is not None:  # too small: one sentence, before any work
+            need.check(total, least + (0 if beside is None else module_bytes(beside)), run_size)
+        if off.transformer_budget < least:  # (no `need`: the old reserve)
             kept = total - off.transformer_budget
             raise ValueError(
                 f"a VRAM budget of {format_bytes(total)} is too small: the transformer needs at least "
-                f"{format_bytes(need)} (its non-block weights and one block) beside the "
+                f"{format_bytes(least)} (its non-block weights and one block) beside the "
                 f"{format_bytes(kept)} kept for the VAE and activations."
             )
         for m, size in zip(visitors, sizes, strict=True):

@@ -77,27 +77,27 @@ def check_budget(model: str | os.PathLike, prepared, device) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from ..model import PackedTransformer, TransformerConfig
-    from .bundle import _locate, _read_config, component_dtypes
+    from .bundle import component_dtypes, read_component_config, read_manifest
 
     s = prepared.settings
     total = budget_bytes(parse_budget(s.vram_budget), device)
     if total is None:
         return
-    manifest, dirs = _locate(model, None)
+    manifest = read_manifest(model)
     dtypes = component_dtypes(device)
-    cfg = TransformerConfig.from_dict(_read_config("transformer", dirs["transformer"]))
+    cfg = TransformerConfig.from_dict(read_component_config(model, "transformer"))
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its warning about float32 modules concerns loading
     try:
         with torch.device("meta"):
             transformer = PackedTransformer(cfg).to(dtypes["transformer"])
-            vae = AutoencoderKLHunyuanVideo.from_config(_read_config("vae", dirs["vae"])).to(dtypes["vae"])
+            vae = AutoencoderKLHunyuanVideo.from_config(read_component_config(model, "vae")).to(dtypes["vae"])
     finally:
         diffusers_logging.set_verbosity(level)
     full = plan_memory(transformer, None, fp8=s.fp8_weights)
     least = full.base_bytes + max(full.load_bytes, default=0) + module_bytes(vae)
     try:
-        siglip = _read_config("image_encoder", dirs["image_encoder"])
+        siglip = read_component_config(model, "image_encoder")
     except ValueError:
         siglip = None
     tokens = manifest.max_prompt_tokens + (_image_tokens(siglip) if cfg.has_image_proj else 0)

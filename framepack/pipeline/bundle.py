@@ -533,6 +533,14 @@ def read_manifest(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike 
     return _locate(name_or_path, cache_dir)[0]
 
 
+def read_component_config(
+    name_or_path: str | os.PathLike, component: str, cache_dir: str | os.PathLike | None = None
+) -> dict:
+    """The config.json of one component of the bundle `load_bundle` would load, without loading
+    any weights; raises `BundleError` (one sentence) when it is missing or invalid."""
+    return _read_config(component, _locate(name_or_path, cache_dir)[1][component])
+
+
 def load_bundle(
     name_or_path: str | os.PathLike,
     device: torch.device | str = "cpu",

@@ -177,7 +177,7 @@ def extend_events(
     with (
         open_job(out_dir, job, s, bundle, prepared.plan.packing_order, {"video": source.file}) as job,
         applied_loras(bundle.transformer, prepared.loras),
-        offloaded(bundle, s.vram_budget, s.fp8_weights) as memory,
+        offloaded(bundle, s.vram_budget, s.fp8_weights, prepared) as memory,
     ):
         source.check(job)
         job.check_images(prepared)

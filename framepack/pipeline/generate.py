@@ -289,7 +289,7 @@ def generate_events(
 
     with (  # the memory plan first: a budget too small fails before the job directory exists
         applied_loras(bundle.transformer, prepared.loras),
-        offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights) as memory,
+        offloaded(bundle, prepared.settings.vram_budget, prepared.settings.fp8_weights, prepared) as memory,
         open_job(out_dir, job, prepared.settings, bundle, prepared.plan.packing_order) as job,
     ):
         job.check_images(prepared)

@@ -93,7 +93,10 @@ def generate_frame(
     layout = inverted_layout(schedule, blank=0)
     # As `generate_events`: LoRAs on, then under a VRAM budget the encoders visit the device while
     # the transformer is away, then the transformer is streamed (and cached) and the VAE visits.
-    with applied_loras(model, prepared.loras), offloaded(bundle, s.vram_budget, s.fp8_weights) as memory:
+    with (
+        applied_loras(model, prepared.loras),
+        offloaded(bundle, s.vram_budget, s.fp8_weights, prepared) as memory,
+    ):
         with torch.no_grad(), memory.transformer_away(model):
             cond = encode_prompt(bundle, prepared.prompts[0])
             negative = encode_prompt(bundle, s.negative_prompt) if prepared.cfg != 1 else None
