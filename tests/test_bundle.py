@@ -96,6 +96,17 @@ def test_load_with_dtype_and_release_dtypes(bundle_copy):
     assert set(component_dtypes("cpu").values()) == {torch.float32}
 
 
+def test_load_with_per_component_dtypes():
+    release = load_bundle(tiny_bundle_dir(), dtypes=component_dtypes("cuda"))  # on the CPU
+    assert release.dtypes() == component_dtypes("cuda") and release.device == torch.device("cpu")
+    half = load_bundle(tiny_bundle_dir(), dtypes={"vae": torch.float16})  # the others keep their default
+    assert half.dtypes() == {**component_dtypes("cpu"), "vae": torch.float16}
+    with pytest.raises(BundleError, match="'unet', not a component"):
+        load_bundle(tiny_bundle_dir(), dtypes={"unet": torch.float16})
+    with pytest.raises(BundleError, match="not both"):
+        load_bundle(tiny_bundle_dir(), dtype=torch.float16, dtypes={"vae": torch.float16})
+
+
 # ---------------------------------------------------------------------------------------- manifest
 def test_manifest_round_trip_and_defaults(tmp_path):
     m = Manifest(order="forward", packing="f16k4f2k2f1k1_g9", shift=3.0, name="x")

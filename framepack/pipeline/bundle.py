@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,10 +548,14 @@ def load_bundle(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     vram_budget: str | float | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> Bundle:
     """Load a bundle directory or a named bundle (`NAMED_BUNDLES`, from the local hub cache).
 
     Dtypes follow `component_dtypes(device, dtype)`: fp32 on a CPU, the release's on a GPU.
+    `dtypes` sets them per component instead (the names of `Bundle.modules()`; a component left
+    out keeps its default): `dtypes=component_dtypes("cuda")` loads the release's GPU dtypes for
+    a run on a CPU, as the tests' GPU-dtype tier does.
     With a `vram_budget` (GiB or "auto") the weights load onto the host (`weights_home`; pinned
     for CUDA), shard by shard, and only a run's memory planner moves them onto `device`
     (`Bundle.device` stays `device`); a run without a budget moves them all there.
@@ -560,9 +565,17 @@ def load_bundle(
         home = weights_home(device, vram_budget)
     except ValueError as e:
         raise BundleError(str(e)) from None
+    defaults = component_dtypes(device, dtype)  # the target's dtypes, wherever the weights wait
+    unknown = sorted(set(dtypes or ()) - set(defaults))
+    if unknown:
+        raise BundleError(
+            f"dtypes names {unknown[0]!r}, not a component with weights ({', '.join(defaults)})."
+        )
+    if dtype is not None and dtypes is not None:
+        raise BundleError("give one dtype for every component or per-component dtypes, not both.")
+    dtypes = {**defaults, **(dtypes or {})}
     manifest, dirs = _locate(name_or_path, cache_dir)
     root = Path(name_or_path) if Path(name_or_path).is_dir() else None
-    dtypes = component_dtypes(device, dtype)  # the target's dtypes, wherever the weights wait
     from ..memory.offload import belongs_on, pin_host
 
     pin = home != torch.device(device) and torch.device(device).type == "cuda"
