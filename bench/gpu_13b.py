@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.caching import TeaCache, reset_caches  # noqa: E402
-from framepack.memory import GIB  # noqa: E402
+from framepack.memory import GIB, plan_memory  # noqa: E402
 from framepack.memory.estimate import (  # noqa: E402
     ALLOCATOR_MARGIN,
     DeviceNeed,
@@ -150,6 +150,13 @@ def main() -> None:
                 margin=ALLOCATOR_MARGIN if cuda else 0.0,
             )
             total = None if unlimited else round(float(budget) * GIB)
+            if not unlimited:
+                full = plan_memory(model, None, fp8=args.fp8)
+                try:  # as the pipeline refuses it: one sentence, then the next budget
+                    need.check(total, full.base_bytes + max(full.load_bytes), args.size)
+                except ValueError as e:
+                    print(f"{budget} GiB: refused: {e}")
+                    continue
             run = accelerate(
                 model,
                 device,

@@ -179,7 +179,8 @@ class DeviceNeed:
         parts = [f"activations {format_bytes(self.activations)}"]
         if self.cache:
             parts.append(f"step cache {format_bytes(self.cache)}")
-        parts.append(f"VAE decode {format_bytes(self.vae_decode)}")
+        if self.vae_decode:
+            parts.append(f"VAE decode {format_bytes(self.vae_decode)}")
         if self.overhead or self.margin:
             parts.append(
                 f"CUDA context {format_bytes(self.overhead)}, allocator {self.margin:.0%} of the budget"
