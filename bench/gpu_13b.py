@@ -21,6 +21,7 @@ cpu` runs the same code on a CPU in seconds (for checking the script, not for nu
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -59,16 +60,19 @@ the unlimited budget's (same cache setting), measured in one run. Targets: peak 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
-def random_model(spec: str, dtype: torch.dtype) -> PackedTransformer:
-    """The architecture with N(0, 0.02) weights in `dtype` on the host, built without a float copy."""
+def random_model(spec: str, dtype: torch.dtype, device: torch.device) -> PackedTransformer:
+    """The architecture with N(0, 0.02) weights in `dtype` on the host, built without a float copy.
+
+    Each tensor is drawn on `device` and copied to the host: drawing 13B numbers on one CPU thread
+    takes about 100 s, on a GPU a second or two."""
     cfg = get_spec(spec)
     with torch.device("meta"):
         model = PackedTransformer(cfg).to(dtype)
     model = model.to_empty(device="cpu")  # allocated once, in `dtype`
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.02, generator=g)
+            p.copy_(torch.empty(p.shape, dtype=dtype, device=device).normal_(0, 0.02, generator=g))
     model.fp32_head = True
     return model.eval().requires_grad_(False)
 
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="fp8 host copies of the streamed blocks")
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
     parser.add_argument("--record", action="store_true", help="append the rows to bench/RESULTS.md")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (bench/gpu_check.py)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -115,7 +120,7 @@ def main() -> None:
         model = load_transformer(args.transformer, dtype=dtype, device="cpu").eval().requires_grad_(False)
         model.fp32_head = True
     else:
-        model = random_model(args.spec, dtype)
+        model = random_model(args.spec, dtype, device)
     if cuda:
         pin_host(model)  # the host copies the planner streams from
     cfg = model.config
@@ -228,6 +233,9 @@ def main() -> None:
             f"{row[0]:>9} GiB, {row[1]:>13}: {row[5]} s/frame, {row[6]}x the unlimited budget, "
             f"{speedup:.2f}x faster than without a cache"
         )
+    if args.json:
+        keys = ("budget", "cache", "plan", "peak_gib", "held_gib", "s_per_frame", "ratio", "skipped", "mfu")
+        Path(args.json).write_text(json.dumps([dict(zip(keys, map(str, r), strict=True)) for r in rows]))
     if args.record:
         append_rows(
             HEADING,

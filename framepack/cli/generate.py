@@ -46,6 +46,17 @@ def _keyframes(items: list[str]) -> tuple[tuple[float, str], ...]:
     return tuple(out)
 
 
+def _dtypes(name: str) -> dict | None:
+    """The per-component weight dtypes of `--dtype` (None: `load_bundle`'s defaults)."""
+    import torch
+
+    from ..pipeline.bundle import component_dtypes
+
+    if name == "fp32":
+        return component_dtypes("cpu", torch.float32)
+    return component_dtypes("cuda") if name == "release" else None
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -154,6 +165,13 @@ def add_parser(sub) -> None:
         help="one-frame mode: the history groups fed to the model (comma list from post,k2,k4)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "release"],
+        default="auto",
+        help="weight dtypes: auto (the release's on a GPU: bf16 transformer, fp16 encoders and VAE; fp32 "
+        "on a CPU), fp32 everywhere, or release (the GPU's dtypes on any device)",
+    )
     p.add_argument(
         "--vram-budget",
         metavar="GB|auto",
@@ -387,7 +405,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     from ..pipeline.budget import check_budget
 
                     checked = check_settings(manifest, settings)
-                    check_budget(args.model, checked, _device(args.device))  # before the load
+                    check_budget(args.model, checked, _device(args.device), _dtypes(args.dtype))
                 _check_writable(args.out)
             _quiet_loaders()
             budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
@@ -395,7 +413,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 from ..pipeline.jobs import Job
 
                 budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own
-            bundle = load_bundle(args.model, device=_device(args.device), vram_budget=budget)
+            device = _device(args.device)
+            bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=_dtypes(args.dtype))
             source = None
             if job_dir is not None:  # a generation or an extension, as the job holds
                 from ..pipeline.jobs import resume_job

@@ -69,10 +69,11 @@ def bundle_need(bundle, prepared) -> DeviceNeed:
     return run_need(model.config, bundle.vae, model.dtype, prepared, bundle.device, tokens)
 
 
-def check_budget(model: str | os.PathLike, prepared, device) -> None:
+def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None = None) -> None:
     """Refuse (ValueError, one sentence) a VRAM budget that cannot hold `prepared` on `device`
     with the bundle `model`, before any weights load: the smallest plan (the transformer's
-    non-block weights and one streamed block, the VAE beside them) and `run_need`."""
+    non-block weights and one streamed block, the VAE beside them) and `run_need`. `dtypes`:
+    per-component weight dtypes, as given to `load_bundle` (default: the device's)."""
     from diffusers import AutoencoderKLHunyuanVideo
     from diffusers.utils import logging as diffusers_logging
 
@@ -84,7 +85,7 @@ def check_budget(model: str | os.PathLike, prepared, device) -> None:
     if total is None:
         return
     manifest = read_manifest(model)
-    dtypes = component_dtypes(device)
+    dtypes = {**component_dtypes(device), **(dtypes or {})}
     cfg = TransformerConfig.from_dict(read_component_config(model, "transformer"))
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its warning about float32 modules concerns loading

@@ -1,0 +1,253 @@
+"""The first thing to run on a lent GPU: is framepack correct there, and how fast is it.
+
+One command, no downloads, about 5 minutes on one H100/H200:
+1. every mode through the real CLI (`framepack generate`, in this process) with the shipped demo
+   model, in the release's GPU dtypes (bf16 transformer, fp16 encoders and VAE) and in fp32: each
+   must finish, and the PSNR of its frames against fp32 is the bf16-vs-fp32 table;
+2. the two budgeted modes (streaming + offload, and with fp8 host copies) at the smallest budget
+   the CLI accepts (it names it when it refuses a smaller one), with what the process held on the
+   card (`max_memory_reserved` plus the measured CUDA context) checked against the budget;
+3. `bench/gpu_13b.py` in a fresh process: the released 13B architecture with random bf16 weights
+   drawn on the device, 640x640, 25 UniPC steps, at budgets 4 and 6 GiB and unlimited, with and
+   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget).
+It prints one summary table and, on CUDA (or with --record), appends it to bench/RESULTS.md; the
+exit status is 1 when any check fails. `--device cpu --quick` runs the same code at tiny sizes
+(the tiny spec for the 13B part), so CI keeps it from rotting.
+
+    python bench/gpu_check.py                      # on CUDA
+    python bench/gpu_check.py --device cpu --quick # what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _record import append_rows, command, machine, today  # noqa: E402
+
+from framepack.cli.main import main as cli  # noqa: E402
+from framepack.memory import GIB  # noqa: E402
+from framepack.memory.estimate import device_overhead  # noqa: E402
+from framepack.pipeline.api import DEFAULT_MODEL  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = DEFAULT_MODEL / "examples"
+START, OTHER = EXAMPLES / "red_circle_moves_right.png", EXAMPLES / "green_circle_moves_down.png"
+CAPTION = (EXAMPLES / "red_circle_moves_right.txt").read_text().strip()
+LORA = ROOT / "docs" / "demo_lora_up"
+PSNR_FLOOR = 30.0  # dB against fp32: a dtype or precision bug lands far below (the CPU tier: 33-62)
+
+HEADING = "## GPU check (`bench/gpu_check.py`)"
+INTRO = """
+Every mode through the CLI with the demo model in the release's GPU dtypes against fp32 (PSNR of
+the frames), the budgeted modes at the smallest budget the CLI accepts (held = max_memory_reserved
++ the CUDA context, against the budget), and `bench/gpu_13b.py` (13B, random weights, 640x640,
+25 steps). One row per check.
+
+| date | machine | check | result | detail | command |
+| --- | --- | --- | --- | --- | --- |"""
+
+
+def modes(sections: int) -> list[tuple[str, list[str]]]:
+    """(name, CLI arguments) of every mode, with the demo model's examples."""
+    i2v = ["--image", str(START), "--prompt", CAPTION, "--sections", str(sections)]
+    timed = f"[0s: {CAPTION}] [1.2s: a green circle moves down]"
+    return [
+        ("image-to-video", i2v),
+        ("end image", [*i2v, "--end-image", str(OTHER)]),
+        ("anti-drifting", [*i2v, "--order", "anti-drifting", "--end-image", str(OTHER)]),
+        ("keyframes", [*i2v, "--keyframe", f"1.2:{OTHER}"]),
+        ("timed prompts", ["--image", str(START), "--prompt", timed, "--sections", "2"]),  # 2.4 s
+        ("text-to-video", ["--prompt", CAPTION, "--sections", "1"]),
+        ("loop", [*i2v, "--loop"]),
+        ("one-frame", ["--image", str(START), "--prompt", CAPTION, "--one-frame", "9"]),
+        ("extension (inverted)", ["--image", str(START), "--prompt", CAPTION, "--sections", "1"]),
+        ("extension (forward)", ["--prompt", CAPTION, "--sections", "1", "--order", "forward"]),
+        ("forward order", [*i2v, "--order", "forward"]),
+        ("LoRA on the fly", [*i2v, "--lora", str(LORA)]),
+        ("LoRA merged", [*i2v, "--lora", str(LORA), "--lora-merge"]),
+        ("TeaCache", [*i2v, "--teacache", "0.5"]),
+        ("first-block cache", [*i2v, "--cache", "fbcache:1.0"]),
+        ("VRAM budget", [*i2v, "--vram-budget", "smallest"]),
+        ("fp8 host copies", [*i2v, "--vram-budget", "smallest", "--fp8-weights"]),
+        ("Euler", [*i2v, "--sampler", "euler"]),
+        ("UniPC", [*i2v, "--sampler", "unipc"]),
+        ("real CFG, negative prompt", [*i2v, "--cfg", "3", "--negative-prompt", "a blue square"]),
+    ]
+
+
+def run_cli(args: list[str]) -> tuple[int, str, float]:
+    """`framepack generate ARGS` in this process: exit status, what it wrote to stderr, seconds."""
+    err = io.StringIO()
+    start = time.perf_counter()
+    with (
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        status = cli(["generate", *args])
+    return status, err.getvalue(), time.perf_counter() - start
+
+
+def frames(out: Path, name: str) -> np.ndarray:
+    """A run's frames: its PNG frames, or the one-frame PNG."""
+    files = sorted((out / f"{name}_frames").glob("*.png")) or [out / f"{name}.png"]
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return -math.inf
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def smallest_budget(args: list[str]) -> str | None:
+    """The budget the CLI names when it refuses a far too small one (before any loading)."""
+    status, err, _ = run_cli([*args, "--vram-budget", "0.001"])
+    found = re.search(r"give --vram-budget ([0-9.]+) or more", err)
+    return found.group(1) if status == 2 and found else None
+
+
+def check_mode(name: str, args: list[str], common: list[str], out: Path, cuda: bool) -> list[list[str]]:
+    """Rows for one mode: it runs in both precisions, PSNR against fp32, and for a budget the peak."""
+    slug = re.sub(r"\W+", "_", name).strip("_")
+    png = [] if "--one-frame" in args else ["--png"]
+    results = {}
+    for dtype in ("fp32", "release"):
+        run_args = [*args, *common, "--dtype", dtype]
+        budget = None
+        if "smallest" in run_args:  # the budget the CLI names for this run in this dtype
+            at = run_args.index("smallest")
+            rest = [*run_args[: at - 1], *run_args[at + 1 :]]
+            budget = smallest_budget([*rest, "--out", str(out / "refused")])
+            if budget is None:
+                return [
+                    [name, "FAIL", f"--dtype {dtype}: no smallest budget named when 0.001 GiB was refused"]
+                ]
+            run_args[at] = budget
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        status, err, seconds = run_cli([*run_args, *png, "--out", str(out / dtype), "--name", slug])
+        if status != 0:
+            last = err.strip().splitlines()[-1] if err.strip() else "no message"
+            return [[name, "FAIL", f"--dtype {dtype} exited {status}: {last[:300]}"]]
+        held = (torch.cuda.max_memory_reserved() + device_overhead("cuda")) / GIB if cuda else None
+        results[dtype] = (frames(out / dtype, slug), seconds, held, budget)
+    value = psnr(results["release"][0], results["fp32"][0])
+    pixels, seconds, held, budget = results["release"]
+    rows = [
+        [
+            name,
+            "ok" if value >= PSNR_FLOOR else "FAIL",
+            f"{value:.1f} dB vs fp32, {len(pixels)} frame(s), {seconds:.1f} s",
+        ]
+    ]
+    if budget is not None:
+        if held is None:  # a CPU: what the sidecar's ledger counted
+            info = json.loads((out / "release" / f"{slug}.json").read_text())
+            used, what = info["device_weights_peak_bytes"] / GIB, "weights"
+        else:
+            used, what = held, "held (reserved + context)"
+        ok = used <= float(budget)
+        rows.append(
+            [f"{name}: peak", "ok" if ok else "FAIL", f"{what} {used:.3f} GiB <= budget {budget} GiB"]
+        )
+    return rows
+
+
+def with_source(args: list[str], name: str, source: Path) -> list[str]:
+    return [*args, "--video", str(source)] if name.startswith("extension") else args
+
+
+def check_13b(quick: bool, device: str) -> list[list[str]]:
+    """`bench/gpu_13b.py` in a fresh process (its own CUDA context and peaks); one row per run."""
+    script = Path(__file__).with_name("gpu_13b.py")
+    if quick:
+        extra = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
+        extra += ["--budgets", "0.003", "0.07", "unlimited"]
+    else:
+        extra = ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(
+            [sys.executable, str(script), *extra, "--json", f"{tmp}/rows.json"],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
+            return [["13B benchmark", "FAIL", f"exited {result.returncode}: {' '.join(tail)[:300]}"]]
+        runs = json.loads(Path(f"{tmp}/rows.json").read_text())
+    refused = [line for line in result.stdout.splitlines() if "refused" in line]
+    rows = [[f"13B budget {r['budget']}, {r['cache']}", "FAIL" if "NO" in r["held_gib"] else "ok",
+             f"{r['s_per_frame']} s/frame ({r['ratio']}x unlimited), MFU {r['mfu']}, peak {r['peak_gib']} GiB, "
+             f"held {r['held_gib']}, skipped {r['skipped']}"] for r in runs]  # fmt: skip
+    rows += [["13B refused budget", "ok", line.strip()[:200]] for line in refused]
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the CPU check CI runs)")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--skip-13b", action="store_true", help="only the modes and budgets")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("no CUDA device; run with --device cpu --quick to check the script on a CPU.")
+    started = time.perf_counter()
+    steps, sections = ("2", 1) if args.quick else ("4", 2)
+    common = ["--device", args.device, "--steps", steps]
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        source = out / "source.mp4"  # the video the extension modes extend
+        status, err, _ = run_cli(
+            [*modes(1)[0][1][:4], "--sections", "1", *common, "--out", str(out), "--name", "source"]
+        )
+        if status != 0:
+            rows.append(["source video", "FAIL", err.strip()[-300:]])
+        for name, mode_args in modes(sections):
+            rows += check_mode(name, with_source(mode_args, name, source), common, out / "runs", cuda)
+            print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
+    if not args.skip_13b:
+        rows += check_13b(args.quick, args.device)
+    failed = sum(row[1] == "FAIL" for row in rows)
+    rows.append(
+        [
+            "all",
+            "FAIL" if failed else "ok",
+            f"{failed} failed of {len(rows)}, {time.perf_counter() - started:.0f} s",
+        ]
+    )
+    width = max(len(r[0]) for r in rows)
+    print("\n" + "\n".join(f"{r[0]:<{width}}  {r[1]:<4}  {r[2]}" for r in rows))
+    if args.record or (cuda and not args.quick):
+        append_rows(
+            HEADING,
+            INTRO,
+            [f"| {today()} | {machine()} | " + " | ".join(r) + f" | `{command()}` |" for r in rows],
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
