@@ -119,11 +119,6 @@ def main() -> None:
             f"streamed, {plan.slots} slot(s){', fp8' if fp8 else ''} | {identical} | {mib(ledger.peak)} / "
             f"{mib(budget)} | {mib(copied)} | **{ratio:.3f}** | `{command()}` |"
         )
-        if fp8:  # fp8 leaves rounded weights behind on detach: restore the originals for later rows
-            torch.manual_seed(0)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0, 0.02)
     if args.record:
         append_rows(HEADING, INTRO, rows)
 

@@ -17,6 +17,7 @@ from framepack.memory import (
     plan_memory,
 )
 from framepack.memory.runtime import accelerate
+from framepack.memory.streaming import format_bytes
 from framepack.model import PackedTransformer, get_spec
 from framepack.testing import random_packed_inputs
 
@@ -126,6 +127,75 @@ def test_fp8_host_copies_halve_and_stay_close(model, inputs):
         err = ((a - b).norm() / b.norm()).item()
         assert 0 < err < 0.02
     streamer.detach()
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def test_fp8_streaming_leaves_the_model_bit_identical(inputs):
+    """fp8 host copies are rounded: detach gives every tensor its own data back, and a later run
+    without fp8 equals a freshly built model's run exactly."""
+
+    def build() -> PackedTransformer:
+        torch.manual_seed(0)
+        return PackedTransformer(CFG).to(torch.bfloat16).eval()
+
+    model, fresh = build(), build()
+    before = _snapshot(model)
+    pointers = {k: v.data_ptr() for k, v in model.named_parameters()}
+    plan0 = plan_memory(model, None, fp8=True)
+    plan = plan_memory(model, plan0.base_bytes + 2 * max(plan0.load_bytes), fp8=True)
+    assert plan.fp8 and plan.streamed and plan.fp8_host_bytes > 0
+    assert f"+{format_bytes(plan.fp8_host_bytes)} of host memory" in plan.describe()
+    streamer = WeightStreamer(model, plan, "cpu").attach()
+    run(model, inputs)
+    streamer.detach()
+    after = _snapshot(model)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and after[k].device == v.device and torch.equal(after[k], v), k
+    assert pointers == {k: v.data_ptr() for k, v in model.named_parameters()}  # the same storage, no copy
+    for a, b in zip(run(model, inputs), run(fresh, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_fp8_job_leaves_the_api_bundle_cache_as_loaded(bundle, image, tmp_path, monkeypatch):
+    """The API keeps bundles loaded: a job with fp8 host copies under a small budget, then a job
+    without, gives the second the latents of the same job on a fresh load."""
+    from collections import OrderedDict
+
+    import framepack
+    from framepack.memory.offload import module_bytes
+    from framepack.pipeline import api
+    from framepack.pipeline.jobs import Job
+    from framepack.testing import tiny_bundle_dir
+
+    latents: list[torch.Tensor] = []
+    commit = Job.commit_section
+
+    def record(job, number, window, state):
+        latents.append(window.clone())
+        return commit(job, number, window, state)
+
+    monkeypatch.setattr(Job, "commit_section", record)
+    monkeypatch.setattr(api, "_LOADED", OrderedDict())
+    model = str(tiny_bundle_dir())
+    plan8 = plan_memory(bundle.transformer, None, fp8=True)
+    budget8 = (plan8.base_bytes + max(plan8.load_bytes) + module_bytes(bundle.vae)) / GIB
+    job = dict(prompt="a cat walks", sections=2, steps=2, seed=3, image=image)
+
+    framepack.generate(model, tmp_path, name="fp8", vram_budget=budget8, fp8_weights=True, **job)
+    (kept,) = api._LOADED.values()
+    latents.clear()
+    framepack.generate(model, tmp_path, name="after", **job)
+    after, latents[:] = list(latents), []
+    assert list(api._LOADED.values()) == [kept]  # the second job ran on the bundle the first one used
+    api._LOADED.clear()
+    framepack.generate(model, tmp_path, name="fresh", **job)
+    assert len(after) == len(latents) == 2
+    for a, b in zip(after, latents, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_hooks_nest_by_priority_and_detach_in_any_order():

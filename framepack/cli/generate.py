@@ -181,7 +181,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--fp8-weights",
         action="store_true",
-        help="fp8 host copies of streamed blocks (half RAM and transfers)",
+        help="fp8 copies of streamed blocks: half the transfers, but more host RAM (the originals stay)",
     )
     p.add_argument(
         "--teacache", type=float, metavar="THRESH", help="TeaCache threshold (0.15: ~2x, 0: exact)"

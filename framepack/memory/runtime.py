@@ -110,7 +110,8 @@ class Accelerated:
 
 
 def release(model: nn.Module) -> None:
-    """Detach whatever `accelerate` attached to `model` (its streamed weights come back on the host)."""
+    """Detach whatever `accelerate` attached to `model`: it gets back the very weights it had before,
+    where it had them (`WeightStreamer.detach`)."""
     previous = model.__dict__.get(_ATTACHED)
     if previous is not None:
         previous.detach()
@@ -137,9 +138,9 @@ def accelerate(
     from ..caching import make_cache
 
     device = torch.device(device)
-    release(model)  # streamed weights come back on the host
+    total = budget_bytes(parse_budget(vram_budget), device, model)  # "auto" counts what it holds now
+    release(model)  # an earlier run's streaming comes off: the weights are back where they were
     run = Accelerated(model, memory=memory)
-    total = budget_bytes(parse_budget(vram_budget), device, model)
     if memory is not None and memory.total is not None:
         run.ledger = memory.ledger
     if total is not None or fp8:

@@ -7,8 +7,16 @@ next streamed block runs on a side CUDA stream while the current block computes;
 blocks are spread evenly between the streamed ones, so every copy has compute to hide behind.
 On a CPU the streams are no-ops, but the weights are still really copied in and dropped, so the
 CPU tests exercise the same bookkeeping. A `ByteLedger` records the bytes on the device at every
-moment. Optional fp8 (e4m3) host copies with one scale per output row halve host memory and
-transfers; each tensor is upcast on the device just before its block runs.
+moment. Optional fp8 (e4m3) host copies with one scale per output row halve the transfers; each
+tensor is upcast on the device just before its block runs.
+
+`detach` leaves the model exactly as `attach` found it: every parameter and buffer gets back the data
+it held before (same values, dtype and device). Host memory, for that: a tensor that lived on the host
+keeps its own storage there for the whole run (what the model held before `attach`, so nothing new);
+one that lived on the device gets a host copy while it streams (as any streamed tensor needs) and goes
+back to the device on `detach`. fp8 copies are rounded, so they come on top of the full-precision
+weights: half the streamed blocks' bytes more on the host (`MemoryPlan.fp8_host_bytes`; 13B in bf16,
+everything streamed: 26 GB of weights + 13 GB of fp8 copies). They save transfers, not host memory.
 """
 
 from __future__ import annotations
@@ -122,6 +130,7 @@ class MemoryPlan:
     resident: tuple[bool, ...]
     slots: int  # 0 (nothing streamed), 1 (synchronous) or 2 (double buffering)
     fp8: bool = False
+    fp8_bytes: tuple[int, ...] = ()  # fp8: each block's fp8 host copies (1 byte a weight + row scales)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -134,12 +143,18 @@ class MemoryPlan:
         loads = sorted((self.load_bytes[i] for i in self.streamed), reverse=True)
         return self.base_bytes + resident + sum(loads[: self.slots])
 
+    @property
+    def fp8_host_bytes(self) -> int:
+        """Host bytes the fp8 copies add beside the full-precision weights (kept for `detach`)."""
+        return sum(self.fp8_bytes[i] for i in self.streamed) if self.fp8 else 0
+
     def describe(self) -> str:
         n, s = len(self.resident), len(self.streamed)
         budget = "no limit" if self.budget is None else format_bytes(self.budget)
         slots = {0: "", 1: ", synchronous", 2: ", double-buffered"}[self.slots]
+        fp8 = f", fp8 host copies (+{format_bytes(self.fp8_host_bytes)} of host memory)" if self.fp8 else ""
         return (
-            f"{n - s}/{n} blocks resident, {s} streamed{slots}{', fp8 host copies' if self.fp8 else ''}; "
+            f"{n - s}/{n} blocks resident, {s} streamed{slots}{fp8}; "
             f"weights on the device at most {format_bytes(self.peak_bytes)} ({budget})"
         )
 
@@ -165,14 +180,15 @@ def plan_memory(
     in_blocks = {id(t) for b in blocks for t in _tensors(b)}
     base = _nbytes([t for t in _tensors(model) if id(t) not in in_blocks])
     sizes = tuple(_nbytes(_tensors(b)) for b in blocks)
-    extra = []
+    extra, fp8_bytes = [], []
     for b in blocks:  # fp8: the raw copy of the tensor being upcast sits beside the block
-        quant = [t.numel() for t in _tensors(b) if _quantizable(t)]
-        extra.append(max(quant, default=0) if fp8 else 0)
+        quant = [t for t in _tensors(b) if _quantizable(t)]
+        extra.append(max((t.numel() for t in quant), default=0) if fp8 else 0)
+        fp8_bytes.append(sum(t.numel() + t.shape[0] * t.element_size() for t in quant) if fp8 else 0)
     loads = tuple(s + e for s, e in zip(sizes, extra, strict=True))
     n = len(blocks)
     if budget is None or base + sum(sizes) <= budget:
-        return MemoryPlan(budget, base, sizes, loads, (True,) * n, 0, fp8)
+        return MemoryPlan(budget, base, sizes, loads, (True,) * n, 0, fp8, tuple(fp8_bytes))
     for slots in (2, 1):
         room = budget - base - slots * max(loads)
         if room < 0:
@@ -189,7 +205,7 @@ def plan_memory(
                 resident[i], used = True, used + sizes[i]
         if all(resident):  # cannot happen (the model did not fit), but keep one slot honest
             resident[min(range(n), key=lambda i: sizes[i])] = False
-        return MemoryPlan(budget, base, sizes, loads, tuple(resident), slots, fp8)
+        return MemoryPlan(budget, base, sizes, loads, tuple(resident), slots, fp8, tuple(fp8_bytes))
     need = base + max(loads)
     raise ValueError(
         f"a weight budget of {format_bytes(budget)} is too small: this model needs at least "
@@ -224,16 +240,16 @@ class _Entry:
     """One streamed tensor: its host copy (maybe fp8 with row scales) and its device version."""
 
     tensor: torch.Tensor  # the parameter / buffer whose `.data` is swapped
-    host: torch.Tensor
+    host: torch.Tensor  # what is copied to the device
     empty: torch.Tensor  # the placeholder while the block is not on the device
+    original: torch.Tensor  # what `detach` gives back: the data itself, or its host copy (see `home`)
+    home: torch.device  # where the data was before `attach`
     scale: torch.Tensor | None = None  # fp8: (rows, 1, ...) powers of two, in the tensor's dtype
     staged: torch.Tensor | None = None  # on the device, not yet upcast (fp8) / not yet installed
 
-    def full(self) -> torch.Tensor:
-        """The weight at its own precision from the host copy (exact: the scales are powers of 2)."""
-        if self.scale is None:
-            return self.host
-        return self.host.to(self.empty.dtype).mul_(self.scale)
+    def restore(self) -> None:
+        """Give the tensor back its data from before `attach` (copied back to a device it came from)."""
+        self.tensor.data = self.original if self.original.device == self.home else self.original.to(self.home)
 
 
 class WeightStreamer:
@@ -261,6 +277,7 @@ class WeightStreamer:
         self.side = None
         self.transfers = 0  # bytes copied host -> device
         self.resident_bytes = 0  # what `attach` put on the ledger
+        self.kept: list[tuple[nn.Module, str, torch.Tensor]] = []  # the rest's data before `attach`
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> WeightStreamer:
@@ -270,6 +287,14 @@ class WeightStreamer:
             for t in _tensors(self.blocks[i]):
                 entries.append(self._offload(t))
             self.entries[i] = entries
+        streamed = {id(e.tensor) for entries in self.entries.values() for e in entries}
+        for module in self.model.modules():  # `to` replaces buffers: they are put back by name
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in streamed:
+                    self.kept.append((module, name, p.data))
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in streamed:
+                    self.kept.append((module, name, b))
         self.model.to(self.device)  # the placeholders are empty: this moves base + resident blocks
         self.resident_bytes = self.plan.base_bytes + sum(
             b for b, r in zip(self.plan.block_bytes, self.plan.resident, strict=True) if r
@@ -283,6 +308,7 @@ class WeightStreamer:
 
     def _offload(self, t: torch.Tensor) -> _Entry:
         data = t.data
+        original = data if data.device.type == "cpu" else data.to("cpu")  # the full-precision host copy
         scale = None
         if self.plan.fp8 and _quantizable(data):
             # One power-of-two scale per output row, so the upcast is an exact multiplication.
@@ -291,19 +317,19 @@ class WeightStreamer:
             scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
             host = (rows / scale).to(FP8).reshape(data.shape).cpu()
             scale = scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
-        elif data.device.type == "cpu" and not self.cuda:
-            host = data  # the CPU "device" copy is made at load time; this is the host copy
-        else:
-            host = data.to("cpu")
+        else:  # full precision: the host copy streams as it is
+            host = original
         if self.cuda:
-            host = host.pin_memory()
+            host = host.pin_memory()  # no copy when it is pinned already (`load_bundle` pins)
             scale = None if scale is None else scale.pin_memory()
+            if scale is None:  # the pinned copy is the original from now on: never two of them
+                original = host
         empty = torch.empty(0, dtype=data.dtype, device=self.device)
         t.data = empty
-        return _Entry(t, host, empty, scale)
+        return _Entry(t, host, empty, original, data.device, scale)
 
     def detach(self) -> None:
-        """Remove the hooks; the streamed weights go back into their tensors, on the host (CPU)."""
+        """Remove the hooks; every parameter and buffer gets back its data from before `attach`."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -311,8 +337,14 @@ class WeightStreamer:
             self._drop(i)
         for entries in self.entries.values():
             for e in entries:
-                e.tensor.data = e.full()
+                e.restore()
         self.entries.clear()
+        for module, name, data in self.kept:
+            if name in module._parameters:
+                module._parameters[name].data = data
+            else:
+                module._buffers[name] = data
+        self.kept.clear()
         self.ledger.remove(self.resident_bytes, "resident")  # the ledger may be shared (offload.py)
         self.resident_bytes = 0
 

@@ -84,7 +84,7 @@ class GenerationSettings:
     cache_threshold: float = 0.15
     cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.caching.calibrate`
     vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
-    fp8_weights: bool = False  # fp8 host copies of the streamed blocks: half the RAM and transfers
+    fp8_weights: bool = False  # fp8 copies of the streamed blocks: half the transfers, +half their RAM
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
