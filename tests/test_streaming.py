@@ -166,10 +166,10 @@ def test_an_fp8_job_leaves_the_api_bundle_cache_as_loaded(bundle, image, tmp_pat
     from collections import OrderedDict
 
     import framepack
-    from framepack.memory.offload import module_bytes
     from framepack.pipeline import api
+    from framepack.pipeline.generate import GenerationSettings, prepare
     from framepack.pipeline.jobs import Job
-    from framepack.testing import tiny_bundle_dir
+    from framepack.testing import tight_budget, tiny_bundle_dir
 
     latents: list[torch.Tensor] = []
     commit = Job.commit_section
@@ -181,9 +181,9 @@ def test_an_fp8_job_leaves_the_api_bundle_cache_as_loaded(bundle, image, tmp_pat
     monkeypatch.setattr(Job, "commit_section", record)
     monkeypatch.setattr(api, "_LOADED", OrderedDict())
     model = str(tiny_bundle_dir())
-    plan8 = plan_memory(bundle.transformer, None, fp8=True)
-    budget8 = (plan8.base_bytes + max(plan8.load_bytes) + module_bytes(bundle.vae)) / GIB
     job = dict(prompt="a cat walks", sections=2, steps=2, seed=3, image=image)
+    settings = GenerationSettings(**{k: v for k, v in job.items() if k != "image"})
+    budget8 = tight_budget(bundle, prepare(bundle, settings, image=image), fp8=True) / GIB
 
     framepack.generate(model, tmp_path, name="fp8", vram_budget=budget8, fp8_weights=True, **job)
     (kept,) = api._LOADED.values()
