@@ -93,6 +93,34 @@ def test_segments_and_tail_are_the_incremental_frames(tmp_path, forward):
     assert np.array_equal(video.all_frames(), to_uint8_frames(full.frames))
 
 
+def test_the_commit_keeps_the_blending_tail_as_floats(tmp_path):
+    """A resume blends the next section into the tail exactly as the uninterrupted run would: the
+    commit stores the decoder's floats (out of range too), in the blend dtype, and only the last
+    section's tail file stays."""
+    ws = 3
+    bank = torch.randn(1, 16, 2 * ws + 1, 2, 4, generator=torch.Generator().manual_seed(0))
+    job = Job(tmp_path / "x.job")
+
+    def loud(latents):  # a decoder that leaves [-1, 1]
+        return 1.5 * causal_decode(latents) / causal_decode(latents).abs().amax()
+
+    video = SegmentedVideo(job, IncrementalDecoder(loud, ws, torch.float16), True, 30, 16, False)
+    rng = torch.Generator().get_state()
+    for number, lo in enumerate((ws + 1, 0)):
+        video.update(bank, lo, 2 * ws + 1, number, final=False)
+        job.commit_section(number, bank[:, :, :1], video.state(number, rng, 0.0))
+    tail = video.decoder.frames
+    assert tail.abs().max() > 1 and tail.shape[2] == 4 * ws - 3
+    _, state = job.load_sections([0, 1])
+    assert state.tail.dtype == torch.float16 and torch.equal(state.tail.float(), tail)
+    assert sorted(p.name for p in (job.root / "sections").glob("*.tail.safetensors")) == [
+        "0001.tail.safetensors"
+    ]
+    resumed = SegmentedVideo(job, IncrementalDecoder(loud, ws, torch.float16), True, 30, 16, False)
+    resumed.restore(state)
+    assert torch.equal(resumed.decoder.frames, tail)
+
+
 def _pngs(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("frame_*.png"))])
 

@@ -105,7 +105,9 @@ class IncrementalDecoder:
     def _decode(self, latents: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """Pixels `(1, 3, T, H, W)` of latents `[a, b)`: `4 (b - a) - 3` frames, 3 fewer for each
         clip start after `a`."""
-        pixels = self.decode(latents[:, :, a:b])
+        # Values of the blend dtype (a no-op for the VAE's own output), so the tail a job stores in
+        # that dtype comes back exact.
+        pixels = self.decode(latents[:, :, a:b]).to(self.blend_dtype).float()
         drop = {f for s in self.clip_starts if a < s < b for f in range(4 * (s - a) - 3, 4 * (s - a))}
         if drop:
             pixels = pixels[:, :, [f for f in range(pixels.shape[2]) if f not in drop]]
