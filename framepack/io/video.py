@@ -7,10 +7,12 @@ imported on first use, so `framepack.io` imports without the `video` extra.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
+import platform
 from collections.abc import Mapping
 from fractions import Fraction
 from numbers import Real
@@ -65,6 +67,54 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> str | None:
     return json.dumps(dict(metadata), ensure_ascii=False)
 
 
+# x264's instruction sets up to AVX2, named as its `asm` option spells them: every CPU with AVX-512
+# has all of them (XOP and FMA4, AMD-only before AVX-512, are left out).
+_X264_UP_TO_AVX2 = "MMX2,SSE,SSE2,SSE2Fast,SSE3,SSSE3,SSE4.1,SSE4.2,LZCNT,AVX,FMA3,BMI1,BMI2,AVX2,Cache64"
+
+
+@functools.cache
+def x264_options() -> dict[str, str]:
+    """libx264 options beyond crf that make the encoding reproducible: the same frames, the same bytes.
+
+    On a CPU with AVX-512, x264's AVX-512 kernels encode the same frames to different bitstreams
+    from run to run (here from 1 encoding in 30 to 1 in 4, up to 42 levels apart once decoded; the
+    kernels of its mb-tree rate control: `mbtree=0` or no AVX-512 makes it reproducible), so a
+    resumed job's segment, or a second run of the same settings, was not frame-identical. Such a
+    CPU is held to x264's AVX2 kernels (`asm=...`), which are reproducible and give the bytes the
+    AVX-512 ones give most of the time, at no measurable cost; other CPUs keep x264's own choice.
+    The CPU is read from `/proc/cpuinfo` (Linux), elsewhere from torch when it is loaded.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    return {"x264-params": f"asm={_X264_UP_TO_AVX2}"} if _has_avx512() else {}
+
+
+def _has_avx512() -> bool:
+    """Whether the CPU has the AVX-512 subsets x264 uses (F, CD, BW, DQ, VL)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        return {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
+    except OSError:
+        import sys
+
+        torch = sys.modules.get("torch")  # never imported here just for this
+        return torch is not None and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def h264_stream(container: Any, rate: Fraction, crf: int, width: int, height: int) -> Any:
+    """Add `write_mp4`'s video stream to an open PyAV output `container`: libx264 at `crf`, with
+    `x264_options`, yuv420p frames tagged BT.709 limited range (what `_to_video_frame` makes)."""
+    options = {"crf": str(int(crf)), **x264_options()}
+    stream = container.add_stream("libx264", rate=rate, options=options)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    codec = stream.codec_context
+    # Tag what `_to_video_frame` produces, so players (and `read_video`) convert back with it.
+    codec.colorspace = codec.color_primaries = codec.color_trc = 1  # BT.709
+    codec.color_range = 1  # limited ("MPEG") range
+    return stream
+
+
 def _to_video_frame(frame: Frames) -> Any:
     """(H, W, 3) uint8 RGB -> a yuv420p `av.VideoFrame` in BT.709 limited range (tagged as such)."""
     import av
@@ -100,12 +150,7 @@ def write_mp4(
         with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as container:
             if comment is not None:
                 container.metadata["comment"] = comment
-            stream = container.add_stream("libx264", rate=rate, options={"crf": str(int(crf))})
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            codec = stream.codec_context
-            # Tag what `_to_video_frame` produces, so players (and `read_video`) convert back with it.
-            codec.colorspace = codec.color_primaries = codec.color_trc = 1  # BT.709
-            codec.color_range = 1  # limited ("MPEG") range
+            stream = h264_stream(container, rate, crf, width, height)
             for frame in frames:
                 container.mux(stream.encode(_to_video_frame(frame)))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
