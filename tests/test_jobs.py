@@ -113,7 +113,7 @@ def test_the_commit_keeps_the_blending_tail_as_floats(tmp_path):
     assert tail.abs().max() > 1 and tail.shape[2] == 4 * ws - 3
     _, state = job.load_sections([0, 1])
     assert state.tail.dtype == torch.float16 and torch.equal(state.tail.float(), tail)
-    assert sorted(p.name for p in (job.root / "sections").glob("*.tail.safetensors")) == [
+    assert sorted(p.name for p in (job.root / "segments").glob("*.tail.safetensors")) == [
         "0001.tail.safetensors"
     ]
     resumed = SegmentedVideo(job, IncrementalDecoder(loud, ws, torch.float16), True, 30, 16, False)

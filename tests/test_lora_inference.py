@@ -237,6 +237,7 @@ def test_a_lora_from_our_training_loads_and_matches_its_merged_checkpoint(tmp_pa
 
 
 def test_generation_with_loras_and_the_cli_errors(tmp_path):
+    import shutil
     import subprocess
     import sys
 
@@ -254,7 +255,9 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
     videos = {}
     for scale in (None, 0.0, 1.0):
         loras = () if scale is None else ((str(lora), scale),)
-        settings = GenerationSettings(prompt="a cat", sections=1, steps=2, name=f"v{scale}", loras=loras)
+        settings = GenerationSettings(
+            prompt="a cat", sections=1, steps=2, name=f"v{scale}", loras=loras, png=True
+        )
         done = generate(bundle, settings, tmp_path / "out", image=image)
         videos[scale] = read_video(done.video)[0]
         assert settings_from_dict(json.loads(done.sidecar.read_text())["settings"]) == settings
@@ -265,15 +268,23 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
     Image.fromarray(image).save(tmp_path / "start.png")
     cmd = [sys.executable, "-m", "framepack", "generate", "--model", str(tiny_bundle_dir()), "--image", "start.png",
            "--prompt", "a cat", "--sections", "1", "--steps", "2", "--out", "cli", "--name", "merged",
-           "--lora", f"{lora}:1", "--lora-merge"]  # fmt: skip
+           "--lora", f"{lora}:1", "--lora-merge", "--png"]  # fmt: skip
     r = subprocess.run(
         cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     assert r.returncode == 0, r.stderr
-    merged = read_video(tmp_path / "cli" / "merged.mp4")[0]  # merged into the weights: the same video
-    assert np.abs(merged.astype(int) - videos[1.0].astype(int)).mean() < 0.5
+
+    # Merged into the weights: the same frames but for rounding (compared as written, before H.264,
+    # whose rate control spreads a few one-level differences over the whole clip: 1.4 levels on
+    # average in the mp4s against 3e-5 in the frames).
+    def pngs(folder):
+        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]).astype(int)
+
+    diff = np.abs(pngs(tmp_path / "cli" / "merged_frames") - pngs(tmp_path / "out" / "v1.0_frames"))
+    assert diff.mean() < 0.01 and diff.max() <= 2
     (tmp_path / "cli" / "merged.mp4").unlink()
     (tmp_path / "cli" / "merged.json").unlink()
+    shutil.rmtree(tmp_path / "cli" / "merged_frames")
     save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 8)}, str(tmp_path / "bad.safetensors"))
     for bad in ("bad.safetensors:0.5", "missing.safetensors", f"{lora}:abc"):
         cmd = [sys.executable, "-m", "framepack", "generate", "--model", str(tiny_bundle_dir()), "--image",

@@ -13,7 +13,7 @@ last finished section intact:
 - `segments/NNNN.mp4`: frames that no later section can change, each encoded once (and
   `NNNN.npy`, the raw uint8 frames, when a GIF or PNG frames are wanted at the end);
   `segments/NNNN.tail.mp4`: the frames the next section still blends into (`4 * window - 3`);
-- `sections/NNNN.tail.safetensors`: those frames as the decoder gave them (floats, not clamped, in
+- `segments/NNNN.tail.safetensors`: those frames as the decoder gave them (floats, not clamped, in
   the VAE's dtype), which the next section blends into as the release does; only the last is kept;
 - `sections/NNNN.safetensors`, the commit of section NNNN (generation order), written last: its
   window latents, the CPU generator's state after it, and (as metadata) the decoded range and the
@@ -214,7 +214,7 @@ class Job:
         return self.root / "sections" / f"{number:04d}.safetensors"
 
     def _tail_path(self, number: int) -> Path:
-        return self.root / "sections" / f"{number:04d}.tail.safetensors"
+        return self.root / "segments" / f"{number:04d}.tail.safetensors"
 
     def commit_section(self, number: int, latents: torch.Tensor, state: SectionState) -> None:
         """Write section `number`'s commit (after its segments): latents, RNG, decoder state. The
@@ -233,7 +233,7 @@ class Job:
         }
         with atomic_write(self._section_path(number)) as tmp:
             save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-        for old in (self.root / "sections").glob("*.tail.safetensors"):
+        for old in (self.root / "segments").glob("*.tail.safetensors"):
             if old != self._tail_path(number):
                 old.unlink(missing_ok=True)
 
