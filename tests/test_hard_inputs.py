@@ -233,14 +233,14 @@ def test_disk_full_mid_run_keeps_the_finished_section(files, tmp_path, capsys, m
     ENOSPC. One sentence, no temporary file left, the first section's video plays and resumes."""
     import framepack.io.files as files_module
 
-    real = files_module._fsync_path
+    real = files_module.fsync_path
 
     def fsync(path: Path) -> None:
         if ".0001." in path.name:  # a file of the second section
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path)
 
-    monkeypatch.setattr(files_module, "_fsync_path", fsync)
+    monkeypatch.setattr(files_module, "fsync_path", fsync)
     argv = _argv(files, tmp_path, ["--sections", "2", "--order", "forward"])
     assert main(argv) == 2
     plan, *err = _lines(capsys.readouterr().err)  # what the run makes, then the one sentence
@@ -249,7 +249,7 @@ def test_disk_full_mid_run_keeps_the_finished_section(files, tmp_path, capsys, m
     out = tmp_path / "out"
     assert not list(out.rglob("*.tmp"))
     assert read_video(out / "clip.mp4")[0].shape[0] == 4 * 10 - 3  # the first section
-    monkeypatch.setattr(files_module, "_fsync_path", real)  # space again: the run goes on
+    monkeypatch.setattr(files_module, "fsync_path", real)  # space again: the run goes on
     assert main(["generate", "--resume", str(out / "clip.job")]) == 0
     assert read_video(out / "clip.mp4")[0].shape[0] == 4 * 19 - 3
 
@@ -338,7 +338,7 @@ def test_disk_full_at_the_start_leaves_nothing(files, tmp_path, capsys, monkeypa
     def fsync(path: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(files_module, "_fsync_path", fsync)
+    monkeypatch.setattr(files_module, "fsync_path", fsync)
     assert main(_argv(files, tmp_path, [])) == 2
     plan, *err = _lines(capsys.readouterr().err)  # what the run makes, then the one sentence
     assert plan.startswith("framepack: 1 section(s) of 9 latents"), plan

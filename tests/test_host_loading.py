@@ -105,26 +105,26 @@ def test_api_caches_a_bundle_per_place_its_weights_wait(tmp_path, monkeypatch):
         return load_bundle(model, device=device, vram_budget=vram_budget)
 
     monkeypatch.setattr("framepack.pipeline.bundle.load_bundle", counting)
-    monkeypatch.setattr(api, "_LOADED", type(api._LOADED)())
+    monkeypatch.setattr(api, "LOADED_BUNDLES", type(api.LOADED_BUNDLES)())
     model = str(tiny_bundle_dir())
-    host = api._bundle(model, "meta", 2)
-    assert api._bundle(model, "meta", "auto") is host and host.device == META
+    host = api.loaded_bundle(model, "meta", 2)
+    assert api.loaded_bundle(model, "meta", "auto") is host and host.device == META
     assert _bytes_on(host, META) == 0
-    resident = api._bundle(model, "meta", None)  # loaded onto the device: the host copy is dropped
+    resident = api.loaded_bundle(model, "meta", None)  # loaded onto the device: the host copy is dropped
     assert resident is not host and _bytes_on(resident, META) > 0
-    assert list(api._LOADED) == [(model, "meta", "meta")]
-    assert api._bundle(model, "cpu", 2) is api._bundle(model, "cpu", None)  # on a CPU: one place
+    assert list(api.LOADED_BUNDLES) == [(model, "meta", "meta")]
+    assert api.loaded_bundle(model, "cpu", 2) is api.loaded_bundle(model, "cpu", None)  # on a CPU: one place
     assert len(loads) == 3
 
 
 def test_a_budgeted_generation_through_the_api_equals_the_plain_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "_LOADED", type(api._LOADED)())
+    monkeypatch.setattr(api, "LOADED_BUNDLES", type(api.LOADED_BUNDLES)())
     image = np.zeros((64, 64, 3), np.uint8)
     image[16:48, 16:48] = (200, 40, 40)
     base = dict(prompt="a red square", sections=2, steps=2, image=image)
     model = tiny_bundle_dir()
     plain = framepack.generate(model, tmp_path, name="plain", **base)
-    bundle = api._bundle(str(model), "cpu", None)
+    bundle = api.loaded_bundle(str(model), "cpu", None)
     settings = GenerationSettings(prompt=base["prompt"], sections=2, steps=2)
     budget = tight_budget(bundle, prepare(bundle, settings, image=image))
     done = framepack.generate(model, tmp_path, name="tight", vram_budget=budget / GIB, **base)

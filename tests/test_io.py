@@ -434,7 +434,7 @@ def test_mp4_failure_mid_write_leaves_target_untouched(tmp_path, monkeypatch, ex
     target = tmp_path / "v.mp4"
     if existing:
         target.write_bytes(b"the previous section's video")
-    real = video_module._to_video_frame
+    real = video_module.to_video_frame
     calls = []
 
     def failing(frame):
@@ -443,7 +443,7 @@ def test_mp4_failure_mid_write_leaves_target_untouched(tmp_path, monkeypatch, ex
             raise RuntimeError("encoder died")
         return real(frame)
 
-    monkeypatch.setattr(video_module, "_to_video_frame", failing)
+    monkeypatch.setattr(video_module, "to_video_frame", failing)
     with pytest.raises(RuntimeError, match="encoder died"):
         write_mp4(smooth_video(12), target)
     assert len(calls) == 6

@@ -53,7 +53,7 @@ def test_write_mp4_is_frame_identical_run_after_run(tmp_path):
         assert np.array_equal(read_video(write_mp4(frames, tmp_path / f"{i}.mp4"))[0], first)
 
 
-@pytest.mark.skipif(not video_module._has_avx512(), reason="x264 picks its own kernels without AVX-512")
+@pytest.mark.skipif(not video_module.has_avx512(), reason="x264 picks its own kernels without AVX-512")
 def test_x264_keeps_to_its_avx2_kernels_on_an_avx512_cpu():
     params = video_module.x264_options()["x264-params"]
     kernels = params.removeprefix("asm=").split(",")

@@ -179,19 +179,19 @@ def test_an_fp8_job_leaves_the_api_bundle_cache_as_loaded(bundle, image, tmp_pat
         return commit(job, number, window, state)
 
     monkeypatch.setattr(Job, "commit_section", record)
-    monkeypatch.setattr(api, "_LOADED", OrderedDict())
+    monkeypatch.setattr(api, "LOADED_BUNDLES", OrderedDict())
     model = str(tiny_bundle_dir())
     job = dict(prompt="a cat walks", sections=2, steps=2, seed=3, image=image)
     settings = GenerationSettings(**{k: v for k, v in job.items() if k != "image"})
     budget8 = tight_budget(bundle, prepare(bundle, settings, image=image), fp8=True) / GIB
 
     framepack.generate(model, tmp_path, name="fp8", vram_budget=budget8, fp8_weights=True, **job)
-    (kept,) = api._LOADED.values()
+    (kept,) = api.LOADED_BUNDLES.values()
     latents.clear()
     framepack.generate(model, tmp_path, name="after", **job)
     after, latents[:] = list(latents), []
-    assert list(api._LOADED.values()) == [kept]  # the second job ran on the bundle the first one used
-    api._LOADED.clear()
+    assert list(api.LOADED_BUNDLES.values()) == [kept]  # the second job ran on the bundle the first one used
+    api.LOADED_BUNDLES.clear()
     framepack.generate(model, tmp_path, name="fresh", **job)
     assert len(after) == len(latents) == 2
     for a, b in zip(after, latents, strict=True):

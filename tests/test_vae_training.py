@@ -139,15 +139,15 @@ def test_cli_trains_and_rejects_bad_input(tmp_path, capsys):
 
 
 def test_schedule_warms_up_and_anneals_by_steps_or_clock():
-    from framepack.training.vae import _lr_at
+    from framepack.training.vae import lr_at
 
     config = VAETrainConfig(steps=100, warmup=10, lr=1e-4)
-    assert _lr_at(0, config) == pytest.approx(1e-5)
-    assert _lr_at(10, config) == pytest.approx(1e-4)
-    assert _lr_at(99, config) == pytest.approx(1e-5, rel=1e-2)
+    assert lr_at(0, config) == pytest.approx(1e-5)
+    assert lr_at(10, config) == pytest.approx(1e-4)
+    assert lr_at(99, config) == pytest.approx(1e-5, rel=1e-2)
     timed = VAETrainConfig(steps=100, warmup=10, lr=1e-4, max_minutes=1.0)
-    assert _lr_at(20, timed, elapsed=0.0) == pytest.approx(_lr_at(20, config))
-    assert _lr_at(20, timed, elapsed=60.0) == pytest.approx(1e-5)  # the clock ran out first
+    assert lr_at(20, timed, elapsed=0.0) == pytest.approx(lr_at(20, config))
+    assert lr_at(20, timed, elapsed=60.0) == pytest.approx(1e-5)  # the clock ran out first
 
 
 def test_shape_weights_favour_the_shape():

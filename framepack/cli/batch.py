@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from ..devices import resolve_device
+
 __all__ = ["add_parser"]
 
 
@@ -31,20 +33,6 @@ def add_parser(sub) -> None:
         "--list", action="store_true", help="only list this process's jobs and whether they are finished"
     )
     p.set_defaults(func=cmd_batch)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        try:
-            torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda.") from None
-        return name
-    if torch.cuda.is_available():  # one GPU per process under torchrun
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    return "cpu"
 
 
 def _run_job(bundle, job, out: str) -> None:
@@ -73,7 +61,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
     try:
         jobs = read_jobs(args.jobs)
         rank, world = process_rank()
-        device = _device(args.device)
+        device = resolve_device(args.device, rank=int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as e:
         raise UserError(str(e)) from None
     mine = shard(jobs, rank, world)

@@ -8,6 +8,8 @@ import sys
 import threading
 import warnings
 
+from ..devices import resolve_device
+
 __all__ = ["add_parser", "timed_prompt_text"]
 
 
@@ -55,18 +57,6 @@ def _dtypes(name: str) -> dict | None:
     if name == "fp32":
         return component_dtypes("cpu", torch.float32)
     return component_dtypes("cuda") if name == "release" else None
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda.") from None
-    return name
 
 
 def _cache_option(args: argparse.Namespace) -> tuple[str | None, float, tuple[float, ...] | None]:
@@ -405,7 +395,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     from ..pipeline.budget import check_budget
 
                     checked = check_settings(manifest, settings)
-                    check_budget(args.model, checked, _device(args.device), _dtypes(args.dtype))
+                    check_budget(args.model, checked, resolve_device(args.device), _dtypes(args.dtype))
                 _check_writable(args.out)
             _quiet_loaders()
             budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
@@ -413,7 +403,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 from ..pipeline.jobs import Job
 
                 budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own
-            device = _device(args.device)
+            device = resolve_device(args.device)
             bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=_dtypes(args.dtype))
             source = None
             if job_dir is not None:  # a generation or an extension, as the job holds

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..devices import resolve_device
+
 __all__ = ["add_parser", "parse_auth", "LOOPBACK"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -64,7 +66,6 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..memory.streaming import parse_budget
-    from .generate import _device
     from .main import UserError
 
     if not args.model:
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--port must be from 1 to 65535, got {args.port}.")
     try:
         auth = parse_auth(args.auth)
-        device = _device(args.device)
+        device = resolve_device(args.device)
         parse_budget(args.vram_budget)
     except ValueError as e:
         raise UserError(str(e)) from None

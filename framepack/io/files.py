@@ -50,7 +50,8 @@ def _is_plain(name: str) -> bool:
     return 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush the file at `path` to disk."""
     # "r+b", not "rb": Windows only flushes handles opened for writing.
     with open(path, "r+b") as f:
         os.fsync(f.fileno())
@@ -94,7 +95,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _create_temp(target)
     try:
         yield tmp
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

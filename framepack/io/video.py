@@ -86,10 +86,10 @@ def x264_options() -> dict[str, str]:
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
-    return {"x264-params": f"asm={_X264_UP_TO_AVX2}"} if _has_avx512() else {}
+    return {"x264-params": f"asm={_X264_UP_TO_AVX2}"} if has_avx512() else {}
 
 
-def _has_avx512() -> bool:
+def has_avx512() -> bool:
     """Whether the CPU has the AVX-512 subsets x264 uses (F, CD, BW, DQ, VL)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -104,18 +104,18 @@ def _has_avx512() -> bool:
 
 def h264_stream(container: Any, rate: Fraction, crf: int, width: int, height: int) -> Any:
     """Add `write_mp4`'s video stream to an open PyAV output `container`: libx264 at `crf`, with
-    `x264_options`, yuv420p frames tagged BT.709 limited range (what `_to_video_frame` makes)."""
+    `x264_options`, yuv420p frames tagged BT.709 limited range (what `to_video_frame` makes)."""
     options = {"crf": str(int(crf)), **x264_options()}
     stream = container.add_stream("libx264", rate=rate, options=options)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     codec = stream.codec_context
-    # Tag what `_to_video_frame` produces, so players (and `read_video`) convert back with it.
+    # Tag what `to_video_frame` produces, so players (and `read_video`) convert back with it.
     codec.colorspace = codec.color_primaries = codec.color_trc = 1  # BT.709
     codec.color_range = 1  # limited ("MPEG") range
     return stream
 
 
-def _to_video_frame(frame: Frames) -> Any:
+def to_video_frame(frame: Frames) -> Any:
     """(H, W, 3) uint8 RGB -> a yuv420p `av.VideoFrame` in BT.709 limited range (tagged as such)."""
     import av
 
@@ -152,7 +152,7 @@ def write_mp4(
                 container.metadata["comment"] = comment
             stream = h264_stream(container, rate, crf, width, height)
             for frame in frames:
-                container.mux(stream.encode(_to_video_frame(frame)))
+                container.mux(stream.encode(to_video_frame(frame)))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
     return Path(path)
 

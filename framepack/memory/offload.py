@@ -31,12 +31,12 @@ from .streaming import (
     ByteLedger,
     MemoryPlan,
     WeightStreamer,
-    _nbytes,
-    _tensors,
     budget_bytes,
     format_bytes,
+    module_tensors,
     parse_budget,
     plan_memory,
+    tensor_bytes,
 )
 
 __all__ = [
@@ -59,7 +59,7 @@ LIVE_TENSORS = 5  # full-resolution tensors alive at once in a decoder resnet / 
 
 def module_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer of `module`."""
-    return _nbytes(_tensors(module))
+    return tensor_bytes(module_tensors(module))
 
 
 def layers_of(module: nn.Module) -> list[nn.Module]:
@@ -104,7 +104,7 @@ class Offloader:
             return
         pin = self.device.type == "cuda"
         entries = []
-        for t in _tensors(module):
+        for t in module_tensors(module):
             data = t.data
             host = data if data.device.type == "cpu" else data.to("cpu")
             if pin and module in self.managed:  # visitors come back often: pinned copies are fast
@@ -136,7 +136,7 @@ class Offloader:
         name = type(module).__name__
         plan = self.streamed.get(id(module))
         if plan is None:
-            size = _nbytes([e.host for e in entries])
+            size = tensor_bytes([e.host for e in entries])
             self.ledger.add(size, name)
             for e in entries:
                 e.tensor.data = e.host.to(self.device, non_blocking=True, copy=True)
@@ -211,7 +211,7 @@ def belongs_on(module: nn.Module, device: torch.device | str) -> None:
 def pin_host(module: nn.Module) -> None:
     """Page-lock `module`'s host weights one tensor at a time, the copies CUDA streams from (never a
     second copy of the module; the planner's own `pin_memory` calls then copy nothing)."""
-    for t in _tensors(module):
+    for t in module_tensors(module):
         if t.device.type == "cpu" and not t.is_pinned():
             t.data = t.data.pin_memory()
 

@@ -52,7 +52,7 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return [*model.transformer_blocks, *model.single_transformer_blocks]
 
 
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     """Every parameter and buffer of `module` (each once)."""
     seen, out = set(), []
     for t in [*module.parameters(), *module.buffers()]:
@@ -62,7 +62,8 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """The bytes `tensors` hold together."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -109,7 +110,7 @@ def budget_bytes(
         free, _ = torch.cuda.mem_get_info(device)
         index = torch.cuda.current_device() if device.index is None else device.index
         on = torch.device("cuda", index)
-        held = 0 if model is None else _nbytes([t for t in _tensors(model) if t.device == on])
+        held = 0 if model is None else tensor_bytes([t for t in module_tensors(model) if t.device == on])
         return int(free + held)
     return round(float(budget) * GIB)
 
@@ -175,14 +176,14 @@ def plan_memory(
     `blocks` are the streamable layers in execution order (default: the transformer's blocks).
     """
     blocks = blocks_of(model) if blocks is None else list(blocks)
-    if any(t.numel() == 0 for b in blocks for t in _tensors(b)):
+    if any(t.numel() == 0 for b in blocks for t in module_tensors(b)):
         raise ValueError("some blocks are streamed already (empty weights); detach the streamer first.")
-    in_blocks = {id(t) for b in blocks for t in _tensors(b)}
-    base = _nbytes([t for t in _tensors(model) if id(t) not in in_blocks])
-    sizes = tuple(_nbytes(_tensors(b)) for b in blocks)
+    in_blocks = {id(t) for b in blocks for t in module_tensors(b)}
+    base = tensor_bytes([t for t in module_tensors(model) if id(t) not in in_blocks])
+    sizes = tuple(tensor_bytes(module_tensors(b)) for b in blocks)
     extra, fp8_bytes = [], []
     for b in blocks:  # fp8: the raw copy of the tensor being upcast sits beside the block
-        quant = [t for t in _tensors(b) if _quantizable(t)]
+        quant = [t for t in module_tensors(b) if _quantizable(t)]
         extra.append(max((t.numel() for t in quant), default=0) if fp8 else 0)
         fp8_bytes.append(sum(t.numel() + t.shape[0] * t.element_size() for t in quant) if fp8 else 0)
     loads = tuple(s + e for s, e in zip(sizes, extra, strict=True))
@@ -284,7 +285,7 @@ class WeightStreamer:
         """Move the resident weights to the device, the streamed ones to the host; add the hooks."""
         for i in self.order:
             entries = []
-            for t in _tensors(self.blocks[i]):
+            for t in module_tensors(self.blocks[i]):
                 entries.append(self._offload(t))
             self.entries[i] = entries
         streamed = {id(e.tensor) for entries in self.entries.values() for e in entries}

@@ -24,11 +24,11 @@ def default_model() -> Path:
     return DEFAULT_MODEL
 
 
-_LOADED: OrderedDict[tuple[str, str, str], object] = OrderedDict()  # (model, device, home) -> Bundle
+LOADED_BUNDLES: OrderedDict[tuple[str, str, str], object] = OrderedDict()  # (model, device, home) -> Bundle
 _KEEP = 2  # bundles kept loaded
 
 
-def _bundle(model: str, device: str, vram_budget=None):
+def loaded_bundle(model: str, device: str, vram_budget=None):
     """The bundle `model` for runs on `device`, loaded once per place its weights wait (`home`):
     on the device, or on the host for a run with a VRAM budget (`bundle.weights_home`). Loading it
     one way drops a cached copy loaded the other way, so one model never holds the device twice."""
@@ -36,16 +36,16 @@ def _bundle(model: str, device: str, vram_budget=None):
 
     home = str(weights_home(device, vram_budget))
     key = (model, device, home)
-    if key in _LOADED:
-        _LOADED.move_to_end(key)
-        return _LOADED[key]
-    for other in [k for k in _LOADED if k[:2] == key[:2]]:
-        del _LOADED[other]
-    while len(_LOADED) >= _KEEP:
-        _LOADED.popitem(last=False)
+    if key in LOADED_BUNDLES:
+        LOADED_BUNDLES.move_to_end(key)
+        return LOADED_BUNDLES[key]
+    for other in [k for k in LOADED_BUNDLES if k[:2] == key[:2]]:
+        del LOADED_BUNDLES[other]
+    while len(LOADED_BUNDLES) >= _KEEP:
+        LOADED_BUNDLES.popitem(last=False)
     gc.collect()  # the dropped weights go before the new ones arrive
-    _LOADED[key] = load_bundle(model, device=device, vram_budget=vram_budget)
-    return _LOADED[key]
+    LOADED_BUNDLES[key] = load_bundle(model, device=device, vram_budget=vram_budget)
+    return LOADED_BUNDLES[key]
 
 
 def _settings(kwargs: dict) -> GenerationSettings:
@@ -81,7 +81,7 @@ def generate_iter(
         settings["image"], image = str(image), None
     if model is None:
         model = default_model()
-    bundle = _bundle(str(model), device, settings.get("vram_budget"))
+    bundle = loaded_bundle(str(model), device, settings.get("vram_budget"))
     prepared = prepare(bundle, _settings(settings), image)
     yield from generate_events(bundle, prepared, "outputs" if out_dir is None else out_dir, cancel)
 
@@ -102,7 +102,7 @@ def _resume(model, resume, out_dir, image, cancel, device: str, settings: dict) 
         if model in ("", "None"):  # a named bundle records no directory
             raise ValueError(f"the job {job_dir} does not record its model directory; pass model=.")
     budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own budget
-    bundle = _bundle(str(model), device, budget)
+    bundle = loaded_bundle(str(model), device, budget)
     prepared, source = resume_job(bundle, job_dir)  # a generation or a video extension
     if source is not None:
         yield from extend_events(bundle, prepared, source, job_dir.parent, cancel, job=job_dir)

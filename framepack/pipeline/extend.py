@@ -35,12 +35,12 @@ from .generate import (
     Prepared,
     Stage,
     StepEvent,
-    _encode_inputs,
-    _sample_live,
     accelerate_run,
+    encode_inputs,
     make_denoiser,
     prepare,
     prompt_embeds,
+    sample_live,
     used_settings,
 )
 
@@ -202,7 +202,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
 
     def encode() -> dict[str, torch.Tensor]:
         with torch.no_grad(), memory.transformer_away(model):  # under a budget: the encoders visit alone
-            tensors = _encode_inputs(bundle, prepared)  # prompts, SigLIP and latent of the start frame
+            tensors = encode_inputs(bundle, prepared)  # prompts, SigLIP and latent of the start frame
             tensors["near_latents"] = (
                 vae_encode(bundle, from_uint8_frames(near)).float().cpu()
             )  # (1, C, n, h, w)
@@ -282,9 +282,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
         noise = torch.randn((1, c, ws, h, w), generator=generator)
         speed.new_section(len(sigmas) - 1, 1 if negative is None else 2)
         yield Stage("sampling")
-        for event in _sample_live(
-            sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel
-        ):
+        for event in sample_live(sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel):
             if isinstance(event, StepEvent):
                 yield event
             else:

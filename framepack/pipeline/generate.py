@@ -299,7 +299,7 @@ def generate_events(
             yield event
 
 
-def _encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
+def encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
     """Every conditioning tensor of a run, by name (what a job directory stores)."""
     from .conditioning import encode_image, encode_prompt, vae_encode
 
@@ -343,7 +343,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
 
     def encode() -> dict[str, torch.Tensor]:
         with torch.no_grad(), memory.transformer_away(model):
-            return _encode_inputs(bundle, prepared)
+            return encode_inputs(bundle, prepared)
 
     inputs = job.inputs(prepared, encode)
     speed = accelerate_run(model, device, s, memory)  # weight streaming and the step cache, as hooks
@@ -399,9 +399,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
         noise = torch.randn((1, c, ws, h, w), generator=generator)  # one CPU generator, every section
         speed.new_section(len(sigmas) - 1, 1 if neg is None else 2)
         yield Stage("sampling")
-        for event in _sample_live(
-            sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel
-        ):
+        for event in sample_live(sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel):
             if isinstance(event, StepEvent):
                 yield event
             else:
@@ -484,7 +482,7 @@ def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, sig
     return denoise
 
 
-def _sample_live(sampler, denoise, noise, sigmas, number: int, sections: int, cancel) -> Iterator:
+def sample_live(sampler, denoise, noise, sigmas, number: int, sections: int, cancel) -> Iterator:
     """Run the sampler in a worker thread, yielding a `StepEvent` as each step ends, then the latents.
 
     The sampler calls back synchronously; a queue hands its steps to this generator so a caller

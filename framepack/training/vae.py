@@ -279,7 +279,7 @@ def reconstruction_psnr(vae: AutoencoderKLHunyuanVideo, clips: torch.Tensor, chu
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def _lr_at(step: int, config: VAETrainConfig, elapsed: float = 0.0) -> float:
+def lr_at(step: int, config: VAETrainConfig, elapsed: float = 0.0) -> float:
     """Linear warmup, then cosine decay to a tenth of `lr` by the last step, or by `max_minutes`
     when that comes first (so a run stopped by the clock still ends annealed)."""
     if step < config.warmup:
@@ -334,7 +334,7 @@ def train_vae(
                 x = demo_clips(seeds, config, frames=1).to(device)  # (B * T, 3, 1, H, W)
             else:
                 x = demo_clips(seeds, config).to(device)  # (B, 3, T, H, W)
-            lr = _lr_at(step, config, time.monotonic() - start)
+            lr = lr_at(step, config, time.monotonic() - start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
