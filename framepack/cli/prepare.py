@@ -27,16 +27,16 @@ def add_parser(sub) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     import torch
 
+    from ..devices import resolve_device
     from ..pipeline.bundle import load_bundle
     from ..training.prepare import PrepareWarning, prepare_dataset
     from .main import UserError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device, e.g. cpu or cuda.") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+        device = resolve_device(args.device or "auto")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here.")
     try:
         bundle = load_bundle(args.model, device=device)

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..devices import resolve_device
 from ..model import SPECS, HistoryGroup, PackedTransformer, get_spec, load_transformer, save_transformer
 from ..packing import PRESETS, Kernel, forward_layout, gather_history, get_schedule, inverted_layout
 from ..sampling.sigmas import dynamic_mu, flow_shift, noisy_tokens
@@ -287,13 +288,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- set-up
     def _device(self) -> torch.device:
-        name = self.config.device
-        if name == "auto":
-            return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"device {name!r} is not a torch device, e.g. cpu or cuda.") from None
+        device = torch.device(resolve_device(self.config.device, rank=self.local_rank, what="device"))
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError("device cuda was asked for, but torch sees no CUDA GPU here.")
