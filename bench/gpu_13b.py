@@ -156,9 +156,9 @@ def main() -> None:
             )
             total = None if unlimited else round(float(budget) * GIB)
             if not unlimited:
-                full = plan_memory(model, None, fp8=args.fp8)
+                least = plan_memory(model, None, fp8=args.fp8).least_bytes
                 try:  # as the pipeline refuses it: one sentence, then the next budget
-                    need.check(total, full.base_bytes + max(full.load_bytes), args.size)
+                    need.check(total, least, args.size)
                 except ValueError as e:
                     print(f"{budget} GiB: refused: {e}")
                     continue

@@ -302,16 +302,12 @@ def tight_budget(bundle, prepared=None, fp8: bool = False) -> int:
     from .memory.offload import TILES, module_bytes, vae_decode_bytes
     from .memory.streaming import plan_memory
 
-    plan = plan_memory(bundle.transformer, None, fp8=fp8)
-    weights = module_bytes(bundle.vae) + plan.base_bytes + max(plan.load_bytes)
+    weights = module_bytes(bundle.vae) + plan_memory(bundle.transformer, None, fp8=fp8).least_bytes
     if prepared is None:
         return weights
-    from .pipeline.budget import bundle_need
+    from .pipeline.budget import bundle_need, decode_shape
 
     need = bundle_need(bundle, prepared)
-    h, w = (side // 8 for side in prepared.image.shape[:2])
-    shape = (1, bundle.vae.config.latent_channels, prepared.plan.window + 2, h, w)
-    need = dataclasses.replace(
-        need, vae_decode=max(need.vae_decode, vae_decode_bytes(bundle.vae, shape, TILES[0]))
-    )
+    full = vae_decode_bytes(bundle.vae, decode_shape(bundle.vae, prepared), TILES[0])
+    need = dataclasses.replace(need, vae_decode=max(need.vae_decode, full))
     return need.smallest(weights)

@@ -387,6 +387,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 fp8_weights=args.fp8_weights,
             )
             checked = None
+            device, dtypes = resolve_device(args.device), _dtypes(args.dtype)
             if job_dir is None:  # the settings, images and output folder before a long load
                 from ..pipeline.bundle import read_manifest
 
@@ -395,7 +396,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     from ..pipeline.budget import check_budget
 
                     checked = check_settings(manifest, settings)
-                    check_budget(args.model, checked, resolve_device(args.device), _dtypes(args.dtype))
+                    check_budget(args.model, checked, device, dtypes)
                 _check_writable(args.out)
             _quiet_loaders()
             budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
@@ -403,8 +404,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 from ..pipeline.jobs import Job
 
                 budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own
-            device = resolve_device(args.device)
-            bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=_dtypes(args.dtype))
+            bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
             source = None
             if job_dir is not None:  # a generation or an extension, as the job holds
                 from ..pipeline.jobs import resume_job

@@ -95,7 +95,6 @@ class Offloader:
     inside: set[int] = field(default_factory=set)  # id(module) of the modules in a `use` block
     activations: bool = True  # whether `room` is meaningful (see `plan_offload`)
     need: DeviceNeed | None = None  # the run's bytes besides weights, when given
-    kept: int = 0  # bytes of the budget held besides weights and the decode (context, allocator, step cache)
 
     # ---------------------------------------------------------------------------- parking
     def park(self, module: nn.Module) -> None:
@@ -163,6 +162,13 @@ class Offloader:
         if self.total is None or not self.activations:
             return None
         return self.total - self.ledger.current - self.kept
+
+    @property
+    def kept(self) -> int:
+        """Bytes of the budget held besides weights and the decode (context, allocator, step cache)."""
+        if self.need is None or self.total is None:
+            return 0
+        return self.need.reserve(self.total) - max(self.need.activations, self.need.vae_decode)
 
     @contextmanager
     def transformer_away(self, model: nn.Module) -> Iterator[None]:
@@ -262,19 +268,17 @@ def plan_offload(
         reserve = need.reserve(total)
     weights = total - (default_reserve(total, device) if reserve is None else reserve)
     sizes = [module_bytes(m) for m in visitors]
-    off = Offloader(device, total, weights, activations=device.type != "cpu" or reserve is not None)
-    off.need = need
-    if need is not None:
-        off.kept = reserve - max(need.activations, need.vae_decode)
+    off = Offloader(
+        device, total, weights, activations=device.type != "cpu" or reserve is not None, need=need
+    )
     fits = module_bytes(transformer) + sum(sizes) <= weights
     if not fits:  # every check before anything is registered or moved
         off.resident = False
         off.transformer_budget = weights - (0 if beside is None else module_bytes(beside))
-        full = plan_memory(transformer, None, fp8=fp8)
-        least = full.base_bytes + max(full.load_bytes, default=0)  # non-block weights and one block
+        least = plan_memory(transformer, None, fp8=fp8).least_bytes  # non-block weights and one block
         if need is not None:  # too small: one sentence, before any work
             need.check(total, least + (0 if beside is None else module_bytes(beside)), run_size)
-        if off.transformer_budget < least:  # (no `need`: the old reserve)
+        elif off.transformer_budget < least:  # the same test, with the old reserve
             kept = total - off.transformer_budget
             raise ValueError(
                 f"a VRAM budget of {format_bytes(total)} is too small: the transformer needs at least "

@@ -145,6 +145,11 @@ class MemoryPlan:
         return self.base_bytes + resident + sum(loads[: self.slots])
 
     @property
+    def least_bytes(self) -> int:
+        """Device bytes of the smallest plan: the non-block weights and one block being loaded."""
+        return self.base_bytes + max(self.load_bytes, default=0)
+
+    @property
     def fp8_host_bytes(self) -> int:
         """Host bytes the fp8 copies add beside the full-precision weights (kept for `detach`)."""
         return sum(self.fp8_bytes[i] for i in self.streamed) if self.fp8 else 0

@@ -24,7 +24,7 @@ from ..memory.estimate import (
 from ..memory.offload import TILES, module_bytes, vae_decode_bytes
 from ..memory.streaming import budget_bytes, parse_budget, plan_memory
 
-__all__ = ["bundle_need", "check_budget", "run_need", "run_size"]
+__all__ = ["bundle_need", "check_budget", "context_tokens", "decode_shape", "run_need", "run_size"]
 
 SIGLIP_TOKENS = 729  # the release's image encoder (384 px, 14 px patches), when its config says nothing
 
@@ -32,6 +32,17 @@ SIGLIP_TOKENS = 729  # the release's image encoder (384 px, 14 px patches), when
 def run_size(prepared) -> str:
     height, width = prepared.image.shape[:2]
     return f"{width}x{height}"
+
+
+def decode_shape(vae: nn.Module, prepared) -> tuple[int, ...]:
+    """Latent shape `(1, C, window + 2, h, w)` of one section's decode, for `vae_decode_bytes`."""
+    height, width = (v // 8 for v in prepared.image.shape[:2])
+    return (1, vae.config.latent_channels, prepared.plan.window + 2, height, width)
+
+
+def context_tokens(max_prompt_tokens: int, has_image_proj: bool, image_encoder_config: dict | None) -> int:
+    """Text + image-encoder tokens a model call may see (SigLIP's only with an image projection)."""
+    return max_prompt_tokens + (_image_tokens(image_encoder_config) if has_image_proj else 0)
 
 
 def run_need(cfg, vae: nn.Module, dtype: torch.dtype, prepared, device, text_tokens: int) -> DeviceNeed:
@@ -43,12 +54,13 @@ def run_need(cfg, vae: nn.Module, dtype: torch.dtype, prepared, device, text_tok
     image, noisy = section_tokens(prepared.plan, height, width)
     itemsize = dtype.itemsize
     branches = 1 if prepared.cfg == 1 else 2
-    shape = (1, vae.config.latent_channels, prepared.plan.window + 2, height, width)
     cuda = device.type == "cuda"
     return DeviceNeed(
         activations=activation_bytes(cfg, image, text_tokens, itemsize),
         cache=cache_bytes(cfg, s.cache, image, noisy, itemsize, branches),
-        vae_decode=vae_decode_bytes(vae, shape, TILES[-1]),  # the tile shrinks to the room left
+        vae_decode=vae_decode_bytes(
+            vae, decode_shape(vae, prepared), TILES[-1]
+        ),  # the tile shrinks to the room left
         overhead=device_overhead(device),
         margin=ALLOCATOR_MARGIN if cuda else 0.0,
     )
@@ -65,7 +77,7 @@ def bundle_need(bundle, prepared) -> DeviceNeed:
     model = bundle.transformer
     config = getattr(bundle.image_encoder, "config", None)
     config = None if config is None else getattr(config, "to_dict", lambda: None)()
-    tokens = bundle.manifest.max_prompt_tokens + (_image_tokens(config) if model.config.has_image_proj else 0)
+    tokens = context_tokens(bundle.manifest.max_prompt_tokens, model.config.has_image_proj, config)
     return run_need(model.config, bundle.vae, model.dtype, prepared, bundle.device, tokens)
 
 
@@ -95,12 +107,11 @@ def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None
             vae = AutoencoderKLHunyuanVideo.from_config(read_component_config(model, "vae")).to(dtypes["vae"])
     finally:
         diffusers_logging.set_verbosity(level)
-    full = plan_memory(transformer, None, fp8=s.fp8_weights)
-    least = full.base_bytes + max(full.load_bytes, default=0) + module_bytes(vae)
+    least = plan_memory(transformer, None, fp8=s.fp8_weights).least_bytes + module_bytes(vae)
     try:
         siglip = read_component_config(model, "image_encoder")
     except ValueError:
         siglip = None
-    tokens = manifest.max_prompt_tokens + (_image_tokens(siglip) if cfg.has_image_proj else 0)
+    tokens = context_tokens(manifest.max_prompt_tokens, cfg.has_image_proj, siglip)
     need = run_need(cfg, vae, dtypes["transformer"], prepared, device, tokens)
     need.check(total, least, run_size(prepared))
