@@ -28,7 +28,7 @@ from ..lora import applied_loras
 from ..model.transformer import HistoryGroup
 from ..packing.layout import forward_layout, gather_history
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
-from .decode import IncrementalDecoder, from_uint8_frames
+from .decode import from_uint8_frames
 from .generate import (
     Event,
     GenerationSettings,
@@ -41,6 +41,7 @@ from .generate import (
     prepare,
     prompt_embeds,
     sample_live,
+    section_decoder,
     used_settings,
 )
 
@@ -185,7 +186,7 @@ def extend_events(
 
 
 def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> Iterator[Event]:
-    from .conditioning import vae_decode, vae_encode
+    from .conditioning import vae_encode
     from .jobs import JobRun, SegmentedVideo
 
     s, plan = prepared.settings, prepared.plan
@@ -215,9 +216,7 @@ def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> 
     _, c, _, h, w = near_latents.shape
     speed = accelerate_run(model, device, s, memory)
 
-    decoder = IncrementalDecoder(
-        lambda lat: vae_decode(bundle, lat.to(device)).cpu(), ws, bundle.dtypes()["vae"]
-    )
+    decoder = section_decoder(bundle, device, ws)
     total = plan.total_latents  # inverted: [start | the new latents], then the source's head
     # The source's own pixels: the frames a section can blend into (at most 4 * ws - 3 next to the
     # seam) as floats in the decoder; the rest stays uint8 and is written with the first segment.

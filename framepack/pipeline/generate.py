@@ -330,7 +330,6 @@ def prompt_embeds(inputs: dict[str, torch.Tensor], prepared: Prepared, device) -
 
 
 def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
-    from .conditioning import vae_decode
     from .jobs import JobRun, SegmentedVideo
 
     s, plan = prepared.settings, prepared.plan
@@ -364,9 +363,7 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
     sampler = get_sampler(s.sampler)
     sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
     guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
-    decoder = IncrementalDecoder(
-        lambda lat: vae_decode(bundle, lat.to(device)).cpu(), ws, bundle.dtypes()["vae"]
-    )
+    decoder = section_decoder(bundle, device, ws)
     video = SegmentedVideo(job, decoder, plan.packing_order != "forward", prepared.fps, s.crf, s.gif or s.png)
     info = {
         "settings": s.to_dict(),
@@ -451,6 +448,16 @@ def packed_history(plan, section, bank: torch.Tensor) -> list[HistoryGroup]:
         HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
     ]
     return packed
+
+
+def section_decoder(bundle, device, window: int) -> IncrementalDecoder:
+    """The incremental decoder of a run: the bundle's VAE on `device`, frames back on the host,
+    sections blended in the VAE's dtype (as the release blends)."""
+    from .conditioning import vae_decode
+
+    return IncrementalDecoder(
+        lambda lat: vae_decode(bundle, lat.to(device)).cpu(), window, bundle.dtypes()["vae"]
+    )
 
 
 def make_denoiser(model, device, noisy_indices, packed, cond, neg, guidance, siglip, prepared: Prepared):
