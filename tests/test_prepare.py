@@ -163,15 +163,22 @@ def test_resample_indices():
     assert len(resample_indices(300, 30000 / 1001, 30)) == 301  # 29.97 fps: 10.01 s
 
 
-def test_rerun_reuses_and_notices_changes(prepared, source, bundle):
-    out, _, _ = prepared
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PrepareWarning)
-        again = prepare_dataset(source, bundle, out, window=WINDOW, progress=False)
-        assert (again.encoded, again.reused, again.skipped) == (0, 4, 3)
-        caption = source / "clip_00003.txt"
-        caption.write_text("a blue square moves up")  # a changed caption is encoded again
-        changed = prepare_dataset(source, bundle, out, window=WINDOW, progress=False)
+def test_rerun_reuses_and_notices_changes(prepared, source, bundle, tmp_path):
+    # On a copy of the cache, and the caption put back after: the shared source and cache stay as
+    # the other tests expect them, whatever the order.
+    out = tmp_path / "cache"
+    shutil.copytree(prepared[0], out)
+    caption = source / "clip_00003.txt"
+    original = caption.read_text()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrepareWarning)
+            again = prepare_dataset(source, bundle, out, window=WINDOW, progress=False)
+            assert (again.encoded, again.reused, again.skipped) == (0, 4, 3)
+            caption.write_text("a blue square moves up")  # a changed caption is encoded again
+            changed = prepare_dataset(source, bundle, out, window=WINDOW, progress=False)
+    finally:
+        caption.write_text(original)
     assert (changed.encoded, changed.reused) == (1, 3)
     assert LatentCache(out).caption(3) == "a blue square moves up"
 
