@@ -92,6 +92,33 @@ CLI_MODES = {
         "--end-image",
         str(OTHER),
     ],  # fmt: skip
+    "one-frame, release dtypes": [
+        "!",
+        "--image",
+        str(START),
+        "--prompt",
+        CAPTION,
+        "--steps",
+        "3",
+        "--one-frame",
+        "9",
+        "--dtype",
+        "release",
+        "--cfg",
+        "2",
+        "--negative-prompt",
+        "a blue square",
+    ],  # fmt: skip
+    "extension (inverted), release dtypes": [
+        "--video",
+        "{source}",
+        "--order",
+        "inverted",
+        "--sections",
+        "1",
+        "--dtype",
+        "release",
+    ],  # fmt: skip
     "extension (inverted)": ["--video", "{source}", "--order", "inverted", "--sections", "1"],
     "extension (forward)": [
         "!",
