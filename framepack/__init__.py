@@ -20,7 +20,7 @@ _LAZY = {
     "generate": "framepack.pipeline.api",
     "generate_iter": "framepack.pipeline.api",
     "load_bundle": "framepack.pipeline.bundle",
-    "GenerationSettings": "framepack.pipeline.generate",
+    "GenerationSettings": "framepack.pipeline.settings",
 }
 
 __all__ = ["__version__", *_LAZY]

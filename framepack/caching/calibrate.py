@@ -98,14 +98,15 @@ def calibrate(
 ) -> dict:
     """Run an uncached generation on `bundle` (start `image`: an array or a path) with a `Recorder`
     attached, and fit both caches."""
-    from ..pipeline.generate import GenerationSettings, generate
+    from ..pipeline.run import Request, open_run
+    from ..pipeline.settings import GenerationSettings
 
     recorder = Recorder().attach(bundle.transformer)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = image if isinstance(image, str) else None
             settings = GenerationSettings(prompt, path, sections=sections, steps=steps, name="calibration")
-            generate(bundle, settings, tmp, image=None if path else image)
+            open_run(bundle, Request(settings, None if path else image)).run(tmp)
     finally:
         recorder.detach()
     return fit(recorder.rows)

@@ -35,25 +35,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_batch)
 
 
-def _run_job(bundle, job, out: str) -> None:
-    from ..pipeline.generate import generate_events, prepare
-    from ..pipeline.one_frame import generate_frame
-
-    if job.video is not None:
-        from ..pipeline.extend import extend_events, prepare_extension
-
-        prepared, source = prepare_extension(bundle, job.settings, job.video)
-        for _ in extend_events(bundle, prepared, source, out):
-            pass
-        return
-    prepared = prepare(bundle, job.settings)
-    if job.one_frame is not None:
-        generate_frame(bundle, prepared, out, index=job.one_frame, groups=job.one_frame_groups)
-        return
-    for _ in generate_events(bundle, prepared, out):
-        pass
-
-
 def cmd_batch(args: argparse.Namespace) -> None:
     from ..pipeline.batch import is_finished, job_outputs, process_rank, read_jobs, shard
     from .main import UserError
@@ -79,6 +60,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
         library.set_verbosity_error()
     from ..pipeline.api import default_model
     from ..pipeline.bundle import load_bundle
+    from ..pipeline.run import open_run
 
     loaded: tuple[str, object] | None = None  # one bundle at a time: a 13B model is big
     failed: list[str] = []
@@ -95,7 +77,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
                 # With a budget the weights wait on the host (load_bundle); a later job of the same
                 # model without one moves them onto the device, one with one plans them there.
                 loaded = (model, load_bundle(model, device=device, vram_budget=job.settings.vram_budget))
-            _run_job(loaded[1], job, args.out)
+            open_run(loaded[1], job.request()).run(args.out)
         except ValueError as e:
             failed.append(job.name)
             print(f"framepack: job {job.name} (line {job.line}): {e}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ import threading
 import warnings
 
 from ..devices import resolve_device
+from .main import Interrupted, UserError
 
 __all__ = ["add_parser", "timed_prompt_text"]
 
@@ -193,7 +194,7 @@ def add_parser(sub) -> None:
 
 
 def _event_json(event) -> dict:
-    from ..pipeline.generate import Finished, SectionDone, Stage, StepEvent
+    from ..pipeline.events import Finished, FrameDone, SectionDone, Stage, StepEvent
 
     if isinstance(event, StepEvent):
         return {
@@ -219,25 +220,11 @@ def _event_json(event) -> dict:
             "frames": event.frames,
             "sidecar": str(event.sidecar),
         }
+    if isinstance(event, FrameDone):
+        return {"event": "frame", "image": str(event.image), "sidecar": str(event.sidecar)}
     if isinstance(event, Stage):
         return {"event": "stage", "name": event.name}
     return {"event": type(event).__name__}
-
-
-def _one_frame(bundle, prepared, args: argparse.Namespace) -> None:
-    """`--one-frame INDEX`: one PNG (and its JSON sidecar) instead of a video."""
-    from ..pipeline.one_frame import generate_frame
-    from ..sampling import Cancelled
-    from .main import UserError
-
-    groups = [g.strip() for g in args.one_frame_groups.split(",") if g.strip()]
-    try:
-        done = generate_frame(bundle, prepared, args.out, index=args.one_frame, groups=groups)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    except Cancelled:
-        raise UserError("cancelled.") from None
-    print(done.image)
 
 
 def _so_far(video) -> str:
@@ -275,10 +262,11 @@ def _quiet_loaders() -> None:
         library.set_verbosity_error()
 
 
-def _plan_line(prepared, args: argparse.Namespace, extension: bool, bundle=None) -> str:
+def _plan_line(run, args: argparse.Namespace) -> str:
     """What the run will make, in one line: sections, frames and seconds (and why not the seconds
     asked for: a video is a whole number of sections, rounded as the release rounds); under a VRAM
     budget, what the device holds besides weights (`framepack.pipeline.budget`)."""
+    prepared, extension = run.prepared, run.source is not None
     plan, fps = prepared.plan, prepared.fps
     forward_extension = extension and plan.packing_order == "forward"
     frames = plan.frames() - (1 if forward_extension else 0)  # its start latent is the source's last
@@ -290,26 +278,15 @@ def _plan_line(prepared, args: argparse.Namespace, extension: bool, bundle=None)
     asked = None if args.resume or args.sections else args.seconds
     if asked and abs(seconds - asked) > 1 / fps:
         line += f" (asked for {asked:g} s; the length is a whole number of {4 * plan.window / fps:.2f} s sections)"
-    if bundle is not None and prepared.settings.vram_budget is not None:
+    if prepared.settings.vram_budget is not None:
         from ..pipeline.budget import bundle_need
 
-        line += f"; besides weights the device holds {bundle_need(bundle, prepared).describe()}"
+        line += f"; besides weights the device holds {bundle_need(run.bundle, prepared).describe()}"
     return line + "."
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from .main import Interrupted, UserError
-
-    job_dir = None
-    if args.resume:
-        from ..pipeline.jobs import Job, JobError, check_free, find_job
-
-        try:
-            job_dir = find_job(args.resume)
-            check_free(job_dir)  # another process runs it: refused before any loading
-            args.model = args.model or Job(job_dir).read()["bundle"]
-        except JobError as e:
-            raise UserError(str(e)) from None
+def _check_args(args: argparse.Namespace) -> None:
+    """The options that contradict each other, before anything else; fills in the defaults."""
     if args.sections is not None and args.seconds is not None:
         raise UserError("give the length as --seconds or as --sections, not both.")
     if args.one_frame is not None:
@@ -324,128 +301,139 @@ def cmd_generate(args: argparse.Namespace) -> None:
             )
     if args.seconds is None and args.sections is None:
         args.seconds = 5.0
-    if not args.model:
-        from ..pipeline.api import default_model
 
-        try:
-            args.model = str(default_model())
-        except ValueError as e:
-            raise UserError(str(e)) from None
 
-    from tqdm import tqdm
-
-    from ..io import InputWarning
+def _settings(args: argparse.Namespace):
+    """The `GenerationSettings` of the options; ValueError."""
     from ..lora import parse_lora_arg
-    from ..pipeline.bundle import load_bundle
-    from ..pipeline.generate import (
-        Finished,
-        GenerationSettings,
-        SectionDone,
-        StepEvent,
-        check_settings,
-        generate_events,
-        prepare_checked,
-    )
-    from ..sampling import Cancelled
+    from ..pipeline.settings import GenerationSettings
 
+    cache, cache_threshold, cache_coefficients = _cache_option(args)
+    return GenerationSettings(
+        prompt=timed_prompt_text(args.prompt, args.prompt_at),
+        image=args.image,
+        negative_prompt=args.negative_prompt,
+        seconds=None if args.sections else args.seconds,
+        sections=args.sections,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        cfg_rescale=args.cfg_rescale,
+        distilled_cfg=args.distilled_cfg,
+        window=args.window,
+        order=args.order,
+        sampler=args.sampler,
+        shift=args.shift,
+        end_image=args.end_image,
+        keyframes=_keyframes(args.keyframe),
+        resolution=args.resolution,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        crf=args.crf,
+        gif=args.gif,
+        png=args.png,
+        t2v_colour=args.t2v_colour,
+        loop=args.loop,
+        name=args.name,
+        loras=tuple(parse_lora_arg(item) for item in args.lora),
+        cache=cache,
+        cache_threshold=cache_threshold,
+        cache_coefficients=cache_coefficients,
+        vram_budget=args.vram_budget,
+        fp8_weights=args.fp8_weights,
+    )
+
+
+def _request(args: argparse.Namespace, job):
+    """The `Request` of the options (`job`: the `JobTarget` of `--resume`); ValueError."""
+    from ..pipeline.run import Request
+
+    if job is not None:
+        return Request(resume=job.root)
+    groups = tuple(g.strip() for g in args.one_frame_groups.split(",") if g.strip())
+    return Request(
+        _settings(args),
+        video=args.video,
+        one_frame=args.one_frame,
+        one_frame_groups=groups,
+        lora_merge=args.lora_merge,
+    )
+
+
+def _open(args: argparse.Namespace, job):
+    """Check the options, then load the bundle and open the run; ValueError. What needs no
+    weights (the settings, images, budget and output folder) is checked before the long load."""
+    from ..pipeline.bundle import load_bundle
+    from ..pipeline.run import check_request, open_run
+
+    request = _request(args, job)
+    device, dtypes = resolve_device(args.device), _dtypes(args.dtype)
+    checked = None
+    if job is None:
+        checked = check_request(args.model, request, device, dtypes)
+        _check_writable(args.out)
+    _quiet_loaders()
+    budget = request.settings.vram_budget if job is None else job.vram_budget  # a job's own budget
+    bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
+    return open_run(bundle, request, checked)
+
+
+def _resolve_model(args: argparse.Namespace):
+    """The job `--resume` names (or None) and the model to load into `args.model`; UserError."""
+    from ..pipeline.api import default_model
+    from ..pipeline.run import job_to_resume
+
+    job = None
+    try:
+        if args.resume:
+            job = job_to_resume(args.resume)  # another process runs it: refused before any loading
+            if not args.model and job.model is None:
+                raise ValueError(f"the job {job.root} does not record its model directory; pass --model.")
+            args.model = args.model or job.model
+        args.model = args.model or str(default_model())
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return job
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from ..io import InputWarning
+
+    job = _resolve_model(args)
+    _check_args(args)
     with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
         warnings.simplefilter("always", InputWarning)
         try:
-            cache, cache_threshold, cache_coefficients = _cache_option(args)
-            settings = GenerationSettings(
-                prompt=timed_prompt_text(args.prompt, args.prompt_at),
-                image=args.image,
-                negative_prompt=args.negative_prompt,
-                seconds=None if args.sections else args.seconds,
-                sections=args.sections,
-                seed=args.seed,
-                steps=args.steps,
-                cfg=args.cfg,
-                cfg_rescale=args.cfg_rescale,
-                distilled_cfg=args.distilled_cfg,
-                window=args.window,
-                order=args.order,
-                sampler=args.sampler,
-                shift=args.shift,
-                end_image=args.end_image,
-                keyframes=_keyframes(args.keyframe),
-                resolution=args.resolution,
-                width=args.width,
-                height=args.height,
-                fps=args.fps,
-                crf=args.crf,
-                gif=args.gif,
-                png=args.png,
-                t2v_colour=args.t2v_colour,
-                loop=args.loop,
-                name=args.name,
-                loras=tuple(parse_lora_arg(item) for item in args.lora),
-                cache=cache,
-                cache_threshold=cache_threshold,
-                cache_coefficients=cache_coefficients,
-                vram_budget=args.vram_budget,
-                fp8_weights=args.fp8_weights,
-            )
-            checked = None
-            device, dtypes = resolve_device(args.device), _dtypes(args.dtype)
-            if job_dir is None:  # the settings, images and output folder before a long load
-                from ..pipeline.bundle import read_manifest
-
-                manifest = read_manifest(args.model)
-                if not args.video:
-                    from ..pipeline.budget import check_budget
-
-                    checked = check_settings(manifest, settings)
-                    check_budget(args.model, checked, device, dtypes)
-                _check_writable(args.out)
-            _quiet_loaders()
-            budget = args.vram_budget  # with a budget the weights wait on the host (load_bundle)
-            if job_dir is not None:
-                from ..pipeline.jobs import Job
-
-                budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own
-            bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
-            source = None
-            if job_dir is not None:  # a generation or an extension, as the job holds
-                from ..pipeline.jobs import resume_job
-
-                prepared, source = resume_job(bundle, job_dir)
-            elif args.video:
-                from ..pipeline.extend import prepare_extension
-
-                if args.one_frame is not None:
-                    raise ValueError("--one-frame makes one image from a start image; drop --video.")
-                prepared, source = prepare_extension(bundle, settings, args.video)
-            else:
-                prepared = prepare_checked(bundle, checked)
+            run = _open(args, job)
         except ValueError as e:
             raise UserError(str(e)) from None
     for w in caught:
         if issubclass(w.category, InputWarning):
             print(f"framepack: warning: {w.message}", file=sys.stderr)
-    if args.lora_merge and prepared.loras:  # folded into this process's weights: no per-step cost
-        from ..lora import merge_loras
+    if run.one_frame is None:
+        print(_plan_line(run, args), file=sys.stderr)
+    _show(run, args)
 
-        merge_loras(bundle.transformer, prepared.loras)
-        prepared.loras = []
-    if args.one_frame is not None:
-        _one_frame(bundle, prepared, args)
-        return
 
-    print(_plan_line(prepared, args, extension=source is not None, bundle=bundle), file=sys.stderr)
+def _show(run, args: argparse.Namespace) -> None:
+    """Run it with a progress bar (and `--events` lines); every way it can stop is one sentence."""
+    from tqdm import tqdm
+
+    from ..pipeline.events import Finished, FrameDone, SectionDone, StepEvent
+    from ..sampling import Cancelled
+
     stop = threading.Event()
     events_file = open(args.events, "w") if args.events else None
-    total = len(prepared.plan.sections) * prepared.steps
-    bar = tqdm(total=total, unit="step", desc=f"section 1/{len(prepared.plan.sections)}", file=sys.stderr)
+    bar = tqdm(
+        total=run.sections * run.prepared.steps,
+        unit="step",
+        desc=f"section 1/{run.sections}",
+        file=sys.stderr,
+    )
     video = None
     try:
-        if source is not None:
-            from ..pipeline.extend import extend_events
-
-            events = extend_events(bundle, prepared, source, args.out, cancel=stop.is_set, job=job_dir)
-        else:
-            events = generate_events(bundle, prepared, args.out, cancel=stop.is_set, job=job_dir)
-        for event in events:
+        for event in run.events(args.out, cancel=stop.is_set):
             if events_file:
                 events_file.write(json.dumps(_event_json(event)) + "\n")
                 events_file.flush()
@@ -459,6 +447,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 print(event.video)
                 if event.gif:
                     print(event.gif)
+            elif isinstance(event, FrameDone):
+                bar.close()
+                print(event.image)
     except KeyboardInterrupt:
         stop.set()
         bar.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pipeline.generate import GenerationSettings
+from ..pipeline.settings import GenerationSettings
 
 __all__ = [
     "FIELDS",

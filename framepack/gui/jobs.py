@@ -1,9 +1,9 @@
 """The job queue behind the GUI: one worker thread owns the device and runs jobs in order.
 
 Jobs are submitted from any thread (every browser tab, the `/generate` API); their settings are
-validated at once (`prepare`), so bad input fails as a job with one sentence and never reaches the
-worker. The worker drives `generate_events` (or `extend_events` for a video extension, or
-`generate_frame` for a one-frame edit) and copies each event into its job (latent preview,
+validated at once (`framepack.pipeline.run.open_run`), so bad input fails as a job with one sentence
+and never reaches the worker. The worker runs the job's `Run` (a generation, a video extension or
+a one-frame edit alike) and copies each event into its job (latent preview,
 section/step, the video so far), so a reader sees the live state with `get(job_id)`. Cancelling a
 queued job drops it; cancelling a running one stops it within one sampling step, keeping the
 sections it finished in its job directory, and `resume(job_dir)` queues the rest of such a job
@@ -26,20 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ..memory.runtime import is_out_of_memory
-from ..pipeline.extend import extend_events, prepare_extension
-from ..pipeline.generate import (
-    Finished,
-    GenerationSettings,
-    Prepared,
-    SectionDone,
-    Stage,
-    StepEvent,
-    generate_events,
-    prepare,
-)
-from ..pipeline.jobs import JOB_SUFFIX, check_free, resume_job
-from ..pipeline.jobs import Job as JobDir
-from ..pipeline.one_frame import check_one_frame, generate_frame
+from ..pipeline.events import Finished, FrameDone, SectionDone, Stage, StepEvent
+from ..pipeline.jobs import JOB_SUFFIX, JobDir, check_free
+from ..pipeline.run import Request, Run, open_run
+from ..pipeline.settings import GenerationSettings
 from ..sampling import Cancelled
 
 __all__ = ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "ENDED", "Job", "JobQueue", "describe_error"]
@@ -83,8 +73,7 @@ class Job:
     skipped_steps: int = 0  # a resumed job: the steps of the sections finished before it
     version: int = 0  # bumped on every change, so a view can skip unchanged jobs
     video_version: int = 0  # bumped when the mp4 is rewritten
-    prepared: Prepared | None = field(default=None, repr=False)
-    source: object = field(default=None, repr=False)  # framepack.pipeline.extend.Source
+    run: Run | None = field(default=None, repr=False)  # the checked run, until it has ended
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -188,42 +177,25 @@ class JobQueue:
         `video` extends that video (`framepack.pipeline.extend`); `one_frame` makes one PNG at that
         latent time index from the history `one_frame_groups` (`framepack.pipeline.one_frame`).
         """
-        source = None
         if settings.vram_budget is None and self.vram_budget is not None:  # the server's budget
             settings = dataclasses.replace(settings, vram_budget=self.vram_budget)
+        request = Request(settings, image, video, one_frame, tuple(one_frame_groups))
         try:
-            if video is not None and one_frame is not None:
-                raise ValueError(
-                    "one-frame mode makes one image from a start image; drop the video to extend."
-                )
-            if video is not None:
-                prepared, source = prepare_extension(self.bundle, settings, video)
-            else:
-                prepared = prepare(self.bundle, settings, image)
-            if one_frame is not None:
-                plan = prepared.plan
-                one_frame, one_frame_groups = check_one_frame(
-                    plan.schedule, plan.window, one_frame, tuple(one_frame_groups)
-                )
-                if prepared.end_image is not None and "post" not in one_frame_groups:
-                    raise ValueError(
-                        "the end image is the one-frame reference, fed as the post group; keep post."
-                    )
+            run = open_run(self.bundle, request)
         except ValueError as e:
             return self.reject(settings.prompt, describe_error(e), settings)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the job queue is closed.")
             if settings.name is None:
-                prepared.settings = settings = dataclasses.replace(
-                    prepared.settings, name=self._unique_name(settings)
+                run.prepared.settings = settings = dataclasses.replace(
+                    run.prepared.settings, name=self._unique_name(settings)
                 )
             job = self._add(settings.prompt, settings)
-            job.prepared, job.source = prepared, source
-            job.video_source = None if video is None else str(video)
-            job.sections, job.steps, job.fps = len(prepared.plan.sections), prepared.steps, prepared.fps
-            if one_frame is not None:
-                job.one_frame, job.one_frame_groups, job.sections = one_frame, one_frame_groups, 1
+            job.run, job.video_source = run, None if video is None else str(video)
+            job.sections, job.steps, job.fps = run.sections, run.prepared.steps, run.prepared.fps
+            if run.one_frame is not None:
+                job.one_frame, job.one_frame_groups = run.one_frame
             self._pending.append(job.id)
             self._cond.notify_all()
             return copy.copy(job)
@@ -239,8 +211,8 @@ class JobQueue:
         prompt, settings = f"resume {path.name}", None
         try:
             root = self._own_job_dir(path)
-            prepared, source = resume_job(self.bundle, root)  # validates the settings against the model
-            settings = prepared.settings
+            run = open_run(self.bundle, Request(resume=root))  # validates the settings against the model
+            settings = run.prepared.settings
             prompt = settings.prompt
         except ValueError as e:
             return self.reject(prompt, describe_error(e), settings)
@@ -254,9 +226,9 @@ class JobQueue:
             except ValueError as e:
                 return self.reject(prompt, describe_error(e), settings)
             job = self._add(prompt, settings)
-            job.prepared, job.source, job.resume_dir = prepared, source, root
-            job.video_source = None if source is None else source.path
-            job.sections, job.steps, job.fps = len(prepared.plan.sections), prepared.steps, prepared.fps
+            job.run, job.resume_dir = run, root
+            job.video_source = None if run.source is None else run.source.path
+            job.sections, job.steps, job.fps = run.sections, run.prepared.steps, run.prepared.fps
             self._names.add(root.name[: -len(JOB_SUFFIX)])
             self._pending.append(job.id)
             self._cond.notify_all()
@@ -311,7 +283,7 @@ class JobQueue:
             job.cancel_requested.set()
             if job.state == QUEUED:
                 self._pending.remove(job_id)
-                job.state, job.ended, job.prepared = CANCELLED, time.time(), None
+                job.state, job.ended, job.run = CANCELLED, time.time(), None
             self._touch(job)
             return True
 
@@ -381,49 +353,17 @@ class JobQueue:
 
     def _run(self, job: Job) -> None:
         state, error = DONE, None
-        cancel = job.cancel_requested.is_set
         try:
-            if job.one_frame is not None:
-                self._run_one_frame(job)
-            else:
-                if job.source is not None:
-                    events = extend_events(
-                        self.bundle, job.prepared, job.source, self.out_dir, cancel=cancel, job=job.resume_dir
-                    )
-                else:
-                    events = generate_events(
-                        self.bundle, job.prepared, self.out_dir, cancel=cancel, job=job.resume_dir
-                    )
-                for event in events:
-                    self._apply(job, event)
+            for event in job.run.events(self.out_dir, cancel=job.cancel_requested.is_set):
+                self._apply(job, event)
         except Cancelled:
             state = CANCELLED
         except Exception as e:  # a failed job must never stop the worker
             log.exception("job %d failed", job.id)
             state, error = FAILED, describe_error(e)
         with self._cond:
-            job.state, job.error, job.ended, job.prepared = state, error, time.time(), None
-            job.stage, job.source = "", None
-            self._touch(job)
-
-    def _run_one_frame(self, job: Job) -> None:
-        def on_step(step: int, steps: int) -> None:
-            with self._cond:
-                job.step, job.steps = step + 1, steps
-                job.steps_done += 1
-                self._touch(job)
-
-        done = generate_frame(
-            self.bundle,
-            job.prepared,
-            self.out_dir,
-            index=job.one_frame,
-            groups=job.one_frame_groups,
-            cancel=job.cancel_requested.is_set,
-            on_step=on_step,
-        )
-        with self._cond:
-            job.image, job.sidecar, job.frames, job.sections_done = done.image, done.sidecar, 1, 1
+            job.state, job.error, job.ended, job.run = state, error, time.time(), None
+            job.stage = ""
             self._touch(job)
 
     def _apply(self, job: Job, event) -> None:
@@ -449,6 +389,8 @@ class JobQueue:
                     event.sidecar,
                 )
                 job.video_version += 1
+            elif isinstance(event, FrameDone):
+                job.image, job.sidecar, job.frames = event.image, event.sidecar, 1
             elif isinstance(event, Stage):
                 job.stage = event.name
             self._touch(job)

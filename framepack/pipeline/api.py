@@ -1,4 +1,4 @@
-"""`framepack.generate(...)`: the one-call Python API around bundles and the generation loop."""
+"""`framepack.generate(...)`: the one-call Python API: a cache of loaded bundles around `open_run`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Event, Finished, GenerationSettings, generate_events, prepare
+from .events import Event, Finished, FrameDone
+from .run import Request, job_to_resume, open_run
+from .settings import GenerationSettings
 
 __all__ = ["generate", "generate_iter", "DEFAULT_MODEL", "default_model"]
 
@@ -48,9 +50,13 @@ def loaded_bundle(model: str, device: str, vram_budget=None):
     return LOADED_BUNDLES[key]
 
 
-def _settings(kwargs: dict) -> GenerationSettings:
+def _request(settings: dict, image) -> Request:
+    """The request of an API call: the settings, plus the kind of run (`video`, `one_frame`)."""
+    kinds = {k: settings.pop(k) for k in ("video", "one_frame", "one_frame_groups") if k in settings}
+    if isinstance(image, (str, Path)):  # a file: recorded in the sidecar as the CLI's --image is
+        settings["image"], image = str(image), None
     try:
-        return GenerationSettings(**kwargs)
+        return Request(GenerationSettings(**settings), image, **kinds)
     except TypeError as e:
         raise ValueError(f"unknown generation setting: {e}.") from None
 
@@ -64,50 +70,37 @@ def generate_iter(
     resume: str | Path | None = None,
     **settings,
 ) -> Iterator[Event]:
-    """Yield the events of one generation (stages, steps with previews, sections, the end).
+    """Yield the events of one run (stages, steps with previews, sections, the end).
 
     `model` is a bundle directory or a named bundle (default: the shipped demo model); the loaded
     bundle is kept for the next call. `out_dir` defaults to `outputs`.
     `image` is the start image: a file (recorded in the sidecar) or `(H, W, 3)` uint8 pixels.
-    `settings` are the other fields of `GenerationSettings` (prompt, seconds, seed, ...).
+    `settings` are the other fields of `GenerationSettings` (prompt, seconds, seed, ...), and
+    `video` (a video to extend) or `one_frame` (a latent time index: one PNG, ending in `FrameDone`)
+    with `one_frame_groups`.
     `resume` continues a stopped run instead (its job directory `OUT/NAME.job`, or its mp4) with
     the job's own settings, folder and model (unless `model` is given): the finished video equals
     that of an uninterrupted run.
     """
     if resume is not None:
-        yield from _resume(model, resume, out_dir, image, cancel, device, settings)
+        given = (
+            [*settings]
+            + (["out_dir"] if out_dir is not None else [])
+            + (["image"] if image is not None else [])
+        )
+        if given:
+            raise ValueError(
+                f"resume continues a job with its own settings and folder; drop {', '.join(given)}."
+            )
+        job = job_to_resume(resume)
+        if model is None and job.model is None:
+            raise ValueError(f"the job {job.root} does not record its model directory; pass model=.")
+        bundle = loaded_bundle(str(model or job.model), device, job.vram_budget)  # the job's own budget
+        yield from open_run(bundle, Request(resume=job.root)).events(job.root.parent, cancel)
         return
-    if isinstance(image, (str, Path)):  # a file: recorded in the sidecar as the CLI's --image is
-        settings["image"], image = str(image), None
-    if model is None:
-        model = default_model()
-    bundle = loaded_bundle(str(model), device, settings.get("vram_budget"))
-    prepared = prepare(bundle, _settings(settings), image)
-    yield from generate_events(bundle, prepared, "outputs" if out_dir is None else out_dir, cancel)
-
-
-def _resume(model, resume, out_dir, image, cancel, device: str, settings: dict) -> Iterator[Event]:
-    from .extend import extend_events
-    from .jobs import Job, check_free, find_job, resume_job
-
-    given = (
-        [*settings] + (["out_dir"] if out_dir is not None else []) + (["image"] if image is not None else [])
-    )
-    if given:
-        raise ValueError(f"resume continues a job with its own settings and folder; drop {', '.join(given)}.")
-    job_dir = find_job(resume)
-    check_free(job_dir)
-    if model is None:
-        model = Job(job_dir).read().get("bundle") or ""
-        if model in ("", "None"):  # a named bundle records no directory
-            raise ValueError(f"the job {job_dir} does not record its model directory; pass model=.")
-    budget = Job(job_dir).read()["settings"].get("vram_budget")  # the job's own budget
-    bundle = loaded_bundle(str(model), device, budget)
-    prepared, source = resume_job(bundle, job_dir)  # a generation or a video extension
-    if source is not None:
-        yield from extend_events(bundle, prepared, source, job_dir.parent, cancel, job=job_dir)
-    else:
-        yield from generate_events(bundle, prepared, job_dir.parent, cancel, job=job_dir)
+    request = _request(settings, image)
+    bundle = loaded_bundle(str(model or default_model()), device, request.settings.vram_budget)
+    yield from open_run(bundle, request).events("outputs" if out_dir is None else out_dir, cancel)
 
 
 def generate(
@@ -119,8 +112,9 @@ def generate(
     device: str = "cpu",
     resume: str | Path | None = None,
     **settings,
-) -> Finished:
-    """Generate one video and return its `Finished` event (video path, frames, sidecar).
+) -> Finished | FrameDone:
+    """Run one generation and return its last event: `Finished` (video path, frames, sidecar), or
+    `FrameDone` for one frame.
 
     Example: `framepack.generate("bundle/", image="cat.png", prompt="a cat walks", seconds=5)`;
     `framepack.generate(resume="outputs/NAME.job")` finishes a stopped run (see `generate_iter`).
@@ -130,5 +124,5 @@ def generate(
         if on_event is not None:
             on_event(event)
         last = event
-    assert isinstance(last, Finished)
+    assert isinstance(last, (Finished, FrameDone))
     return last

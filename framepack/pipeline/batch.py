@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import check_file_name
-from .generate import GenerationSettings, settings_from_dict
+from .run import Request
+from .settings import GenerationSettings, settings_from_dict
 
-__all__ = ["Job", "read_jobs", "job_outputs", "is_finished", "shard", "process_rank"]
+__all__ = ["BatchJob", "read_jobs", "job_outputs", "is_finished", "shard", "process_rank"]
 
 _EXTRA = ("model", "video", "one_frame", "one_frame_groups")
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
@@ -33,7 +34,7 @@ _SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)
 
 
 @dataclass(frozen=True)
-class Job:
+class BatchJob:
     """One line of a jobs file."""
 
     index: int  # 0-based, among the jobs
@@ -48,6 +49,10 @@ class Job:
     def name(self) -> str:
         assert self.settings.name is not None
         return self.settings.name
+
+    def request(self) -> Request:
+        """The run this line asks for (`framepack.pipeline.run`)."""
+        return Request(self.settings, video=self.video, one_frame=self.one_frame, one_frame_groups=self.one_frame_groups)
 
 
 def _check_type(key: str, value, where: str) -> None:
@@ -101,7 +106,7 @@ def _rebase(fields: dict, base: Path | None) -> dict:
     return fields
 
 
-def _job(data: dict, index: int, line: int, where: str, base: Path | None = None) -> Job:
+def _job(data: dict, index: int, line: int, where: str, base: Path | None = None) -> BatchJob:
     unknown = [k for k in data if k not in _FIELDS and k not in _EXTRA]
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (a generation setting, model or one_frame).")
@@ -132,17 +137,17 @@ def _job(data: dict, index: int, line: int, where: str, base: Path | None = None
         video = _from(base, video)
     if model is not None and base is not None and (base / model).is_dir():
         model = str(base / model)
-    return Job(index, line, settings_from_dict(fields), model, one_frame, tuple(groups), video)
+    return BatchJob(index, line, settings_from_dict(fields), model, one_frame, tuple(groups), video)
 
 
-def read_jobs(path: str | os.PathLike) -> list[Job]:
+def read_jobs(path: str | os.PathLike) -> list[BatchJob]:
     """Parse a jobs file; ValueError naming the first bad line. Names must be unique."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the jobs file {path} ({type(e).__name__}).") from None
-    jobs: list[Job] = []
+    jobs: list[BatchJob] = []
     names: dict[str, int] = {}
     for number, text in enumerate(lines, start=1):
         if not text.strip():
@@ -164,14 +169,14 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     return jobs
 
 
-def job_outputs(job: Job, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def job_outputs(job: BatchJob, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """The job's output (mp4, or PNG for a one-frame job) and its sidecar."""
     out = Path(out_dir)
     suffix = ".png" if job.one_frame is not None else ".mp4"
     return out / f"{job.name}{suffix}", out / f"{job.name}.json"
 
 
-def is_finished(job: Job, out_dir: str | os.PathLike) -> bool:
+def is_finished(job: BatchJob, out_dir: str | os.PathLike) -> bool:
     """True when the job's output and its sidecar (written last) both exist."""
     return all(p.is_file() for p in job_outputs(job, out_dir))
 
@@ -187,6 +192,6 @@ def process_rank() -> tuple[int, int]:
     return rank, world
 
 
-def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
+def shard(jobs: list[BatchJob], rank: int, world: int) -> list[BatchJob]:
     """This process's jobs: job i goes to rank `i % world`."""
     return [job for job in jobs if job.index % world == rank]

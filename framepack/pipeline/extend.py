@@ -16,36 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..lora import applied_loras
-from ..model.transformer import HistoryGroup
+from ..io import fit_to_bucket, load_image, prepare_image, read_video
 from ..packing.layout import forward_layout, gather_history
-from ..sampling import get_sampler, noisy_tokens, sigma_schedule
+from .conditioning import vae_encode
 from .decode import from_uint8_frames
-from .generate import (
-    Event,
-    GenerationSettings,
-    Prepared,
-    Stage,
-    StepEvent,
-    accelerate_run,
-    encode_inputs,
-    make_denoiser,
-    prepare,
-    prompt_embeds,
-    sample_live,
-    section_decoder,
-    used_settings,
-)
+from .jobs import JobDir, JobError
+from .section import encode_inputs, pack
+from .settings import GenerationSettings, Prepared, prepare, settings_from_dict
 
-__all__ = ["Source", "describe_file", "load_source", "prepare_extension", "extend_events", "resume_extension"]
+__all__ = [
+    "ExtensionHistory",
+    "Source",
+    "describe_file",
+    "load_source",
+    "prepare_extension",
+    "resume_extension",
+]
 
 
 @dataclass
@@ -59,8 +51,6 @@ class Source:
 
     def check(self, job) -> None:
         """JobError unless `job` extends this very file (same path, size and contents)."""
-        from .jobs import JobError
-
         stored = job.read().get("video") or {}
         if stored.get("path") != self.file["path"]:
             raise JobError(
@@ -86,8 +76,6 @@ def describe_file(path: str | Path) -> dict:
 
 def load_source(path: str | Path, resolution: int, width: int | None, height: int | None) -> Source:
     """Read a video and fit every frame to the bucket of its first frame (or to width x height)."""
-    from ..io import fit_to_bucket, prepare_image, read_video
-
     frames, fps, _ = read_video(path)
     first = prepare_image(frames[0], resolution=resolution, width=width, height=height)
     h, w = first.shape[:2]
@@ -102,8 +90,6 @@ def prepare_extension(
 
     `image` is the start image's pixels for the inverted order (instead of `settings.image`'s file).
     """
-    from ..io import read_video
-
     if settings.end_image or settings.keyframes or settings.t2v_colour or settings.loop:
         raise ValueError("a video extension takes no end image, keyframes, text-to-video colour or loop.")
     order = settings.order or bundle.manifest.order
@@ -133,12 +119,8 @@ def prepare_extension(
 def resume_extension(bundle, job_dir: str | Path) -> tuple[Prepared, Source]:
     """`(prepared, source)` of an unfinished extension job, from its settings, its stored start
     image and the video it extends, which must be the same file (size and SHA-256) as when the job
-    began; JobError (one sentence) otherwise. Pass both on to `extend_events(..., job=job_dir)`."""
-    from ..io import load_image
-    from .generate import settings_from_dict
-    from .jobs import Job, JobError
-
-    job = Job(job_dir)
+    began; JobError (one sentence) otherwise."""
+    job = JobDir(job_dir)
     data = job.read()
     try:
         settings = settings_from_dict(data["settings"])
@@ -157,145 +139,80 @@ def resume_extension(bundle, job_dir: str | Path) -> tuple[Prepared, Source]:
     return prepare_extension(bundle, settings, path, image=image)
 
 
-def extend_events(
-    bundle,
-    prepared: Prepared,
-    source: Source,
-    out_dir: str | Path,
-    cancel: Callable[[], bool] | None = None,
-    job: str | Path | None = None,
-) -> Iterator[Event]:
-    """Generate `prepared`'s sections after `source`, yielding the same events as `generate_events`.
+class ExtensionHistory:
+    """The history of an extension: the source's latents next to the new part, encoded once.
 
-    Works in a job directory as `generate_events` does (`framepack.pipeline.jobs`), which also
-    records the source file (path, size, SHA-256): `job` resumes one (`resume_extension`), and an
-    unfinished one of the same settings and video in `out_dir` is resumed too.
+    Forward: the bank is the source's last latents, growing at the end; each section packs the
+    latest latents with the source's first frame as anchor. Inverted: `[start | the new latents |
+    the source's head]`; each section packs the new latents after its window, then the source.
     """
-    from .conditioning import offloaded
-    from .jobs import open_job
 
-    s = prepared.settings
-    with (
-        open_job(out_dir, job, s, bundle, prepared.plan.packing_order, {"video": source.file}) as job,
-        applied_loras(bundle.transformer, prepared.loras),
-        offloaded(bundle, s.vram_budget, s.fp8_weights, prepared) as memory,
-    ):
-        source.check(job)
-        job.check_images(prepared)
-        yield from _extend(bundle, prepared, source, job, cancel, memory)
+    def __init__(self, prepared: Prepared, source: Source) -> None:
+        plan, self.source = prepared.plan, source
+        self.plan, self.sections, self.noisy_frames = plan, plan.sections, plan.window
+        self.forward = plan.packing_order == "forward"
+        ws, count = plan.window, source.frames.shape[0]
+        self.count = count
+        self.n = min(plan.schedule.history_frames + ws, (count - 1) // 4 + 1)  # history + decoder context
+        n = self.n
+        self.near = source.frames[count - (4 * n - 3) :] if self.forward else source.frames[: 4 * n - 3]
 
-
-def _extend(bundle, prepared: Prepared, source: Source, job, cancel, memory) -> Iterator[Event]:
-    from .conditioning import vae_encode
-    from .jobs import JobRun, SegmentedVideo
-
-    s, plan = prepared.settings, prepared.plan
-    model = bundle.transformer
-    device, schedule, ws = bundle.device, plan.schedule, plan.window
-
-    # 1. Conditioning: the prompts, the start frame (anchor and image condition), the source's end
-    #    next to the new part (its tail going forward, its head going backward); once per job.
-    yield Stage("encoding")
-    forward = plan.packing_order == "forward"
-    count = source.frames.shape[0]
-    n = min(schedule.history_frames + ws, (count - 1) // 4 + 1)  # history + decoder context, in latents
-    near = source.frames[count - (4 * n - 3) :] if forward else source.frames[: 4 * n - 3]
-
-    def encode() -> dict[str, torch.Tensor]:
-        with torch.no_grad(), memory.transformer_away(model):  # under a budget: the encoders visit alone
-            tensors = encode_inputs(bundle, prepared)  # prompts, SigLIP and latent of the start frame
-            tensors["near_latents"] = (
-                vae_encode(bundle, from_uint8_frames(near)).float().cpu()
-            )  # (1, C, n, h, w)
+    def encode(self, bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
+        """The prompts, the start frame (anchor and image condition), the source's end next to the
+        new part (its tail going forward, its head going backward)."""
+        tensors = encode_inputs(bundle, prepared)
+        tensors["near_latents"] = (
+            vae_encode(bundle, from_uint8_frames(self.near)).float().cpu()
+        )  # (1, C, n, h, w)
         return tensors
 
-    inputs = job.inputs(prepared, encode)
-    prompts, negative = prompt_embeds(inputs, prepared, device)
-    siglip = inputs["siglip"].to(device)
-    start, near_latents = inputs["start_latent"], inputs["near_latents"]
-    _, c, _, h, w = near_latents.shape
-    speed = accelerate_run(model, device, s, memory)
-
-    decoder = section_decoder(bundle, device, ws)
-    total = plan.total_latents  # inverted: [start | the new latents], then the source's head
-    # The source's own pixels: the frames a section can blend into (at most 4 * ws - 3 next to the
-    # seam) as floats in the decoder; the rest stays uint8 and is written with the first segment.
-    seam = min(count, 4 * ws - 3)
-    if forward:
-        bank = near_latents  # grows at the end
-        decoder.frames, decoder.lo, decoder.hi = from_uint8_frames(source.frames[count - seam :]), 0, n
-        far = source.frames[: count - seam]
-    else:
-        bank = torch.cat([start, torch.zeros(1, c, total - 1, h, w), near_latents], dim=2)
-        decoder.frames, decoder.lo, decoder.hi = from_uint8_frames(source.frames[:seam]), total, total + n
-        decoder.clip_starts = (total,)  # the source's first latent is its first frame alone
-        far = source.frames[seam:]
-    generator = torch.Generator("cpu").manual_seed(s.seed)
-    sampler = get_sampler(s.sampler)
-    sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(ws, h, w), shift=s.shift)
-    guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
-    kernels = [g.kernel.name for g in schedule.groups]
-    info = {
-        "settings": s.to_dict(),
-        "used": used_settings(prepared),
-        "bundle": str(getattr(bundle, "root", "")),
-        "sections": len(plan.sections),
-        "extension": {"source": source.path, "source_frames": int(count), "source_fps": source.fps},
-    }
-    video = SegmentedVideo(job, decoder, not forward, source.fps, s.crf, s.gif or s.png)
-    video.pending = far  # a resumed job has written it already (restore drops it)
-    run = JobRun(job, video, info, len(plan.sections))
-    saved, restored = run.restore([section.number for section in plan.sections], generator)
-    for section in plan.sections:  # the committed sections' latents back in the bank
-        if section.number not in saved:
-            continue
-        if forward:  # generated in display order, each appended
-            bank = torch.cat([bank, saved[section.number]], dim=2)
+    def setup_video(self, video) -> None:
+        """The source's own pixels in the output (a `SegmentedVideo`): the frames a section can
+        blend into (at most `4 * ws - 3` next to the seam) as floats in the decoder; the rest stays
+        uint8 and is written with the first segment (a resumed job has written it already)."""
+        decoder, frames, count = video.decoder, self.source.frames, self.count
+        seam, total = min(count, 4 * self.plan.window - 3), self.plan.total_latents
+        if self.forward:
+            decoder.frames, decoder.lo, decoder.hi = from_uint8_frames(frames[count - seam :]), 0, self.n
+            video.pending = frames[: count - seam]
         else:
-            bank[:, :, list(section.window)] = saved[section.number]
-    if restored is not None:
-        yield restored
+            decoder.frames, decoder.lo, decoder.hi = from_uint8_frames(frames[:seam]), total, total + self.n
+            decoder.clip_starts = (total,)  # the source's first latent is its first frame alone
+            video.pending = frames[seam:]
 
-    for section in plan.sections:
-        if section.number in saved:
-            continue
-        t0 = time.perf_counter()
-        if forward:  # the last latents so far, the source's first frame as anchor
-            layout, anchors = forward_layout(schedule), start
-            groups = gather_history(bank, schedule, "forward")
+    def begin(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        self.start, near = inputs["start_latent"], inputs["near_latents"]
+        _, c, _, h, w = near.shape
+        if self.forward:
+            self.bank = near  # grows at the end
+        else:
+            total = self.plan.total_latents
+            self.bank = torch.cat([self.start, torch.zeros(1, c, total - 1, h, w), near], dim=2)
+        return c, h, w
+
+    def restore(self, section, latents: torch.Tensor) -> None:
+        if self.forward:  # generated in display order, each appended
+            self.bank = torch.cat([self.bank, latents], dim=2)
+        else:
+            self.bank[:, :, list(section.window)] = latents
+
+    def pack(self, section, device) -> tuple[torch.Tensor, list]:
+        schedule = self.plan.schedule
+        if self.forward:  # the last latents so far, the source's first frame as anchor
+            layout, anchors = forward_layout(schedule), self.start
+            groups = gather_history(self.bank, schedule, "forward")
         else:  # the new latents after this window, then the source: nearest first
-            layout, anchors = section.layout, bank[:, :, list(section.anchors_from)]
-            later = [*section.history(), *range(total, total + n)]
-            groups = gather_history(bank[:, :, later], schedule, "inverted")
-        packed = [
-            HistoryGroup(torch.cat([anchors, groups[0]], dim=2), torch.tensor(layout.clean_k1()), kernels[0])
-        ]
-        packed += [
-            HistoryGroup(groups[i], torch.tensor(layout.groups[i]), kernels[i]) for i in range(1, len(groups))
-        ]
-        packed = [HistoryGroup(g.latents.to(device), g.indices, g.kernel) for g in packed]
-        cond = prompts[section.prompt_index]
-        denoise = make_denoiser(
-            model, device, torch.tensor(layout.noisy), packed, cond, negative, guidance, siglip, prepared
-        )
-        noise = torch.randn((1, c, ws, h, w), generator=generator)
-        speed.new_section(len(sigmas) - 1, 1 if negative is None else 2)
-        yield Stage("sampling")
-        for event in sample_live(sampler, denoise, noise, sigmas, section.number, len(plan.sections), cancel):
-            if isinstance(event, StepEvent):
-                yield event
-            else:
-                latents = event
-        if forward:
-            bank = torch.cat([bank, latents.float().cpu()], dim=2)  # (1, C, N + ws, h, w)
-            lo, hi = 0, bank.shape[2]
-        else:
-            bank[:, :, list(section.window)] = latents.float().cpu()
-            lo, hi = (section.window.start if section.window.start > 1 else 0), total + n
+            layout, anchors = section.layout, self.bank[:, :, list(section.anchors_from)]
+            total = self.plan.total_latents
+            later = [*section.history(), *range(total, total + self.n)]
+            groups = gather_history(self.bank[:, :, later], schedule, "inverted")
+        return torch.tensor(layout.noisy), pack(layout, anchors, groups, schedule, device)
 
-        yield Stage("decoding")
-        final = section.number == plan.sections[-1].number
-        yield run.commit(section.number, latents, bank, lo, hi, final, generator, t0)
-
-    yield Stage("writing")
-    yield run.finish(s.png, s.gif, source.fps, speed.info())
+    def settle(self, section, latents: torch.Tensor) -> tuple[int, int, bool]:
+        final = section.number == self.plan.sections[-1].number
+        if self.forward:
+            self.bank = torch.cat([self.bank, latents.float().cpu()], dim=2)  # (1, C, N + ws, h, w)
+            return 0, self.bank.shape[2], final
+        self.bank[:, :, list(section.window)] = latents.float().cpu()
+        start = section.window.start
+        return (start if start > 1 else 0), self.plan.total_latents + self.n, final

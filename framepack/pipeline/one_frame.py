@@ -18,31 +18,25 @@ context and changes the result; which works best depends on the LoRA or edit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from PIL import Image
 
-from ..lora import applied_loras
+from ..io import atomic_write, write_json_atomic
 from ..model.transformer import HistoryGroup
 from ..packing.layout import inverted_layout
-from ..sampling import get_sampler, noisy_tokens, sigma_schedule
-from .decode import from_uint8_frames, to_uint8_frames
-from .generate import Prepared, accelerate_run, make_denoiser
+from .conditioning import vae_decode
+from .decode import to_uint8_frames
+from .events import FrameDone, SectionDone
+from .section import encode_inputs
+from .settings import Prepared
 
-__all__ = ["FrameDone", "group_names", "check_one_frame", "generate_frame", "MAX_INDEX"]
+__all__ = ["FrameOutput", "MAX_INDEX", "OneFrameHistory", "check_one_frame", "group_names"]
 
 MAX_INDEX = 1000
-
-
-@dataclass
-class FrameDone:
-    image: Path  # the PNG
-    sidecar: Path  # its JSON settings, written last
-    frame: np.ndarray  # (H, W, 3) uint8
-    info: dict
 
 
 def group_names(schedule) -> tuple[str, ...]:
@@ -64,105 +58,102 @@ def check_one_frame(
     return index, tuple(g for g in names if g in groups)
 
 
-def generate_frame(
-    bundle,
-    prepared: Prepared,
-    out_dir: str | Path,
-    index: int | None = None,
-    groups: Sequence[str] = ("post", "k2", "k4"),
-    cancel: Callable[[], bool] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> FrameDone:
-    """Generate one frame at latent time `index` from `prepared` (start image, prompt, seed, LoRAs).
+@dataclass(frozen=True)
+class OneSection:
+    """The one section of a one-frame run: number 0, with the first of the timed prompts."""
 
-    Writes `<name>.png` and then `<name>.json` into `out_dir`. Uses the first of timed prompts;
-    the length, order, keyframes and video settings do not apply. Raises ValueError on bad input
-    before anything is written.
-    """
-    from ..io import atomic_write, write_json_atomic
-    from .conditioning import encode_image, encode_prompt, offloaded, vae_decode, vae_encode
+    number: int = 0
+    prompt_index: int = 0
 
-    s, plan = prepared.settings, prepared.plan
-    schedule, ws = plan.schedule, plan.window
-    index, groups = check_one_frame(schedule, ws, index, tuple(groups))
-    if prepared.end_image is not None and "post" not in groups:
-        raise ValueError("a reference image (--end-image) goes into the post group; keep post in the groups.")
-    started = time.perf_counter()
-    model = bundle.transformer
-    device = bundle.device
-    layout = inverted_layout(schedule, blank=0)
-    # As `generate_events`: LoRAs on, then under a VRAM budget the encoders visit the device while
-    # the transformer is away, then the transformer is streamed (and cached) and the VAE visits.
-    with (
-        applied_loras(model, prepared.loras),
-        offloaded(bundle, s.vram_budget, s.fp8_weights, prepared) as memory,
-    ):
-        with torch.no_grad(), memory.transformer_away(model):
-            cond = encode_prompt(bundle, prepared.prompts[0])
-            negative = encode_prompt(bundle, s.negative_prompt) if prepared.cfg != 1 else None
-            siglip = encode_image(bundle, prepared.image)
-            start = (
-                vae_encode(bundle, from_uint8_frames(prepared.image[None])).float().cpu()
-            )  # (1, C, 1, h, w)
-            post = None
-            if prepared.end_image is not None:
-                post = vae_encode(bundle, from_uint8_frames(prepared.end_image[None])).float().cpu()
-        speed = accelerate_run(model, device, s, memory)
-        _, c, _, h, w = start.shape
 
-        k1_latents, k1_indices = [start], list(layout.start)
+class OneFrameHistory:
+    """One noisy latent at time `index`, the start latent at 0 and the chosen history groups at the
+    inverted order's first-section places: zeros, except `post`, which holds the reference image
+    when one is given. Checked by `check_one_frame` (and the reference needs `post`)."""
+
+    def __init__(self, prepared: Prepared, index: int, groups: Sequence[str]) -> None:
+        self.plan, self.index, self.groups = prepared.plan, index, tuple(groups)
+        self.sections, self.noisy_frames = [OneSection()], 1
+        self.reference = prepared.end_image is not None
+        self.layout = inverted_layout(self.plan.schedule, blank=0)
+
+    def encode(self, bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
+        return encode_inputs(bundle, prepared)  # the reference image is `ref_latent_0`
+
+    def begin(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        self.start = inputs["start_latent"]  # (1, C, 1, h, w)
+        self.post = inputs["ref_latent_0"] if self.reference else None
+        _, c, _, h, w = self.start.shape
+        self.shape, self.bank = (c, h, w), None
+        return c, h, w
+
+    def restore(self, section, latents: torch.Tensor) -> None:  # nothing is committed
+        raise AssertionError("a one-frame run has no committed sections")
+
+    def history_indices(self) -> list[int]:
+        """The time indices of the packed history, in the order fed (for the sidecar)."""
+        k1 = list(self.layout.start)
+        rest = []
+        for name, idx in zip(group_names(self.plan.schedule), self.layout.groups, strict=True):
+            if name in self.groups:
+                (k1 if name == "post" else rest).extend(int(i) for i in idx)
+        return [int(i) for i in k1] + rest
+
+    def pack(self, section, device) -> tuple[torch.Tensor, list]:
+        schedule, (c, h, w) = self.plan.schedule, self.shape
+        k1_latents, k1_indices = [self.start], list(self.layout.start)
         packed = []
-        for name, g, idx in zip(group_names(schedule), schedule.groups, layout.groups, strict=True):
-            if name not in groups:
+        for name, g, idx in zip(group_names(schedule), schedule.groups, self.layout.groups, strict=True):
+            if name not in self.groups:
                 continue
-            latents = post if name == "post" and post is not None else torch.zeros(1, c, g.frames, h, w)
+            latents = (
+                self.post if name == "post" and self.post is not None else torch.zeros(1, c, g.frames, h, w)
+            )
             if name == "post":
                 k1_latents.append(latents)
                 k1_indices += list(idx)
             else:
                 packed.append(HistoryGroup(latents.to(device), torch.tensor(idx), g.kernel.name))
-        k1 = HistoryGroup(
-            torch.cat(k1_latents, dim=2).to(device), torch.tensor(k1_indices), schedule.groups[0].kernel.name
-        )
-        packed.insert(0, k1)
-        noisy_indices = torch.tensor([index])
-        guidance = torch.tensor([prepared.distilled_cfg * 1000.0])
+        k1 = torch.cat(k1_latents, dim=2).to(device)
+        packed.insert(0, HistoryGroup(k1, torch.tensor(k1_indices), schedule.groups[0].kernel.name))
+        return torch.tensor([self.index]), packed
 
-        denoise = make_denoiser(
-            model, device, noisy_indices, packed, cond, negative, guidance, siglip, prepared
-        )
+    def settle(self, section, latents: torch.Tensor) -> tuple[int, int, bool]:
+        return 0, 1, True
 
-        generator = torch.Generator("cpu").manual_seed(s.seed)
-        noise = torch.randn((1, c, 1, h, w), generator=generator)  # (1, C, 1, h, w): one latent
-        sigmas = sigma_schedule(prepared.steps, seq_len=noisy_tokens(1, h, w), shift=s.shift)
-        callback = None if on_step is None else (lambda i, n, x, x0: on_step(i, n))
-        speed.new_section(len(sigmas) - 1, 1 if negative is None else 2)
+
+class FrameOutput:
+    """The output of a one-frame run: `<name>.png`, then `<name>.json`, in `out_dir`; no job
+    directory (one section has nothing to resume)."""
+
+    def __init__(self, bundle, prepared: Prepared, out_dir: str | Path, info: dict) -> None:
+        self.bundle, self.settings, self.out, self.info = bundle, prepared.settings, Path(out_dir), info
+        self.started = time.perf_counter()
+
+    def inputs(self, prepared: Prepared, encode) -> dict[str, torch.Tensor]:
+        return encode()
+
+    def restore(self, numbers: list[int], generator: torch.Generator):
+        return {}, None
+
+    def commit(self, number, latents, bank, lo, hi, final, generator, t0: float) -> SectionDone:
         with torch.no_grad():
-            latent = get_sampler(s.sampler)(denoise, noise, sigmas, callback=callback, cancel=cancel)
-            frame = to_uint8_frames(vae_decode(bundle, latent.float().to(device)).float().cpu())[
-                0
-            ]  # (H, W, 3)
-        speed_info = speed.info()
+            decoded = vae_decode(self.bundle, latents.float().to(self.bundle.device)).float().cpu()
+        self.frame = to_uint8_frames(decoded)[0]  # (H, W, 3)
+        return SectionDone(number, 1, None, 0, time.perf_counter() - t0)
 
-    out = Path(out_dir)
-    stem = s.name or time.strftime("framepack_frame_%Y%m%d-%H%M%S") + f"_{s.seed}"
-    image_path, sidecar_path = out / f"{stem}.png", out / f"{stem}.json"
-    from PIL import Image
-
-    with atomic_write(image_path) as tmp:
-        Image.fromarray(frame).save(tmp, format="PNG")
-    info = {
-        "settings": s.to_dict(),
-        "bundle": str(getattr(bundle, "root", "")),
-        "one_frame": {
-            "index": index,
-            "groups": list(groups),
-            "history_indices": [int(i) for g in packed for i in g.indices],
-            "reference": s.end_image,
-        },
-        "image": image_path.name,
-        "seconds": round(time.perf_counter() - started, 3),
-        **speed_info,
-    }
-    write_json_atomic(info, sidecar_path)
-    return FrameDone(image_path, sidecar_path, frame, info)
+    def finish(self, extra: dict) -> FrameDone:
+        s = self.settings
+        self.out.mkdir(parents=True, exist_ok=True)
+        stem = s.name or time.strftime("framepack_frame_%Y%m%d-%H%M%S") + f"_{s.seed}"
+        image_path, sidecar_path = self.out / f"{stem}.png", self.out / f"{stem}.json"
+        with atomic_write(image_path) as tmp:
+            Image.fromarray(self.frame).save(tmp, format="PNG")
+        info = {
+            **self.info,
+            "image": image_path.name,
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        info.update(extra)
+        write_json_atomic(info, sidecar_path)
+        return FrameDone(image_path, sidecar_path, self.frame, info)

@@ -1,0 +1,261 @@
+"""One entry for every run: a `Request` checked into a `Run`, whose events every front end reads.
+
+`open_run(bundle, request)` validates a request against the loaded bundle (ValueError, one
+sentence, before anything is written) and picks its kind: a generation, an extension of a video
+(`request.video`), one frame (`request.one_frame`), or the rest of a stopped job
+(`request.resume`, with the job's own settings). `Run.events(out_dir, cancel)` then runs it
+through the one section loop (`framepack.pipeline.sections`): the LoRAs applied for the run, the
+encoders and the VAE fitted to the VRAM budget, the video's job directory opened, and everything
+taken back after. The CLI, the batch runner, the GUI's queue and the Python API each only turn
+their arguments into a `Request` and show the events.
+
+Before a long load, `check_request(model, request, device)` checks what needs no weights, and
+`job_to_resume(path)` says which model and budget a stopped job needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..io import load_image
+from ..lora import applied_loras, merge_loras
+from .bundle import read_manifest
+from .events import Event, Finished, FrameDone
+from .extend import ExtensionHistory, Source, prepare_extension, resume_extension
+from .jobs import JobDir, JobError, check_free, find_job, open_job
+from .loop import record_loop_seam
+from .one_frame import FrameOutput, OneFrameHistory, check_one_frame
+from .section import section_decoder
+from .sections import GenerationHistory, run_sections
+from .settings import (
+    GenerationSettings,
+    Prepared,
+    check_settings,
+    complete_prepared,
+    prepare,
+    settings_from_dict,
+    used_settings,
+)
+from .speed import offloaded
+from .video_output import SegmentedVideo, VideoOutput
+
+__all__ = ["JobTarget", "Request", "Run", "check_request", "job_to_resume", "open_run", "resume_job"]
+
+GROUPS = ("post", "k2", "k4")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a front end asks for: the settings, plus what picks the kind of run.
+
+    `image`: the start image's pixels instead of `settings.image`'s file. `video`: a video to
+    extend. `one_frame`: a single PNG at this latent time index from the history `one_frame_groups`
+    (`framepack.pipeline.one_frame`). `resume`: a stopped job (`OUT/NAME.job` or its mp4) to finish
+    with its own settings (`settings` is then ignored). `lora_merge`: fold the LoRAs into the
+    bundle's weights for good instead of applying them on the fly (no per-step cost; the CLI's
+    `--lora-merge`, for a process that loads the bundle for this run only).
+    """
+
+    settings: GenerationSettings | None = None
+    image: np.ndarray | None = None
+    video: str | Path | None = None
+    one_frame: int | None = None
+    one_frame_groups: tuple[str, ...] = GROUPS
+    resume: str | Path | None = None
+    lora_merge: bool = False
+
+
+@dataclass(frozen=True)
+class JobTarget:
+    """A stopped job to resume: its directory, and the model and VRAM budget it was started with."""
+
+    root: Path
+    model: str | None  # None: a named bundle, which records no directory
+    vram_budget: str | float | None
+
+
+def job_to_resume(path: str | Path) -> JobTarget:
+    """The stopped job `path` names (a `.job` folder or its mp4), free to run: JobError (one
+    sentence) when it is none, or when another process runs it, before anything is loaded."""
+    root = find_job(path)
+    check_free(root)
+    data = JobDir(root).read()
+    model = data.get("bundle") or None
+    return JobTarget(root, None if model == "None" else model, data["settings"].get("vram_budget"))
+
+
+def check_request(model: str | Path, request: Request, device, dtypes: dict | None = None) -> Prepared | None:
+    """What can be checked before the bundle `model` loads: a generation's settings and images
+    against its manifest and the VRAM budget against its size (`framepack.pipeline.budget`);
+    ValueError. Returns the checked inputs, to pass on to `open_run` (None for a resume or an
+    extension, which are checked there)."""
+    from .budget import check_budget
+
+    if request.resume is not None:
+        return None
+    manifest = read_manifest(model)
+    if request.video is not None:
+        return None
+    checked = check_settings(manifest, request.settings, request.image)
+    check_budget(model, checked, device, dtypes)
+    return checked
+
+
+@dataclass
+class Run:
+    """A checked request on a loaded bundle; `events(...)` runs it (see the module)."""
+
+    bundle: object
+    prepared: Prepared
+    source: Source | None = None  # the video an extension extends
+    job_dir: Path | None = None  # the job a resume continues
+    one_frame: tuple[int, tuple[str, ...]] | None = None  # (index, groups)
+
+    @property
+    def sections(self) -> int:
+        return 1 if self.one_frame else len(self.prepared.plan.sections)
+
+    def events(
+        self, out_dir: str | Path = "outputs", cancel: Callable[[], bool] | None = None
+    ) -> Iterator[Event]:
+        """Run it, yielding its events; the outputs land in `out_dir` (a resume: the job's folder).
+
+        A video run works in the job directory `<out_dir>/<name>.job` (`framepack.pipeline.jobs`),
+        removed when it finishes; an unfinished one with the same settings is resumed, one with
+        other settings is refused (JobError). Raises `framepack.sampling.Cancelled` when `cancel()`
+        turns true (between sampling steps); every finished section stays in the job.
+        """
+        bundle, prepared = self.bundle, self.prepared
+        s = prepared.settings
+        with (  # the memory plan first: a budget too small fails before the job directory exists
+            applied_loras(bundle.transformer, prepared.loras),
+            offloaded(bundle, s.vram_budget, s.fp8_weights, prepared) as memory,
+        ):
+            if self.one_frame is not None:
+                history = OneFrameHistory(prepared, *self.one_frame)
+                output = FrameOutput(bundle, prepared, out_dir, self._frame_info(history))
+                yield from run_sections(bundle, prepared, history, output, cancel, memory)
+                return
+            extra = None if self.source is None else {"video": self.source.file}
+            order = prepared.plan.packing_order
+            with open_job(out_dir, self.job_dir, s, bundle, order, extra) as job:
+                if self.source is not None:
+                    self.source.check(job)
+                job.check_images(prepared)
+                history, output = self._video(job)
+                for event in run_sections(bundle, prepared, history, output, cancel, memory):
+                    if isinstance(event, Finished) and s.loop:
+                        event.info["loop_seam"] = record_loop_seam(event.video, event.sidecar)
+                    yield event
+
+    def run(
+        self,
+        out_dir: str | Path = "outputs",
+        cancel: Callable[[], bool] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Finished | FrameDone:
+        """Run it to the end; returns the last event (`Finished`, or `FrameDone` for one frame)."""
+        last = None
+        for event in self.events(out_dir, cancel):
+            if on_event is not None:
+                on_event(event)
+            last = event
+        assert isinstance(last, (Finished, FrameDone))
+        return last
+
+    def _video(self, job: JobDir) -> tuple[object, VideoOutput]:
+        """The history and the output of a video run in `job`."""
+        bundle, prepared, source = self.bundle, self.prepared, self.source
+        s, plan = prepared.settings, prepared.plan
+        decoder = section_decoder(bundle, bundle.device, plan.window)
+        fps = prepared.fps if source is None else source.fps
+        video = SegmentedVideo(job, decoder, plan.packing_order != "forward", fps, s.crf, s.gif or s.png)
+        info = {
+            "settings": s.to_dict(),
+            "used": used_settings(prepared),
+            "bundle": str(getattr(bundle, "root", "")),
+            "sections": len(plan.sections),
+        }
+        if source is None:
+            history = GenerationHistory(prepared)
+        else:
+            history = ExtensionHistory(prepared, source)
+            history.setup_video(video)
+            count = int(source.frames.shape[0])
+            info["extension"] = {"source": source.path, "source_frames": count, "source_fps": source.fps}
+        return history, VideoOutput(job, video, info, len(plan.sections), s.png, s.gif, fps)
+
+    def _frame_info(self, history: OneFrameHistory) -> dict:
+        s = self.prepared.settings
+        return {
+            "settings": s.to_dict(),
+            "bundle": str(getattr(self.bundle, "root", "")),
+            "one_frame": {
+                "index": history.index,
+                "groups": list(history.groups),
+                "history_indices": history.history_indices(),
+                "reference": s.end_image,
+            },
+        }
+
+
+def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
+    """Check `request` against `bundle` (images, plan, LoRAs; ValueError, one sentence) into a
+    `Run`; nothing is written. `checked` is `check_request`'s result for the same request."""
+    if request.resume is not None:
+        prepared, source = resume_job(bundle, request.resume)
+        return Run(bundle, prepared, source, job_dir=find_job(request.resume))
+    if request.video is not None and request.one_frame is not None:
+        raise ValueError("one-frame mode makes one image from a start image; drop the video to extend.")
+    source = None
+    if request.video is not None:
+        prepared, source = prepare_extension(bundle, request.settings, request.video, request.image)
+    elif checked is not None:
+        prepared = complete_prepared(bundle, checked)
+    else:
+        prepared = prepare(bundle, request.settings, request.image)
+    one_frame = None
+    if request.one_frame is not None:
+        plan = prepared.plan
+        one_frame = check_one_frame(plan.schedule, plan.window, request.one_frame, request.one_frame_groups)
+        if prepared.end_image is not None and "post" not in one_frame[1]:
+            raise ValueError(
+                "a reference image (the end image) goes into the post group; keep post in the groups."
+            )
+    if request.lora_merge and prepared.loras:  # folded into the weights: no per-step cost
+        merge_loras(bundle.transformer, prepared.loras)
+        prepared.loras = []
+    return Run(bundle, prepared, source, one_frame=one_frame)
+
+
+def resume_job(bundle, job_dir: str | Path) -> tuple[Prepared, Source | None]:
+    """`(prepared, source)` to continue an unfinished job, from its settings and stored images:
+    `source` is the video an extension job extends, None for a generation. LoRA files are read
+    again from their paths; the images come from the job directory (unless the run stopped before
+    it stored them), so moving or editing the originals does not change the resumed video."""
+    root = find_job(job_dir)
+    job = JobDir(root)
+    data = job.read()
+    if "video" in data:
+        return resume_extension(bundle, root)
+    try:
+        settings = settings_from_dict(data["settings"])
+    except TypeError as e:
+        raise JobError(f"the settings in {job.root / 'job.json'} are not valid ({e}).") from None
+    folder = job.root / "images"
+    if not (job.root / "inputs.safetensors").is_file():  # stopped before its inputs were stored
+        return prepare(bundle, settings), None
+    stored = replace(
+        settings,
+        end_image=str(folder / "end.png") if settings.end_image else None,
+        keyframes=tuple(
+            (t, str(folder / f"keyframe_{i}.png")) for i, (t, _) in enumerate(settings.keyframes)
+        ),
+    )
+    # A text-to-video colour is only accepted without a start image; its plain frame is recomputed.
+    start = load_image(folder / "start.png") if settings.t2v_colour is None else None
+    return replace(prepare(bundle, stored, image=start), settings=settings), None
