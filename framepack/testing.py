@@ -135,6 +135,42 @@ def _siglip_processor(directory: Path, size: int) -> None:
     (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
+def _tiny_text_encoders(spec, tok, clip_vocab):
+    """The tiny bundle's LLaMA and CLIP text encoders, random (from the caller's RNG)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=spec.text_embed_dim,
+            intermediate_size=2 * spec.text_embed_dim,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            rope_theta=500000.0,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_vocab),
+            hidden_size=spec.pooled_projection_dim,
+            intermediate_size=2 * spec.pooled_projection_dim,
+            projection_dim=spec.pooled_projection_dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=clip_vocab["<|startoftext|>"],
+            eos_token_id=clip_vocab["<|endoftext|>"],
+            pad_token_id=clip_vocab["<|endoftext|>"],
+        )
+    )
+    return llama, clip
+
+
 def make_tiny_bundle(
     path: str | os.PathLike, order: str = "inverted", seed: int = 0, **manifest: object
 ) -> Path:
@@ -144,14 +180,7 @@ def make_tiny_bundle(
     from `seed` without touching the global RNG.
     """
     from diffusers import AutoencoderKLHunyuanVideo
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        LlamaConfig,
-        LlamaModel,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
+    from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from .model import PackedTransformer, get_spec, save_transformer
     from .pipeline.conditioning import template_crop_for
@@ -168,35 +197,7 @@ def make_tiny_bundle(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        llama = LlamaModel(
-            LlamaConfig(
-                vocab_size=len(tok),
-                hidden_size=spec.text_embed_dim,
-                intermediate_size=2 * spec.text_embed_dim,
-                num_hidden_layers=3,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=512,
-                rope_theta=500000.0,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        )
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_vocab),
-                hidden_size=spec.pooled_projection_dim,
-                intermediate_size=2 * spec.pooled_projection_dim,
-                projection_dim=spec.pooled_projection_dim,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                bos_token_id=clip_vocab["<|startoftext|>"],
-                eos_token_id=clip_vocab["<|endoftext|>"],
-                pad_token_id=clip_vocab["<|endoftext|>"],
-            )
-        )
+        llama, clip = _tiny_text_encoders(spec, tok, clip_vocab)
         siglip = SiglipVisionModel(
             SiglipVisionConfig(
                 hidden_size=spec.image_proj_dim,

@@ -83,6 +83,15 @@ def _cache_option(args: argparse.Namespace) -> tuple[str | None, float, tuple[fl
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a start image and a prompt")
+    _input_options(p)
+    _sampling_options(p)
+    _output_options(p)
+    _device_options(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _input_options(p) -> None:
+    """What to start from and what to make: images, video, prompts, length, model."""
     p.add_argument("--image", help="start image (leave out for text-to-video from a plain frame)")
     p.add_argument(
         "--video",
@@ -109,6 +118,10 @@ def add_parser(sub) -> None:
         "--model",
         help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1); default: the shipped demo model",
     )
+
+
+def _sampling_options(p) -> None:
+    """How to sample: seed, steps, guidance, window, order, sampler, end image, keyframes."""
     p.add_argument("--seed", type=int, default=31337)
     p.add_argument("--steps", type=int)
     p.add_argument(
@@ -124,6 +137,10 @@ def add_parser(sub) -> None:
     p.add_argument("--shift", type=float, help="fixed sigma shift instead of the dynamic one")
     p.add_argument("--end-image")
     p.add_argument("--keyframe", action="append", default=[], metavar="TIME:IMAGE")
+
+
+def _output_options(p) -> None:
+    """The frame size and the files written; LoRAs; one-frame mode."""
     p.add_argument("--resolution", type=int, help="bucket base, e.g. 640 or 320")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -155,6 +172,10 @@ def add_parser(sub) -> None:
         metavar="GROUPS",
         help="one-frame mode: the history groups fed to the model (comma list from post,k2,k4)",
     )
+
+
+def _device_options(p) -> None:
+    """Where and how fast: device, dtypes, memory, step caches; the output folder, events, resume."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -190,7 +211,6 @@ def add_parser(sub) -> None:
         help="continue a stopped run from its last finished section (OUT/NAME.job, or its mp4); "
         "the job's own settings are used",
     )
-    p.set_defaults(func=cmd_generate)
 
 
 def _event_json(event) -> dict:

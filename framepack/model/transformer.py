@@ -165,29 +165,13 @@ class PackedTransformer(nn.Module):
         return block(*args, **kwargs)
 
     # ------------------------------------------------------------------ forward
-    def forward_packed(
-        self,
-        noisy: torch.Tensor,  # (B, C, T, H, W)
-        noisy_indices: torch.Tensor,  # (T,) or (B, T)
-        history: Sequence[HistoryGroup],
-        timestep: torch.Tensor,  # (B,) sigma * 1000
-        text: torch.Tensor,  # (B, M, text_embed_dim)
-        text_mask: torch.Tensor | None,  # (B, M), 1 for real tokens (a prefix)
-        pooled: torch.Tensor,  # (B, pooled_projection_dim)
-        guidance: torch.Tensor | None = None,  # (B,) distilled guidance * 1000
-        image_embeds: torch.Tensor | None = None,  # (B, 729, image_proj_dim)
-    ) -> torch.Tensor:
-        """Velocity `(B, C, T, H, W)` for the noisy window, in the model's dtype (fp32 with `fp32_head`)."""
+    def _image_tokens(
+        self, noisy: torch.Tensor, noisy_indices: torch.Tensor, history: Sequence[HistoryGroup]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The image stream `(B, N, D)` and its rope `(B, N, 1, Dh/2)`: the history groups
+        (largest kernel first), then the noisy window, whose token count comes last."""
         b, _, t, h, w = noisy.shape
         dtype, base = self.dtype, Kernel(1, 2, 2)
-        c = self.config
-        if h % c.patch_size or w % c.patch_size:
-            raise ValueError(f"latent height and width must be even, got {h}x{w}.")
-        timestep = timestep.to(self.device).reshape(-1).expand(b)
-        if guidance is not None:
-            guidance = guidance.to(self.device).reshape(-1).expand(b)
-
-        # 1. Image stream: history groups (largest kernel first), then the noisy window.
         tokens = [self.x_embedder(noisy.to(self.device, dtype))]  # (B, N_noisy, D)
         ropes = [self._rope(noisy_indices, t, h, w, base, b)]
         groups = sorted(
@@ -206,6 +190,31 @@ class PackedTransformer(nn.Module):
         x = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
         rope = torch.cat(ropes, dim=1) if len(ropes) > 1 else ropes[0]  # (B, N, 1, Dh/2)
         n_noisy = tokens[-1].shape[1]
+        return x, rope, n_noisy
+
+    def forward_packed(
+        self,
+        noisy: torch.Tensor,  # (B, C, T, H, W)
+        noisy_indices: torch.Tensor,  # (T,) or (B, T)
+        history: Sequence[HistoryGroup],
+        timestep: torch.Tensor,  # (B,) sigma * 1000
+        text: torch.Tensor,  # (B, M, text_embed_dim)
+        text_mask: torch.Tensor | None,  # (B, M), 1 for real tokens (a prefix)
+        pooled: torch.Tensor,  # (B, pooled_projection_dim)
+        guidance: torch.Tensor | None = None,  # (B,) distilled guidance * 1000
+        image_embeds: torch.Tensor | None = None,  # (B, 729, image_proj_dim)
+    ) -> torch.Tensor:
+        """Velocity `(B, C, T, H, W)` for the noisy window, in the model's dtype (fp32 with `fp32_head`)."""
+        b, _, t, h, w = noisy.shape
+        dtype, c = self.dtype, self.config
+        if h % c.patch_size or w % c.patch_size:
+            raise ValueError(f"latent height and width must be even, got {h}x{w}.")
+        timestep = timestep.to(self.device).reshape(-1).expand(b)
+        if guidance is not None:
+            guidance = guidance.to(self.device).reshape(-1).expand(b)
+
+        # 1. Image stream: history groups (largest kernel first), then the noisy window.
+        x, rope, n_noisy = self._image_tokens(noisy, noisy_indices, history)
 
         # 2. Conditioning: global embedding, refined text, SigLIP tokens before the text.
         temb = self.time_text_embed(timestep, pooled.to(self.device, dtype), guidance)  # (B, D)

@@ -288,26 +288,9 @@ def plan_sections(
         raise ValueError(f"Unknown section order {order!r}: use one of {', '.join(ORDERS)}.")
     n = _count_sections(sections, seconds, window, fps)
     sched = _schedule_for(schedule, window)
-    if order == "forward" and end_image:
-        raise ValueError(
-            "The forward order has no end-frame condition (an end image or a loop); use the inverted "
-            "or anti-drifting order."
-        )
-    if order == "anti-drifting" and not end_image:
-        raise ValueError(
-            "The anti-drifting order fills the video between the start and end images; give an end image."
-        )
     kf_latents = _keyframe_latents(keyframes, n, window, fps)
     kf_at_slot = {(lat - 1) // window: i for i, lat in enumerate(kf_latents)}
-    if end_image and n - 1 in kf_at_slot:
-        t = keyframes[kf_at_slot[n - 1]]
-        raise ValueError(
-            f"The keyframe at {t:g} s falls in the last section, which the end image already conditions."
-        )
-    if order == "forward" and keyframes and sched.anchors == 0:
-        raise ValueError(
-            "Keyframes in the forward order take the anchor slot; use a schedule with one anchor."
-        )
+    _check_conditions(order, sched, end_image, keyframes, kf_at_slot, n)
     check_timed_prompts(prompts)
 
     total = window * n + 1
@@ -350,6 +333,28 @@ def plan_sections(
         )
         del unknown[bisect.bisect_left(unknown, slot)]
     return SectionPlan(order, window, tuple(out), total, sched, fps, end_image, kf_latents)
+
+
+def _check_conditions(order: str, sched, end_image: bool, keyframes, kf_at_slot: dict, n: int) -> None:
+    """ValueError for an order that cannot take the end image or keyframes as given."""
+    if order == "forward" and end_image:
+        raise ValueError(
+            "The forward order has no end-frame condition (an end image or a loop); use the inverted "
+            "or anti-drifting order."
+        )
+    if order == "anti-drifting" and not end_image:
+        raise ValueError(
+            "The anti-drifting order fills the video between the start and end images; give an end image."
+        )
+    if end_image and n - 1 in kf_at_slot:
+        t = keyframes[kf_at_slot[n - 1]]
+        raise ValueError(
+            f"The keyframe at {t:g} s falls in the last section, which the end image already conditions."
+        )
+    if order == "forward" and keyframes and sched.anchors == 0:
+        raise ValueError(
+            "Keyframes in the forward order take the anchor slot; use a schedule with one anchor."
+        )
 
 
 def _prompt_for(prompts: Sequence[TimedPrompt], seconds: float, number: int) -> int:
