@@ -101,7 +101,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_download(args: argparse.Namespace) -> None:
     """Fetch a named bundle's files into the Hugging Face cache (resumes partial downloads)."""
-    from ..pipeline.bundle import download_bundle
+    from ..pipeline.named import download_bundle
 
     try:
         dirs = download_bundle(args.name, progress=True, cache_dir=args.cache_dir)
