@@ -10,18 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .generate import Event, Finished, GenerationSettings, generate_events, prepare
+from .named import DEFAULT_MODEL, default_model  # re-exported until their users import .named
 
 __all__ = ["generate", "generate_iter", "DEFAULT_MODEL", "default_model"]
-
-# The demo bundle shipped inside the package (trained by `framepack.training.demo`).
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
-
-
-def default_model() -> Path:
-    """The shipped demo bundle; ValueError if this installation lacks it."""
-    if not (DEFAULT_MODEL / "framepack.json").is_file():
-        raise ValueError(f"no model given and the demo model is missing from {DEFAULT_MODEL}; pass a bundle.")
-    return DEFAULT_MODEL
 
 
 LOADED_BUNDLES: OrderedDict[tuple[str, str, str], object] = OrderedDict()  # (model, device, home) -> Bundle

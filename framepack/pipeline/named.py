@@ -1,9 +1,10 @@
-"""Where a model's files are: a bundle directory or a named bundle, and the named bundles' download.
+"""Where a model's files are: a bundle directory, a named bundle (and its download), or the demo model.
 
 A named bundle (`NAMED_BUNDLES`) has its components in the released hub repos and is read from
 the local Hugging Face cache: finding one never downloads; `download_bundle` does, once,
 explicitly. `read_manifest` and `read_component_config` read what a load would, without loading
-any weights; `framepack.pipeline.bundle` loads the weights.
+any weights; `framepack.pipeline.bundle` loads the weights. With no model given, a run uses the
+demo bundle shipped inside the package (`DEFAULT_MODEL`, through `model_or_default`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,33 @@ from pathlib import Path
 from .manifest import COMPONENTS, MANIFEST_NAME, BundleError, Manifest, read_config
 
 __all__ = [
+    "DEFAULT_MODEL",
     "NAMED_BUNDLES",
     "BundleSpec",
+    "default_model",
     "download_bundle",
     "download_plan",
     "locate",
+    "model_or_default",
     "read_component_config",
     "read_manifest",
 ]
+
+# The demo bundle shipped inside the package (trained by `framepack.training.demo`).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+
+
+def default_model() -> Path:
+    """The shipped demo bundle; ValueError if this installation lacks it."""
+    if not (DEFAULT_MODEL / "framepack.json").is_file():
+        raise ValueError(f"no model given and the demo model is missing from {DEFAULT_MODEL}; pass a bundle.")
+    return DEFAULT_MODEL
+
+
+def model_or_default(model: str | os.PathLike | None) -> str:
+    """`model` when one is given, else the shipped demo bundle's path (`default_model`; a
+    ValueError in one sentence if this installation lacks it)."""
+    return str(model) if model else str(default_model())
 
 
 @dataclass(frozen=True)
