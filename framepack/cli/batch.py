@@ -56,7 +56,7 @@ def _run_job(bundle, job, out: str) -> None:
 
 def cmd_batch(args: argparse.Namespace) -> None:
     from ..pipeline.batch import is_finished, job_outputs, process_rank, read_jobs, shard
-    from .main import UserError
+    from .common import UserError
 
     try:
         jobs = read_jobs(args.jobs)

@@ -228,7 +228,7 @@ def _one_frame(bundle, prepared, args: argparse.Namespace) -> None:
     """`--one-frame INDEX`: one PNG (and its JSON sidecar) instead of a video."""
     from ..pipeline.one_frame import generate_frame
     from ..sampling import Cancelled
-    from .main import UserError
+    from .common import UserError
 
     groups = [g.strip() for g in args.one_frame_groups.split(",") if g.strip()]
     try:
@@ -298,7 +298,7 @@ def _plan_line(prepared, args: argparse.Namespace, extension: bool, bundle=None)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .main import Interrupted, UserError
+    from .common import Interrupted, UserError
 
     job_dir = None
     if args.resume:
