@@ -121,7 +121,7 @@ def cmd_motion(args) -> list[str]:
     )
     print(summary)
     command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
-    from framepack.pipeline.bundle import Manifest
+    from framepack.pipeline.manifest import Manifest
 
     cfg = args.cfg if args.cfg is not None else Manifest.load(Path(args.model) / "framepack.json").cfg
     rows.append(
@@ -211,7 +211,7 @@ def cmd_sensitivity(args) -> list[str]:
 
 
 def cmd_drift(args) -> list[str]:
-    from framepack.pipeline.bundle import Manifest
+    from framepack.pipeline.manifest import Manifest
 
     table = ["| run | order | videos | sharpness | colour mean | colour std | object size | motion ok |"]
     table.append("| --- | --- | --- | --- | --- | --- | --- | --- |")

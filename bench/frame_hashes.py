@@ -244,8 +244,8 @@ def run_modes(work: Path) -> dict[str, str]:
 
 def gui_queue(out: Path) -> dict[str, str]:
     from framepack.gui.jobs import DONE, JobQueue
-    from framepack.pipeline.api import DEFAULT_MODEL
     from framepack.pipeline.bundle import load_bundle
+    from framepack.pipeline.named import DEFAULT_MODEL
 
     GenerationSettings = __import__("framepack").GenerationSettings
     queue = JobQueue(load_bundle(DEFAULT_MODEL), out)

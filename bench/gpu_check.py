@@ -43,7 +43,7 @@ from _record import append_rows, command, machine, today  # noqa: E402
 from framepack.cli.main import main as cli  # noqa: E402
 from framepack.memory import GIB  # noqa: E402
 from framepack.memory.estimate import device_overhead  # noqa: E402
-from framepack.pipeline.api import DEFAULT_MODEL  # noqa: E402
+from framepack.pipeline.named import DEFAULT_MODEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = DEFAULT_MODEL / "examples"

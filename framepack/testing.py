@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .pipeline.bundle import HUNYUAN_PROMPT_TEMPLATE, MANIFEST_NAME, Bundle, Manifest, load_bundle
+from .pipeline.bundle import Bundle, load_bundle
+from .pipeline.manifest import HUNYUAN_PROMPT_TEMPLATE, MANIFEST_NAME, Manifest
 
 __all__ = [
     "TINY_MANIFEST",

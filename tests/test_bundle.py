@@ -10,18 +10,7 @@ import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
 
-from framepack.pipeline.bundle import (
-    COMPONENTS,
-    HUNYUAN_PROMPT_TEMPLATE,
-    MANIFEST_NAME,
-    NAMED_BUNDLES,
-    BundleError,
-    Manifest,
-    component_dtypes,
-    download_bundle,
-    download_plan,
-    load_bundle,
-)
+from framepack.pipeline.bundle import component_dtypes, load_bundle
 from framepack.pipeline.conditioning import (
     encode_image,
     encode_prompt,
@@ -29,6 +18,14 @@ from framepack.pipeline.conditioning import (
     vae_decode,
     vae_encode,
 )
+from framepack.pipeline.manifest import (
+    COMPONENTS,
+    HUNYUAN_PROMPT_TEMPLATE,
+    MANIFEST_NAME,
+    BundleError,
+    Manifest,
+)
+from framepack.pipeline.named import NAMED_BUNDLES, download_bundle, download_plan
 from framepack.testing import make_tiny_bundle, tiny_bundle_dir
 
 PROMPT = "A cat walks in the rain, the camera slowly zooms in."

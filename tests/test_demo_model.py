@@ -10,8 +10,8 @@ from PIL import Image
 
 from framepack.cli.main import main
 from framepack.io import read_video
-from framepack.pipeline.api import DEFAULT_MODEL, default_model
 from framepack.pipeline.bundle import load_bundle
+from framepack.pipeline.named import DEFAULT_MODEL, default_model
 from framepack.training.demo import DEMO_TRANSFORMER, EXAMPLES
 from framepack.training.world import measure, nearest_colour, scene_from_caption
 

@@ -24,10 +24,10 @@ from PIL import Image
 
 from framepack.lora import merge_loras
 from framepack.memory import GIB
-from framepack.pipeline.api import DEFAULT_MODEL
 from framepack.pipeline.bundle import component_dtypes, load_bundle
 from framepack.pipeline.extend import extend_events, prepare_extension
 from framepack.pipeline.generate import GenerationSettings, generate, generate_events, prepare
+from framepack.pipeline.named import DEFAULT_MODEL
 from framepack.pipeline.one_frame import generate_frame
 from framepack.testing import tight_budget
 

@@ -309,7 +309,7 @@ def test_lora_scale_zero_is_no_lora_and_loras_round_trip(queue, bundle, image, t
 
 
 def test_examples_are_the_demo_models_when_serving_it():
-    from framepack.pipeline.api import DEFAULT_MODEL
+    from framepack.pipeline.named import DEFAULT_MODEL
     from framepack.training.demo import EXAMPLES
 
     assert [p for _, p in demo_examples(None)][0].startswith("The cat walks")

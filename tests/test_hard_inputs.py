@@ -276,7 +276,8 @@ def _bundle_copy(tmp_path: Path) -> Path:
 def test_code_in_a_model_directory_never_runs(tmp_path):
     """A tokenizer and an encoder that point (auto_map) at Python files in the bundle: the bundle
     loads with the built-in classes or fails with one sentence, and the files never run."""
-    from framepack.pipeline.bundle import BundleError, load_bundle
+    from framepack.pipeline.bundle import load_bundle
+    from framepack.pipeline.manifest import BundleError
 
     bundle = _bundle_copy(tmp_path)
     marker = tmp_path / "ran"
@@ -300,7 +301,8 @@ def test_code_in_a_model_directory_never_runs(tmp_path):
 
 def test_oversized_tensor_header_is_refused_before_allocation(tmp_path):
     """A VAE file whose header promises a 4 TB tensor: refused from the header, nothing allocated."""
-    from framepack.pipeline.bundle import BundleError, load_bundle
+    from framepack.pipeline.bundle import load_bundle
+    from framepack.pipeline.manifest import BundleError
 
     bundle = _bundle_copy(tmp_path)
     weights = next((bundle / "vae").glob("*.safetensors"))

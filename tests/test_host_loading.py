@@ -24,8 +24,9 @@ from framepack.memory.streaming import GIB
 from framepack.model import load_transformer
 from framepack.model.loading import save_transformer
 from framepack.pipeline import api
-from framepack.pipeline.bundle import BundleError, component_dtypes, load_bundle, weights_home
+from framepack.pipeline.bundle import component_dtypes, load_bundle, weights_home
 from framepack.pipeline.generate import GenerationSettings, prepare
+from framepack.pipeline.manifest import BundleError
 from framepack.testing import tight_budget, tiny_bundle_dir
 
 META = torch.device("meta")

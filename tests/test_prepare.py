@@ -223,7 +223,7 @@ def test_bad_arguments(source, bundle, tmp_path):
 
 
 def _cli(argv):
-    from framepack.cli.main import UserError
+    from framepack.cli.common import UserError
     from framepack.cli.prepare import add_parser
 
     parser = argparse.ArgumentParser(prog="framepack")

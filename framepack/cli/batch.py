@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 
 def cmd_batch(args: argparse.Namespace) -> None:
     from ..pipeline.batch import is_finished, job_outputs, process_rank, read_jobs, shard
-    from .main import UserError
+    from .common import UserError
 
     try:
         jobs = read_jobs(args.jobs)
@@ -58,8 +58,8 @@ def cmd_batch(args: argparse.Namespace) -> None:
     for library in (transformers.utils.logging, diffusers.utils.logging):
         library.disable_progress_bar()
         library.set_verbosity_error()
-    from ..pipeline.api import default_model
     from ..pipeline.bundle import load_bundle
+    from ..pipeline.named import model_or_default
     from ..pipeline.run import open_run
 
     loaded: tuple[str, object] | None = None  # one bundle at a time: a 13B model is big
@@ -71,7 +71,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
             continue
         print(f"running {job.name} (line {job.line}, rank {rank})", flush=True)
         try:
-            model = job.model or args.model or str(default_model())  # as generate: the demo model
+            model = model_or_default(job.model or args.model)  # as generate: the demo model
             if loaded is None or loaded[0] != model:
                 loaded = None
                 # With a budget the weights wait on the host (load_bundle); a later job of the same

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import UserError
+
 __all__ = ["add_parser"]
 
 
@@ -33,7 +35,6 @@ def _caption_of(video: Path, given: str | None) -> str | None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from ..training.evaluate import as_dict, evaluate_video, summarise
-    from .main import UserError
 
     reports = []
     for name in args.videos:

@@ -9,7 +9,7 @@ import threading
 import warnings
 
 from ..devices import resolve_device
-from .main import Interrupted, UserError
+from .common import Interrupted, UserError, add_device_argument, add_model_argument
 
 __all__ = ["add_parser", "timed_prompt_text"]
 
@@ -114,10 +114,7 @@ def _input_options(p) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seconds", type=float, help="video length (default 5; a whole number of sections)")
     p.add_argument("--sections", type=int, help="number of sections instead of --seconds")
-    p.add_argument(
-        "--model",
-        help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1); default: the shipped demo model",
-    )
+    add_model_argument(p)
 
 
 def _sampling_options(p) -> None:
@@ -176,7 +173,7 @@ def _output_options(p) -> None:
 
 def _device_options(p) -> None:
     """Where and how fast: device, dtypes, memory, step caches; the output folder, events, resume."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    add_device_argument(p)
     p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "release"],
@@ -401,7 +398,7 @@ def _open(args: argparse.Namespace, job):
 
 def _resolve_model(args: argparse.Namespace):
     """The job `--resume` names (or None) and the model to load into `args.model`; UserError."""
-    from ..pipeline.api import default_model
+    from ..pipeline.named import model_or_default
     from ..pipeline.run import job_to_resume
 
     job = None
@@ -411,7 +408,7 @@ def _resolve_model(args: argparse.Namespace):
             if not args.model and job.model is None:
                 raise ValueError(f"the job {job.root} does not record its model directory; pass --model.")
             args.model = args.model or job.model
-        args.model = args.model or str(default_model())
+        args.model = model_or_default(args.model)
     except ValueError as e:
         raise UserError(str(e)) from None
     return job

@@ -1,7 +1,7 @@
 """The `framepack` command line.
 
 Each subcommand validates its input here, at the edge: bad input is one sentence on stderr and
-exit status 2, never a traceback.
+exit status 2, never a traceback (`cli/common.py`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,9 @@ import argparse
 import sys
 import time
 
+from .common import UserError, run_command
+
 __all__ = ["main"]
-
-
-class UserError(Exception):
-    """Bad input; the message is shown to the user as one sentence."""
-
-
-class Interrupted(UserError):
-    """Ctrl-C, with what was kept; shown as one sentence, exit status 130 (128 + SIGINT)."""
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -101,7 +95,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_download(args: argparse.Namespace) -> None:
     """Fetch a named bundle's files into the Hugging Face cache (resumes partial downloads)."""
-    from ..pipeline.bundle import download_bundle
+    from ..pipeline.named import download_bundle
 
     try:
         dirs = download_bundle(args.name, progress=True, cache_dir=args.cache_dir)
@@ -153,22 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", type=int, nargs="*", default=[0, 1, 3, 19, 100, 10000])
     p.set_defaults(func=cmd_pack)
     return parser
-
-
-def run_command(func, args: argparse.Namespace) -> int:
-    """Run a subcommand: bad input becomes one sentence on stderr and exit status 2 (130 for Ctrl-C)."""
-    try:
-        func(args)
-    except Interrupted as e:
-        print(f"framepack: {e}", file=sys.stderr)
-        return 130
-    except UserError as e:
-        print(f"framepack: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("framepack: interrupted.", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

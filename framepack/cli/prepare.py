@@ -6,6 +6,8 @@ import argparse
 import sys
 import warnings
 
+from .common import UserError, cli_device
+
 __all__ = ["add_parser"]
 
 
@@ -27,15 +29,10 @@ def add_parser(sub) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     import torch
 
-    from ..devices import resolve_device
     from ..pipeline.bundle import load_bundle
     from ..training.prepare import PrepareWarning, prepare_dataset
-    from .main import UserError
 
-    try:
-        device = resolve_device(args.device or "auto")
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    device = cli_device(args.device or "auto")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here.")
     try:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..devices import resolve_device
+from .common import UserError, add_device_argument, add_model_argument, cli_model
 
 __all__ = ["add_parser", "parse_auth", "LOOPBACK"]
 
@@ -16,10 +17,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="the web GUI: a job queue, live previews, the video as it grows")
-    p.add_argument(
-        "--model",
-        help="bundle directory or named bundle (hunyuan-i2v, hunyuan-f1); default: the shipped demo model",
-    )
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--outputs", default="outputs", help="folder for videos (the only one served)")
@@ -27,7 +25,7 @@ def add_parser(sub) -> None:
         "--loras", metavar="DIR", help="a folder of LoRAs (.safetensors files, PEFT folders) to pick from"
     )
     p.add_argument("--auth", help="USER:PASSWORD, or a file with one USER:PASSWORD per line")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    add_device_argument(p)
     p.add_argument(
         "--vram-budget",
         metavar="GB|auto",
@@ -66,15 +64,8 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..memory.streaming import parse_budget
-    from .main import UserError
 
-    if not args.model:
-        from ..pipeline.api import default_model
-
-        try:
-            args.model = str(default_model())
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    args.model = cli_model(args.model)
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {args.port}.")
     try:

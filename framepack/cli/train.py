@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import UserError, run_command
+
 __all__ = ["add_parser", "add_arguments", "cmd_train", "main"]
 
 
@@ -32,8 +34,6 @@ def add_parser(sub) -> None:
 def _parse_overrides(items: list[str]) -> dict:
     import tomllib
 
-    from .main import UserError
-
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -50,7 +50,6 @@ def _parse_overrides(items: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..training.config import load_config
     from ..training.train import train
-    from .main import UserError
 
     try:
         config = load_config(args.config, _parse_overrides(args.overrides))
@@ -66,8 +65,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m framepack.train CONFIG`: the same as `framepack train CONFIG`."""
-    from .main import run_command
-
     parser = argparse.ArgumentParser(prog="python -m framepack.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

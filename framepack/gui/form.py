@@ -460,7 +460,7 @@ def _modes_from_settings(settings: dict, outputs: Path, manifest, loras_dir: str
 def demo_examples(model_root: str | Path | None) -> list[tuple[str | None, str]]:
     """(start image or None, prompt) examples: the demo model's own when `model_root` is the
     shipped demo bundle (its start images once `examples/` holds them), else `QUICK_PROMPTS`."""
-    from ..pipeline.api import DEFAULT_MODEL
+    from ..pipeline.named import DEFAULT_MODEL
 
     if model_root is None or Path(model_root).resolve() != DEFAULT_MODEL.resolve():
         return [(None, prompt) for prompt in QUICK_PROMPTS]

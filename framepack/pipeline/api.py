@@ -10,21 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from .events import Event, Finished, FrameDone
+from .named import default_model
 from .run import Request, job_to_resume, open_run
 from .settings import GenerationSettings
 
-__all__ = ["generate", "generate_iter", "DEFAULT_MODEL", "default_model"]
-
-# The demo bundle shipped inside the package (trained by `framepack.training.demo`).
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
-
-
-def default_model() -> Path:
-    """The shipped demo bundle; ValueError if this installation lacks it."""
-    if not (DEFAULT_MODEL / "framepack.json").is_file():
-        raise ValueError(f"no model given and the demo model is missing from {DEFAULT_MODEL}; pass a bundle.")
-    return DEFAULT_MODEL
-
+__all__ = ["LOADED_BUNDLES", "generate", "generate_iter", "loaded_bundle"]
 
 LOADED_BUNDLES: OrderedDict[tuple[str, str, str], object] = OrderedDict()  # (model, device, home) -> Bundle
 _KEEP = 2  # bundles kept loaded

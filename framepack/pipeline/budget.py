@@ -90,7 +90,8 @@ def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None
     from diffusers.utils import logging as diffusers_logging
 
     from ..model import PackedTransformer, TransformerConfig
-    from .bundle import component_dtypes, read_component_config, read_manifest
+    from .bundle import component_dtypes
+    from .named import read_component_config, read_manifest
 
     s = prepared.settings
     total = budget_bytes(parse_budget(s.vram_budget), device)

@@ -23,11 +23,11 @@ import numpy as np
 
 from ..io import load_image
 from ..lora import applied_loras, merge_loras
-from .bundle import read_manifest
 from .events import Event, Finished, FrameDone
 from .extend import ExtensionHistory, Source, prepare_extension, resume_extension
 from .jobs import JobDir, JobError, check_free, find_job, open_job
 from .loop import record_loop_seam
+from .named import read_manifest
 from .one_frame import FrameOutput, OneFrameHistory, check_one_frame
 from .section import section_decoder
 from .sections import GenerationHistory, run_sections

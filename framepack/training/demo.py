@@ -162,7 +162,7 @@ def build_demo_bundle(
     import torch
 
     from ..model import PackedTransformer, get_spec, load_transformer, save_transformer
-    from ..pipeline.bundle import MANIFEST_NAME, Manifest
+    from ..pipeline.manifest import MANIFEST_NAME, Manifest
     from ..testing import make_tiny_bundle
     from .prepare import prepare_dataset
     from .train import train

@@ -157,7 +157,7 @@ def _resolve_schedule(cfg: TrainConfig, manifest, cache: LatentCache):
 
 
 def _bundle_manifest(model: str):
-    from ..pipeline.bundle import MANIFEST_NAME, Manifest
+    from ..pipeline.manifest import MANIFEST_NAME, Manifest
 
     path = Path(model)
     return Manifest.load(path) if (path / MANIFEST_NAME).is_file() else None
