@@ -12,6 +12,7 @@ import torch
 
 from ..model.transformer import HistoryGroup
 from ..sampling import cfg_velocity, velocity_to_x0
+from .conditioning import PromptEmbeds, encode_image, encode_prompt, vae_decode, vae_encode
 from .decode import IncrementalDecoder, from_uint8_frames, latent_preview
 from .events import StepEvent
 from .settings import Prepared
@@ -21,8 +22,6 @@ __all__ = ["encode_inputs", "make_denoiser", "pack", "prompt_embeds", "sample_li
 
 def encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
     """Every conditioning tensor of a run, by name (what a job directory stores)."""
-    from .conditioning import encode_image, encode_prompt, vae_encode
-
     s = prepared.settings
     tensors = {}
     for i, text in enumerate(prepared.prompts + ([s.negative_prompt] if prepared.cfg != 1 else [])):
@@ -40,7 +39,6 @@ def encode_inputs(bundle, prepared: Prepared) -> dict[str, torch.Tensor]:
 def prompt_embeds(inputs: dict[str, torch.Tensor], prepared: Prepared, device) -> tuple[list, object]:
     """The stored prompt embeddings of a run on `device`: one per timed prompt, and the negative
     prompt's (None without real CFG)."""
-    from .conditioning import PromptEmbeds
 
     def embeds(key: str) -> PromptEmbeds:
         return PromptEmbeds(inputs[f"{key}.text"], inputs[f"{key}.mask"], inputs[f"{key}.pooled"]).to(device)
@@ -65,8 +63,6 @@ def pack(layout, anchors: torch.Tensor, groups: list[torch.Tensor], schedule, de
 def section_decoder(bundle, device, window: int) -> IncrementalDecoder:
     """The incremental decoder of a run: the bundle's VAE on `device`, frames back on the host,
     sections blended in the VAE's dtype (as the release blends)."""
-    from .conditioning import vae_decode
-
     return IncrementalDecoder(
         lambda lat: vae_decode(bundle, lat.to(device)).cpu(), window, bundle.dtypes()["vae"]
     )
