@@ -5,7 +5,7 @@ bundle, until the demo model ships at framepack/demo_model) once without a cache
 (cache, threshold), same seed and inputs, with lossless PNG frames. Prints, per run: model
 evaluations skipped, the PSNR of the video to the uncached one (over all frames, 8-bit), and the
 sampling time ratio to the uncached run. `--calibrate` first fits both caches' polynomials on
-the same bundle (another seed and prompt, `framepack.caching.calibrate`) and adds "-cal" variants.
+the same bundle (another seed and prompt, `framepack.training.calibrate`) and adds "-cal" variants.
 
     python bench/caching.py [--model DIR] [--sections 2] [--steps 25] [--thresholds 0 0.1 0.15 0.2]
                             [--caches teacache fbcache] [--calibrate] [--record]
@@ -26,15 +26,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
-from framepack.caching.calibrate import calibrate, demo_image  # noqa: E402
 from framepack.pipeline.bundle import load_bundle  # noqa: E402
 from framepack.pipeline.generate import GenerationSettings, Stage, StepEvent, generate  # noqa: E402
+from framepack.training.calibrate import calibrate, demo_image  # noqa: E402
 
 HEADING = "## Step caching: skipped evaluations vs PSNR (`bench/caching.py`)"
 INTRO = """
 Same bundle, seed, image and prompt; PSNR of the 8-bit frames (PNG, lossless) against the
 uncached run; time ratio = CPU time of sampling (all model calls) / the uncached run's, in one run
-(on the tiny bundle the model is so small that hooks and the sampler dominate it). "-cal" caches use polynomials fitted by `framepack.caching.calibrate` on another seed and
+(on the tiny bundle the model is so small that hooks and the sampler dominate it). "-cal" caches use polynomials fitted by `framepack.training.calibrate` on another seed and
 prompt. The issue's target: TeaCache at 0.15 skips >= 40% on the demo model (the tiny bundle is
 random weights, so its numbers only show the mechanics).
 

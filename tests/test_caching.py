@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from framepack.caching import TEACACHE_HUNYUAN, FirstBlockCache, TeaCache, make_cache, rel_l1, reset_caches
-from framepack.caching.calibrate import fit, load_coefficients
 from framepack.memory import WeightStreamer, blocks_of, hooks_of, plan_memory
 from framepack.model import PackedTransformer, get_spec
 from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0
 from framepack.testing import random_packed_inputs
+from framepack.training.calibrate import fit, load_coefficients
 
 CFG = get_spec("tiny").replace(num_layers=2, num_single_layers=3)
 STEPS = 10

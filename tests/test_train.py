@@ -178,7 +178,7 @@ def test_caption_dropout_trains_on_the_empty_caption(cache, tmp_path):
 
 
 def test_motion_weight_favours_what_moved(cache, tmp_path):
-    from framepack.training.train import motion_weights, weighted_mse
+    from framepack.training.samples import motion_weights, weighted_mse
 
     start = torch.zeros(16, 1, 4, 4)
     x0 = torch.zeros(16, 3, 4, 4)

@@ -10,7 +10,7 @@ last one adds the cached residual. Call `reset_caches(model, steps, branches)` a
   AdaLN-modulated input, rescaled by a polynomial fitted for HunyuanVideo, is accumulated; the
   blocks are computed again once the sum reaches the threshold.
 - `FirstBlockCache` always computes block 0 and compares its residual with the one of the last
-  computed step (rescaled by a polynomial that `framepack.caching.calibrate` fits on the model at
+  computed step (rescaled by a polynomial that `framepack.training.calibrate` fits on the model at
   hand; identity by default): the network's own response is the signal, not its input.
 
 A threshold of 0 computes every step and gives exactly the uncached output.

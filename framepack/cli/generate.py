@@ -75,7 +75,7 @@ def _cache_option(args: argparse.Namespace) -> tuple[str | None, float, tuple[fl
             raise ValueError(f"--cache {args.cache!r} is not NAME:THRESHOLD, e.g. fbcache:0.1.") from None
     coefficients = None
     if args.cache_calibration:
-        from ..caching.calibrate import load_coefficients
+        from ..training.calibrate import load_coefficients
 
         coefficients = load_coefficients(args.cache_calibration, name or "teacache")
     return name, threshold, coefficients
@@ -197,7 +197,7 @@ def _device_options(p) -> None:
     )
     p.add_argument("--cache", metavar="NAME:THRESH", help="step cache teacache|fbcache, e.g. fbcache:0.1")
     p.add_argument(
-        "--cache-calibration", metavar="FILE", help="JSON from python -m framepack.caching.calibrate"
+        "--cache-calibration", metavar="FILE", help="JSON from python -m framepack.training.calibrate"
     )
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name, without extension or folder (a plain file name)")

@@ -64,7 +64,7 @@ class GenerationSettings:
     loop: bool = False  # end on the start frame: a seamless loop (framepack.pipeline.loop)
     cache: str | None = None  # step cache: "teacache" or "fbcache" (framepack.caching)
     cache_threshold: float = 0.15
-    cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.caching.calibrate`
+    cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.training.calibrate`
     vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
     fp8_weights: bool = False  # fp8 copies of the streamed blocks: half the transfers, +half their RAM
 

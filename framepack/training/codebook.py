@@ -4,9 +4,15 @@ of latent pixels, and at training time history latents replaced by their nearest
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
-__all__ = ["fit_codebook", "quantise"]
+if TYPE_CHECKING:
+    from .data import LatentCache
+
+__all__ = ["fit_codebook", "quantise", "fit_cache_codebook", "load_codebook", "save_codebook"]
 
 
 def _nearest(flat: torch.Tensor, codebook: torch.Tensor, rows: int = 65536) -> torch.Tensor:
@@ -44,3 +50,38 @@ def quantise(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     c = latents.shape[0]
     flat = latents.movedim(0, -1).reshape(-1, c)  # (N, C)
     return codebook[_nearest(flat.float(), codebook)].reshape(*latents.shape[1:], c).movedim(-1, 0)
+
+
+def fit_cache_codebook(
+    cache: LatentCache,
+    ids: list[int],
+    channels: int,
+    k: int,
+    samples: int,
+    iters: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """`fit_codebook` on about `samples` latent pixels (`channels`-vectors), as many drawn at random
+    from each clip `ids` of `cache` -> (k, channels)."""
+    per = -(-samples // len(ids))
+    vectors = []
+    for i in ids:  # `per` random latent pixels of every usable clip
+        flat = cache[i]["latents"].float().movedim(0, -1).reshape(-1, channels)  # (N, C)
+        vectors.append(flat[torch.randint(flat.shape[0], (per,), generator=generator)])
+    return fit_codebook(torch.cat(vectors), k, iters, generator)
+
+
+def load_codebook(path: Path, k: int, channels: int) -> torch.Tensor:
+    """The codebook saved at `path`; ValueError (one sentence) unless it holds `k` codes of `channels`."""
+    from safetensors.torch import load_file
+
+    codebook = load_file(str(path))["codebook"]
+    if tuple(codebook.shape) != (k, channels):
+        raise ValueError(f"{path} holds {tuple(codebook.shape)} codes, not discretize = {k} of {channels}.")
+    return codebook
+
+
+def save_codebook(path: Path, codebook: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"codebook": codebook.contiguous()}, str(path), metadata={"format": "framepack-codebook/1"})

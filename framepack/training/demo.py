@@ -161,16 +161,52 @@ def build_demo_bundle(
     """
     import torch
 
-    from ..model import PackedTransformer, get_spec, load_transformer, save_transformer
-    from ..pipeline.manifest import MANIFEST_NAME, Manifest
-    from ..testing import make_tiny_bundle
-    from .prepare import prepare_dataset
+    from ..model import load_transformer, save_transformer
+    from ..pipeline.manifest import MANIFEST_NAME
     from .train import train
-    from .world import write_dataset
 
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
     staging = work / "bundle"
+    manifest = _stage_bundle(vae_dir, staging, scaling_factor, text_scale)
+    work = work.resolve()
+    cache = _training_cache(work, staging, cache_name, clips, frames, centre_clips, centre_only)
+    run = work / run_name
+    config = work / f"train-{run_name}.toml"
+    config.write_text(
+        _train_config(
+            cache, run, init, order, steps, batch_size, lr, end_probability, caption_dropout, motion_weight
+        )
+    )
+    result = train(config)
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in (*ENCODERS, "vae"):
+        shutil.copytree(staging / name, out / name)
+    # Stored in bf16 to keep the shipped bundle small; a CPU loads it back as fp32.
+    trained = load_transformer(Path(result.checkpoint) / "transformer", dtype=torch.bfloat16)
+    save_transformer(trained, out / "transformer")
+    manifest.replace(order=order, packing=order, cfg=cfg).save(out / MANIFEST_NAME)
+    write_examples(out / "examples")
+    how = _training_summary(
+        order, clips, frames, centre_clips, centre_only, end_probability, caption_dropout, cfg
+    )
+    origin = f"on from `{init}`" if init else "from scratch"
+    minutes = (time.time() - started) / 60
+    card = _model_card(manifest, how, origin, minutes, steps, batch_size, result.final_loss, out, run)
+    (out / "README.md").write_text(card)
+    return out
+
+
+def _stage_bundle(vae_dir: Path, staging: Path, scaling_factor: float | None, text_scale: float):
+    """A fresh bundle in `staging`: the tiny tokenizers and frozen random encoders, the VAE of
+    `vae_dir` and a placeholder demo transformer; returns its manifest."""
+    from ..model import PackedTransformer, get_spec, save_transformer
+    from ..pipeline.manifest import MANIFEST_NAME, Manifest
+    from ..testing import make_tiny_bundle
+
     if staging.exists():
         shutil.rmtree(staging)
     make_tiny_bundle(staging, **DEMO_MANIFEST)  # tokenizers + frozen random encoders
@@ -188,8 +224,23 @@ def build_demo_bundle(
     )
     shutil.rmtree(staging / "transformer")
     save_transformer(PackedTransformer(spec), staging / "transformer")  # replaced after training
+    return manifest
 
-    work = work.resolve()
+
+def _training_cache(
+    work: Path,
+    staging: Path,
+    cache_name: str,
+    clips: int,
+    frames: int,
+    centre_clips: int,
+    centre_only: bool,
+) -> Path:
+    """The latent cache to train on: demo-world clips rendered (unless already there) and encoded
+    with the `staging` bundle, the centre clips' cache, or both merged."""
+    from .prepare import prepare_dataset
+    from .world import write_dataset
+
     clip_dir, cache = work / "clips", work / cache_name
     if centre_only and not centre_clips:
         raise ValueError("centre_only needs centre_clips.")
@@ -205,11 +256,24 @@ def build_demo_bundle(
         cache = (
             centre_cache if centre_only else merge_caches(work / f"{cache_name}-mix", [centre_cache, cache])
         )
+    return cache
 
-    run = work / run_name
-    config = work / f"train-{run_name}.toml"
+
+def _train_config(
+    cache: Path,
+    run: Path,
+    init: Path | None,
+    order: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    end_probability: float,
+    caption_dropout: float,
+    motion_weight: float,
+) -> str:
+    """The TOML training config of the demo transformer (`framepack train`)."""
     overrides = ", ".join(f"{k} = {json.dumps(v)}" for k, v in DEMO_TRANSFORMER.items())
-    config.write_text(
+    return (
         "\n".join(
             [
                 f'data = "{cache}"',
@@ -233,20 +297,25 @@ def build_demo_bundle(
         )
         + "\n"
     )
-    result = train(config)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for name in (*ENCODERS, "vae"):
-        shutil.copytree(staging / name, out / name)
-    # Stored in bf16 to keep the shipped bundle small; a CPU loads it back as fp32.
-    trained = load_transformer(Path(result.checkpoint) / "transformer", dtype=torch.bfloat16)
-    save_transformer(trained, out / "transformer")
-    manifest.replace(order=order, packing=order, cfg=cfg).save(out / MANIFEST_NAME)
-    write_examples(out / "examples")
-    minutes = (time.time() - started) / 60
-    how = (
+
+def _training_summary(
+    order: str,
+    clips: int,
+    frames: int,
+    centre_clips: int,
+    centre_only: bool,
+    end_probability: float,
+    caption_dropout: float,
+    cfg: float,
+) -> str:
+    """How the transformer was trained, for the model card (the rest of its sentence)."""
+    if order != "inverted":
+        return (
+            "forward (F1) order with the released packing preset (start + 16 k4 + 2 k2 + 1 k1), "
+            f"window 9, on {clips} clips of {frames} frames."
+        )
+    return (
         "inverted anti-drifting order with the released packing preset (start + 1 k1 + 2 k2 + 16 k4), "
         + (
             f"window 9, on {centre_clips} clips of {frames} frames whose shapes start near the middle"
@@ -257,14 +326,23 @@ def build_demo_bundle(
         + f"; a sample's future is cut after a random window with probability {end_probability}"
         + (f"; captions dropped with probability {caption_dropout}" if caption_dropout else "")
         + (f'. Generation uses real CFG {cfg:g} by default (negative prompt "").' if cfg != 1 else ".")
-        if order == "inverted"
-        else "forward (F1) order with the released packing preset (start + 16 k4 + 2 k2 + 1 k1), "
-        f"window 9, on {clips} clips of {frames} frames."
     )
-    origin = f"on from `{init}`" if init else "from scratch"
+
+
+def _model_card(
+    manifest,
+    how: str,
+    origin: str,
+    minutes: float,
+    steps: int,
+    batch_size: int,
+    final_loss: float,
+    out: Path,
+    run: Path,
+) -> str:
+    """The bundle's README.md: what each part is, how it was built, and the loss table of `run`."""
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
-    (out / "README.md").write_text(
-        f"""# framepack demo model
+    return f"""# framepack demo model
 
 A small FramePack bundle in the real layout, every learned part trained by this repository's code
 on the procedural demo world (`framepack.training.world`: one coloured shape on a plain background
@@ -278,14 +356,12 @@ moving as its caption says, 64x64 pixels, 30 fps). Not a general video model.
   `framepack train` in the {how}
 
 Built with `{" ".join(sys.argv) or "build_demo_bundle(...)"}` in {minutes:.0f} minutes on a
-2-core CPU; {steps} steps, batch {batch_size}, final loss {result.final_loss:.4f}; {size:.1f} MB.
+2-core CPU; {steps} steps, batch {batch_size}, final loss {final_loss:.4f}; {size:.1f} MB.
 
 Loss (mean over the logging interval):
 
 {_loss_table(run / "loss.csv")}
 """
-    )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "add_lora",
     "lora_layers",
+    "probe_calls",
     "adapter_state",
     "save_adapter",
     "load_lora",
@@ -82,6 +83,28 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def probe_calls(model: nn.Module) -> Callable[[], None]:
+    """Hooks counting calls of each adapted layer of `model`; the returned check removes them and
+    raises a ValueError (one sentence) if a layer was never called: its adapter would not train."""
+    counts = {}
+    handles = []
+    for name, module in lora_layers(model).items():
+        counts[name] = 0
+        handles.append(module.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1)))
+
+    def check() -> None:
+        for h in handles:
+            h.remove()
+        silent = [n for n, k in counts.items() if k == 0]
+        if silent:
+            raise ValueError(
+                f"the layer {silent[0]} is read as a raw weight, not called, so an adapter on it would "
+                "not train; remove it from lora_targets."
+            )
+
+    return check
 
 
 def adapter_state(trained: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

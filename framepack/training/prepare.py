@@ -331,7 +331,7 @@ def prepare_dataset(
     _check_positive("fps", fps, integer=False)
     _check_positive("window", window)
     pick_bucket(16, 16, resolution)  # raises an InputError naming the valid resolutions
-    shortest = 4 * (window + 1) - 3  # the start latent and one section
+    shortest = _section_frames(window)
     if max_frames is not None:
         _check_positive("max_frames", max_frames)
         if max_frames < shortest:
@@ -342,19 +342,7 @@ def prepare_dataset(
         raise InputError(f"Cannot write the cache into {out} because it is not a folder.")
     out.mkdir(parents=True, exist_ok=True)
 
-    settings = json.dumps(
-        {
-            "bundle": str(bundle.root) if bundle.root else m.name,
-            "fps": float(fps),
-            "resolution": resolution,
-            "window": window,
-            "max_frames": max_frames,
-            "vae_scaling_factor": m.vae_scaling_factor,
-            "vae_temporal_tiles": m.vae_temporal_tiles,
-            "encoders": encoder_fingerprint(bundle),
-        },
-        sort_keys=True,
-    )
+    settings = _settings(bundle, fps, resolution, window, max_frames)
     report = PrepareReport(out_dir=out, index=out / INDEX_NAME)
 
     def skip(message: str, short: bool = False) -> None:
@@ -367,48 +355,16 @@ def prepare_dataset(
 
     bar = tqdm(clips, desc="prepare", unit="clip", disable=not progress)
     for clip in bar:
-        if clip.problem is not None:
-            skip(clip.problem)
-            continue
-        path = out / f"{clip.name}.safetensors"
         try:
-            key = _source_key(clip.video)
-        except OSError:
-            skip(f"Video {clip.video} does not exist or cannot be read.")
+            entry, reused = _prepare_clip(bundle, clip, out, settings, fps, resolution, max_frames, window)
+        except _Skipped as e:
+            skip(str(e), e.short)
             continue
-        expected = {"format": CACHE_FORMAT, "caption": clip.caption, "settings": settings, **key}
-        entry = _cached_entry(path, expected)
-        if entry is not None:
+        report.entries.append(entry)
+        if reused:
             report.reused += 1
-            report.entries.append(entry)
             continue
-        try:
-            frames, source_fps, bucket = _load_frames(clip.video, float(fps), resolution, max_frames)
-        except InputError as e:  # its message is one sentence naming the file
-            skip(str(e))
-            continue
-        except Exception as e:  # noqa: BLE001 - decoders raise many types for damaged files
-            skip(f"Video {clip.video} cannot be read ({str(e).strip().rstrip('.') or type(e).__name__}).")
-            continue
-        latents = (len(frames) + 3) // 4
-        if latents < window + 1:
-            skip(
-                f"Video {clip.video} has {len(frames)} frames at {fps:g} fps, fewer than one section "
-                f"({shortest} frames).",
-                short=True,
-            )
-            continue
-        frames = frames[: 4 * latents - 3]  # whole latents: T = 4t - 3
-        meta = {
-            **expected,
-            "fps": f"{float(fps):g}",
-            "source_fps": f"{source_fps:g}",
-            "bucket": f"{bucket[0]}x{bucket[1]}",
-        }
-        tensors = _encode(bundle, frames, clip.caption)
-        _save(tensors, meta, path)
         report.encoded += 1
-        report.entries.append(_entry(path.name, meta, tensors["latents"].shape))
         bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=report.skipped)
     bar.close()
     _write_empty_prompt(bundle, out / EMPTY_PROMPT_NAME, settings)
@@ -416,6 +372,85 @@ def prepare_dataset(
         {"format": CACHE_FORMAT, "settings": json.loads(settings), "clips": report.entries}, report.index
     )
     return report
+
+
+def _section_frames(window: int) -> int:
+    """The fewest frames a clip needs: the start latent and one section of `window` latents."""
+    return 4 * (window + 1) - 3
+
+
+def _settings(bundle: Bundle, fps: float, resolution: int, window: int, max_frames: int | None) -> str:
+    """The settings a cache file records (JSON): a clip is encoded again when they change."""
+    return json.dumps(
+        {
+            "bundle": str(bundle.root) if bundle.root else bundle.manifest.name,
+            "fps": float(fps),
+            "resolution": resolution,
+            "window": window,
+            "max_frames": max_frames,
+            "vae_scaling_factor": bundle.manifest.vae_scaling_factor,
+            "vae_temporal_tiles": bundle.manifest.vae_temporal_tiles,
+            "encoders": encoder_fingerprint(bundle),
+        },
+        sort_keys=True,
+    )
+
+
+class _Skipped(Exception):
+    """A clip `_prepare_clip` skips; the message names it and says why."""
+
+    def __init__(self, message: str, short: bool = False) -> None:
+        super().__init__(message)
+        self.short = short  # shorter than one section (else unreadable or uncaptioned)
+
+
+def _prepare_clip(
+    bundle: Bundle,
+    clip: _Clip,
+    out: Path,
+    settings: str,
+    fps: float,
+    resolution: int,
+    max_frames: int | None,
+    window: int,
+) -> tuple[dict[str, Any], bool]:
+    """(index entry, reused) of `clip`: its cache file in `out` reused when it records the same
+    source, caption and `settings`, else encoded and written; raises `_Skipped` for a bad clip."""
+    if clip.problem is not None:
+        raise _Skipped(clip.problem)
+    path = out / f"{clip.name}.safetensors"
+    try:
+        key = _source_key(clip.video)
+    except OSError:
+        raise _Skipped(f"Video {clip.video} does not exist or cannot be read.") from None
+    expected = {"format": CACHE_FORMAT, "caption": clip.caption, "settings": settings, **key}
+    entry = _cached_entry(path, expected)
+    if entry is not None:
+        return entry, True
+    try:
+        frames, source_fps, bucket = _load_frames(clip.video, float(fps), resolution, max_frames)
+    except InputError as e:  # its message is one sentence naming the file
+        raise _Skipped(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - decoders raise many types for damaged files
+        why = str(e).strip().rstrip(".") or type(e).__name__
+        raise _Skipped(f"Video {clip.video} cannot be read ({why}).") from None
+    latents = (len(frames) + 3) // 4
+    if latents < window + 1:
+        raise _Skipped(
+            f"Video {clip.video} has {len(frames)} frames at {fps:g} fps, fewer than one section "
+            f"({_section_frames(window)} frames).",
+            short=True,
+        )
+    frames = frames[: 4 * latents - 3]  # whole latents: T = 4t - 3
+    meta = {
+        **expected,
+        "fps": f"{float(fps):g}",
+        "source_fps": f"{source_fps:g}",
+        "bucket": f"{bucket[0]}x{bucket[1]}",
+    }
+    tensors = _encode(bundle, frames, clip.caption)
+    _save(tensors, meta, path)
+    return _entry(path.name, meta, tensors["latents"].shape), False
 
 
 def _write_empty_prompt(bundle: Bundle, path: Path, settings: str) -> None:

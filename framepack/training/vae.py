@@ -326,26 +326,11 @@ def train_vae(
     bar = tqdm(range(config.steps), desc="vae", unit="step", disable=not progress)
     try:
         for step in bar:
-            seeds = range(config.seed + step * config.batch, config.seed + (step + 1) * config.batch)
-            image_step = config.image_every > 0 and step % config.image_every == config.image_every - 1
-            if image_step:  # single frames, as many as the clips' frames, so a step costs the same
-                count = config.batch * config.clip_frames
-                seeds = range(-(config.seed + step * count) - 1, -(config.seed + (step + 1) * count) - 1, -1)
-                x = demo_clips(seeds, config, frames=1).to(device)  # (B * T, 3, 1, H, W)
-            else:
-                x = demo_clips(seeds, config).to(device)  # (B, 3, T, H, W)
+            x = _step_clips(step, config).to(device)
             lr = lr_at(step, config, time.monotonic() - start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            posterior = vae.encode(x).latent_dist  # mean, std: (B, 16, t, h, w)
-            z = posterior.sample(generator=noise)  # (B, 16, t, h, w)
-            y = vae.decode(z).sample  # (B, 3, T, H, W)
-            weight = shape_weights(x, config.shape_weight)  # (B, 1, T, H, W), mean 1
-            recon = ((y - x).abs() * weight).mean()
-            mse = ((y - x).pow(2) * weight).mean()
-            kl = posterior.kl().sum() / x.numel()  # nats per pixel value
-            loss = recon + config.mse_weight * mse + config.kl_weight * kl
+            loss, recon, kl = _losses(vae, x, noise, config)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -369,15 +354,49 @@ def train_vae(
         if log is not None:
             log.close()
     seconds = time.monotonic() - start
-
     vae.eval()
+    report = _report(vae, config, losses, recons, kls, seconds)
+    if folder is not None:
+        vae.save_pretrained(folder, safe_serialization=True)
+        report.size_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        summary = {k: v for k, v in asdict(report).items() if k != "losses"}
+        (folder / REPORT_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return vae, report
+
+
+def _step_clips(step: int, config: VAETrainConfig) -> torch.Tensor:
+    """The clips of training step `step`: `batch` scenes (B, 3, T, H, W), or on an image step as
+    many single first frames (B * T, 3, 1, H, W), so a step costs the same."""
+    seeds = range(config.seed + step * config.batch, config.seed + (step + 1) * config.batch)
+    if config.image_every > 0 and step % config.image_every == config.image_every - 1:
+        count = config.batch * config.clip_frames
+        seeds = range(-(config.seed + step * count) - 1, -(config.seed + (step + 1) * count) - 1, -1)
+        return demo_clips(seeds, config, frames=1)
+    return demo_clips(seeds, config)
+
+
+def _losses(vae, x: torch.Tensor, noise: torch.Generator, config: VAETrainConfig):
+    """(loss, weighted L1, KL per pixel value) of reconstructing a posterior sample of `x`."""
+    posterior = vae.encode(x).latent_dist  # mean, std: (B, 16, t, h, w)
+    z = posterior.sample(generator=noise)  # (B, 16, t, h, w)
+    y = vae.decode(z).sample  # (B, 3, T, H, W)
+    weight = shape_weights(x, config.shape_weight)  # (B, 1, T, H, W), mean 1
+    recon = ((y - x).abs() * weight).mean()
+    mse = ((y - x).pow(2) * weight).mean()
+    kl = posterior.kl().sum() / x.numel()  # nats per pixel value
+    return recon + config.mse_weight * mse + config.kl_weight * kl, recon, kl
+
+
+def _report(vae, config: VAETrainConfig, losses, recons, kls, seconds: float) -> VAETrainReport:
+    """The report of a run (`vae` in eval mode): its losses, and the held-out latent statistics and
+    PSNR; sets the VAE's scaling factor to `1 / std` of those latents."""
     heldout = range(HELDOUT_SEED, HELDOUT_SEED + config.heldout)
     clips = demo_clips(heldout, config)
     mean, std = latent_stats(vae, clips)
     scaling = 1.0 / std
     vae.register_to_config(scaling_factor=scaling)
     tail = min(20, len(losses))
-    report = VAETrainReport(
+    return VAETrainReport(
         config=asdict(config),
         steps=len(losses),
         seconds=round(seconds, 1),
@@ -394,12 +413,6 @@ def train_vae(
         size_bytes=0,
         losses=losses,
     )
-    if folder is not None:
-        vae.save_pretrained(folder, safe_serialization=True)
-        report.size_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-        summary = {k: v for k, v in asdict(report).items() if k != "losses"}
-        (folder / REPORT_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return vae, report
 
 
 # ------------------------------------------------------------------------------------------ CLI

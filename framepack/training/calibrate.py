@@ -1,4 +1,4 @@
-"""Calibrate the step caches' rescale polynomials on a model: `python -m framepack.caching.calibrate`.
+"""Calibrate the step caches' rescale polynomials on a model: `python -m framepack.training.calibrate`.
 
 TeaCache's release coefficients map HunyuanVideo's input change to its output change; another
 model (the demo model, a fine-tune) needs its own. A `Recorder` computes every step and records,
@@ -7,7 +7,7 @@ modulated input, and of block 0's residual) and what skipping would have got wro
 L1 change of the blocks' residual on the read-out tokens). `fit` maps each signal to that change
 with a least-squares polynomial, as TeaCache's authors fitted theirs.
 
-    python -m framepack.caching.calibrate --model BUNDLE [--sections 2] [--steps 25] --out calib.json
+    python -m framepack.training.calibrate --model BUNDLE [--sections 2] [--steps 25] --out calib.json
     framepack generate ... --cache fbcache:0.05 --cache-calibration calib.json
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .step_cache import StepCache, first_block_residual, image_tokens, modulated_input, rel_l1
+from ..caching.step_cache import StepCache, first_block_residual, image_tokens, modulated_input, rel_l1
 
 __all__ = ["Recorder", "fit", "load_coefficients", "calibrate", "main"]
 
