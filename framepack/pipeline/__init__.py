@@ -1,4 +1,5 @@
-"""Generation pipeline: section plans (which section is generated when) and timed prompts."""
+"""The pipeline: bundles, settings, the run and its sections (`docs/ARCHITECTURE.md`); this package
+re-exports the section plans (which section is generated when) and the timed prompts."""
 
 from .plan import (
     MAX_SECONDS,
