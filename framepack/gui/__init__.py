@@ -1,8 +1,10 @@
 """The web GUI (`framepack serve`): a Gradio app over a job queue whose one worker owns the device.
 
 `jobs` (the queue and its worker), `form` (form <-> settings, sidecars) and `view` (what is shown)
-import no Gradio and are tested on their own; `app` is the Gradio layout, `resume` its section of
-unfinished jobs to resume. The library never
+import no Gradio and are tested on their own. `app` lays out and wires the Gradio page from its
+parts: `inputs` (the form's components), `panel` (the watched job and the queue table),
+`endpoints` (`/generate`, `/cancel`), `resume` (unfinished jobs to resume), `gallery` (finished
+videos) and `load_settings` (loading a finished video's settings into the form). The library never
 imports this package.
 """
 
