@@ -171,9 +171,9 @@ def test_views():
     assert grid.shape == (240, 360, 3) and grid.dtype == np.uint8
     grid = preview_grid(np.ones((5, 10, 10, 3), np.uint8), height=20)
     assert grid.shape == (20, 30, 3) and grid[10:, 20:].max() == 0  # 3x2 grid, last cell blank
-    from framepack.gui.jobs import Job
+    from framepack.gui.jobs import QueuedJob
 
-    job = Job(
+    job = QueuedJob(
         id=3, prompt="<script>alert(1)</script>", settings=None, state=FAILED, error="bad <b>input</b>."
     )
     html = queue_html([job]) + progress_html(job)

@@ -8,6 +8,6 @@ videos) and `load_settings` (loading a finished video's settings into the form).
 imports this package.
 """
 
-from .jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobQueue
+from .jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobQueue, QueuedJob
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobQueue"]
+__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "JobQueue", "QueuedJob"]

@@ -32,7 +32,17 @@ from ..pipeline.run import Request, Run, open_run
 from ..pipeline.settings import GenerationSettings
 from ..sampling import Cancelled
 
-__all__ = ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "ENDED", "Job", "JobQueue", "describe_error"]
+__all__ = [
+    "QUEUED",
+    "RUNNING",
+    "DONE",
+    "FAILED",
+    "CANCELLED",
+    "ENDED",
+    "QueuedJob",
+    "JobQueue",
+    "describe_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +51,7 @@ ENDED = (DONE, FAILED, CANCELLED)
 
 
 @dataclass
-class Job:
+class QueuedJob:
     """One generation and its live state (readers get copies; only the queue mutates a job)."""
 
     id: int
@@ -133,7 +143,7 @@ class JobQueue:
         self.vram_budget = vram_budget
         self.out_dir = Path(out_dir)
         self._cond = threading.Condition()
-        self._jobs: dict[int, Job] = {}
+        self._jobs: dict[int, QueuedJob] = {}
         self._pending: deque[int] = deque()
         self._names: set[str] = set()
         self._next_id = 1
@@ -171,7 +181,7 @@ class JobQueue:
         video: str | Path | None = None,
         one_frame: int | None = None,
         one_frame_groups: tuple[str, ...] = ("post", "k2", "k4"),
-    ) -> Job:
+    ) -> QueuedJob:
         """Validate and queue one generation; returns a copy of the job (state FAILED on bad input).
 
         `video` extends that video (`framepack.pipeline.extend`); `one_frame` makes one PNG at that
@@ -200,7 +210,7 @@ class JobQueue:
             self._cond.notify_all()
             return copy.copy(job)
 
-    def resume(self, job_dir: str | Path) -> Job:
+    def resume(self, job_dir: str | Path) -> QueuedJob:
         """Queue the rest of an unfinished job of the outputs folder (`OUT/NAME.job`, its mp4, or
         either's name), with the job's own settings; returns a copy of the job (state FAILED, one sentence, when the
         folder is not an unfinished job of this outputs folder and this model, or is already queued).
@@ -263,7 +273,7 @@ class JobQueue:
             )
         return root
 
-    def reject(self, prompt: str, error: str, settings: GenerationSettings | None = None) -> Job:
+    def reject(self, prompt: str, error: str, settings: GenerationSettings | None = None) -> QueuedJob:
         """Record a job that failed before it could be queued (bad input); returns a copy."""
         with self._cond:
             job = self._add(prompt, settings)
@@ -287,12 +297,12 @@ class JobQueue:
             self._touch(job)
             return True
 
-    def get(self, job_id: int) -> Job | None:
+    def get(self, job_id: int) -> QueuedJob | None:
         with self._cond:
             job = self._jobs.get(job_id)
             return copy.copy(job) if job is not None else None
 
-    def jobs(self) -> list[Job]:
+    def jobs(self) -> list[QueuedJob]:
         """Copies of every job, oldest first."""
         with self._cond:
             return [copy.copy(j) for j in self._jobs.values()]
@@ -305,7 +315,7 @@ class JobQueue:
             except ValueError:
                 return None
 
-    def wait(self, job_id: int, timeout: float | None = None) -> Job | None:
+    def wait(self, job_id: int, timeout: float | None = None) -> QueuedJob | None:
         """Block until the job has ended (or `timeout` passed); returns a copy of it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -317,14 +327,14 @@ class JobQueue:
             return copy.copy(job) if job is not None else None
 
     # ------------------------------------------------------------------------------- internals
-    def _add(self, prompt: str, settings: GenerationSettings | None) -> Job:
-        job = Job(id=self._next_id, prompt=prompt, settings=settings)
+    def _add(self, prompt: str, settings: GenerationSettings | None) -> QueuedJob:
+        job = QueuedJob(id=self._next_id, prompt=prompt, settings=settings)
         self._next_id += 1
         self._jobs[job.id] = job
         self._touch(job)
         return job
 
-    def _touch(self, job: Job) -> None:
+    def _touch(self, job: QueuedJob) -> None:
         job.version += 1
         self._version += 1
         self._cond.notify_all()
@@ -351,7 +361,7 @@ class JobQueue:
                 self._touch(job)
             self._run(job)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: QueuedJob) -> None:
         state, error = DONE, None
         try:
             for event in job.run.events(self.out_dir, cancel=job.cancel_requested.is_set):
@@ -366,7 +376,7 @@ class JobQueue:
             job.stage = ""
             self._touch(job)
 
-    def _apply(self, job: Job, event) -> None:
+    def _apply(self, job: QueuedJob, event) -> None:
         with self._cond:
             if isinstance(event, StepEvent):
                 job.section, job.sections = event.section, event.sections

@@ -1,6 +1,6 @@
 """What the GUI shows of jobs: progress lines, the latent preview strip, the queue table, the gallery.
 
-Pure functions of `Job` copies (no Gradio). Every user-supplied text is HTML-escaped.
+Pure functions of `QueuedJob` copies (no Gradio). Every user-supplied text is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job
+from .jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, QueuedJob
 
 __all__ = ["format_duration", "preview_grid", "progress_html", "queue_html", "finished_videos", "job_label"]
 
@@ -27,7 +27,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def job_label(job: Job) -> str:
+def job_label(job: QueuedJob) -> str:
     prompt = " ".join(job.prompt.split())
     return f"#{job.id} {prompt[:48]}{'…' if len(prompt) > 48 else ''}"
 
@@ -45,13 +45,13 @@ def preview_grid(preview: np.ndarray, height: int = 240) -> np.ndarray:
     return grid.repeat(k, axis=0).repeat(k, axis=1)
 
 
-def _made(job: Job) -> str:
+def _made(job: QueuedJob) -> str:
     if job.one_frame is not None:
         return f"one frame at time index {job.one_frame} ({job.image.name if job.image else 'PNG'})"
     return f"{job.frames} frames ({job.video_seconds:.1f} s of video)"
 
 
-def progress_text(job: Job, position: int | None = None, now: float | None = None) -> str:
+def progress_text(job: QueuedJob, position: int | None = None, now: float | None = None) -> str:
     """One line: what the job is doing, how far it is and how long it has left."""
     now = time.time() if now is None else now
     if job.state == QUEUED:
@@ -81,7 +81,7 @@ def progress_text(job: Job, position: int | None = None, now: float | None = Non
     return f"Job #{job.id}: {job.state}."
 
 
-def progress_html(job: Job | None, position: int | None = None, now: float | None = None) -> str:
+def progress_html(job: QueuedJob | None, position: int | None = None, now: float | None = None) -> str:
     """The progress bar and line of the watched job."""
     if job is None:
         return '<div class="fp-progress" data-state="none">No job yet: upload an image, write a prompt, press Generate.</div>'
@@ -94,7 +94,7 @@ def progress_html(job: Job | None, position: int | None = None, now: float | Non
     )
 
 
-def queue_html(jobs: list[Job], now: float | None = None) -> str:
+def queue_html(jobs: list[QueuedJob], now: float | None = None) -> str:
     """Every job, newest first, with its state and its one-sentence error."""
     if not jobs:
         return '<p class="fp-queue-empty">No jobs yet.</p>'
