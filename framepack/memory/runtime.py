@@ -13,19 +13,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .hooks import forget_attached, record_attached, release
 from .offload import Offloader, module_bytes
-from .streaming import GIB, ByteLedger, WeightStreamer, budget_bytes, parse_budget, plan_memory
+from .streaming import (
+    GIB,
+    ByteLedger,
+    WeightStreamer,
+    budget_bytes,
+    default_reserve,
+    parse_budget,
+    plan_memory,
+)
 
 __all__ = [
     "Accelerated",
     "accelerate",
     "check_speed_settings",
-    "default_reserve",
     "is_out_of_memory",
-    "release",
 ]
-
-_ATTACHED = "_framepack_accelerated"
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -35,13 +40,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (oom, MemoryError)) or (
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
     )
-
-
-def default_reserve(total: int | None, device: torch.device) -> int:
-    """Bytes of a CUDA budget kept for activations (2 GiB or a quarter, whichever is smaller)."""
-    if total is None or device.type != "cuda":
-        return 0
-    return int(min(2 * GIB, total // 4))
 
 
 def check_speed_settings(cache: str | None, threshold: float, vram_budget, coefficients=None) -> None:
@@ -106,15 +104,7 @@ class Accelerated:
         if self.counted:
             self.ledger.remove(self.counted, "transformer")
             self.counted = 0
-        self.model.__dict__.pop(_ATTACHED, None)
-
-
-def release(model: nn.Module) -> None:
-    """Detach whatever `accelerate` attached to `model`: it gets back the very weights it had before,
-    where it had them (`WeightStreamer.detach`)."""
-    previous = model.__dict__.get(_ATTACHED)
-    if previous is not None:
-        previous.detach()
+        forget_attached(self.model)
 
 
 def accelerate(
@@ -162,5 +152,5 @@ def accelerate(
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
     if run.streamer is not None or run.cache is not None or run.counted:
-        model.__dict__[_ATTACHED] = run
+        record_attached(model, run)
     return run
