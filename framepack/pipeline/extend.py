@@ -35,7 +35,6 @@ from .generate import (
     Prepared,
     Stage,
     StepEvent,
-    accelerate_run,
     encode_inputs,
     make_denoiser,
     prepare,
@@ -44,6 +43,7 @@ from .generate import (
     section_decoder,
     used_settings,
 )
+from .speed import accelerate_run
 
 __all__ = ["Source", "describe_file", "load_source", "prepare_extension", "extend_events", "resume_extension"]
 
@@ -171,8 +171,8 @@ def extend_events(
     records the source file (path, size, SHA-256): `job` resumes one (`resume_extension`), and an
     unfinished one of the same settings and video in `out_dir` is resumed too.
     """
-    from .conditioning import offloaded
     from .jobs import open_job
+    from .speed import offloaded
 
     s = prepared.settings
     with (

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..lora import applied_loras, check_lora_spec, load_loras
-from ..memory.runtime import accelerate, check_speed_settings
 from ..model.transformer import HistoryGroup
 from ..packing.layout import gather_history
 from ..sampling import cfg_velocity, get_sampler, noisy_tokens, sigma_schedule, velocity_to_x0
@@ -33,6 +32,7 @@ from .decode import IncrementalDecoder, from_uint8_frames, latent_preview
 from .loop import record_loop_seam
 from .plan import MAX_SECONDS, SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
+from .speed import accelerate_run, check_speed_settings, offloaded
 from .text_to_video import neutral_frame
 
 __all__ = [
@@ -284,7 +284,6 @@ def generate_events(
     the video written after the last finished section stays in place. LoRAs are applied on the
     fly for the run and removed after it, leaving the bundle's transformer as it was.
     """
-    from .conditioning import offloaded
     from .jobs import open_job
 
     with (  # the memory plan first: a budget too small fails before the job directory exists
@@ -416,21 +415,6 @@ def _run(bundle, prepared: Prepared, job, cancel, memory) -> Iterator[Event]:
 
     yield Stage("writing")
     yield run.finish(s.png, s.gif, prepared.fps, speed.info())
-
-
-def accelerate_run(model, device, s: GenerationSettings, memory=None):
-    """`framepack.memory.runtime.accelerate` with a run's speed settings: weight streaming under
-    the VRAM budget (beside `memory`'s encoders and VAE, `framepack.memory.offload`), a step cache."""
-    return accelerate(
-        model,
-        device,
-        s.vram_budget,
-        s.cache,
-        s.cache_threshold,
-        s.cache_coefficients,
-        s.fp8_weights,
-        memory=memory,
-    )
 
 
 def packed_history(plan, section, bank: torch.Tensor) -> list[HistoryGroup]:

@@ -30,7 +30,8 @@ from ..model.transformer import HistoryGroup
 from ..packing.layout import inverted_layout
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
 from .decode import from_uint8_frames, to_uint8_frames
-from .generate import Prepared, accelerate_run, make_denoiser
+from .generate import Prepared, make_denoiser
+from .speed import accelerate_run
 
 __all__ = ["FrameDone", "group_names", "check_one_frame", "generate_frame", "MAX_INDEX"]
 
@@ -80,7 +81,8 @@ def generate_frame(
     before anything is written.
     """
     from ..io import atomic_write, write_json_atomic
-    from .conditioning import encode_image, encode_prompt, offloaded, vae_decode, vae_encode
+    from .conditioning import encode_image, encode_prompt, vae_decode, vae_encode
+    from .speed import offloaded
 
     s, plan = prepared.settings, prepared.plan
     schedule, ws = plan.schedule, plan.window
