@@ -4,7 +4,7 @@ Random bf16 weights in the `hunyuan-13b` spec (no download), the 640 bucket (640
 80x80 latents), window 9 with the released packed history (start + 1 at k1, 2 at k2, 16 at k4),
 `--steps` UniPC steps for one section, batch 1, 512 text tokens of which `--prompt-tokens` are
 real, 729 SigLIP tokens. For each budget (GiB, or "unlimited") and cache setting the transformer
-is placed with `framepack.memory.runtime.accelerate` (weights streamed from pinned host memory
+is placed with `framepack.pipeline.speed.accelerate` (weights streamed from pinned host memory
 through two slots on a side stream); prints the plan, peak device memory
 (`torch.cuda.max_memory_allocated`), what the process holds on the card (`max_memory_reserved` plus
 the measured context overhead, `framepack.memory.estimate`; the budget bounds this), seconds per generated frame (section time / 4*window),
@@ -42,8 +42,8 @@ from framepack.memory.estimate import (  # noqa: E402
     device_overhead,
 )
 from framepack.memory.offload import pin_host  # noqa: E402
-from framepack.memory.runtime import accelerate  # noqa: E402
 from framepack.model import PackedTransformer, get_spec, load_transformer  # noqa: E402
+from framepack.pipeline.speed import accelerate  # noqa: E402
 from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0  # noqa: E402
 from framepack.testing import random_packed_inputs  # noqa: E402
 

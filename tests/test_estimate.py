@@ -12,7 +12,6 @@ from framepack.caching import reset_caches
 from framepack.cli.main import main
 from framepack.memory.estimate import DeviceNeed, activation_bytes, cache_bytes
 from framepack.memory.measure import LiveBytes
-from framepack.memory.runtime import accelerate
 from framepack.memory.streaming import GIB
 from framepack.model import PackedTransformer, get_spec
 from framepack.packing.schedule import K1, K2, K4
@@ -20,6 +19,7 @@ from framepack.pipeline.budget import bundle_need
 from framepack.pipeline.bundle import load_bundle
 from framepack.pipeline.generate import GenerationSettings, prepare
 from framepack.pipeline.named import default_model
+from framepack.pipeline.speed import accelerate
 from framepack.testing import random_packed_inputs
 
 # Modelled / measured (LiveBytes, fp32 on a CPU): 1.05-1.16 when written.

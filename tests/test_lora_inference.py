@@ -299,8 +299,8 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-streaming", "streaming-then-lora"])
 def test_loras_work_with_weight_streaming(tmp_path, inputs, lora_first):
-    from framepack.memory.runtime import accelerate
     from framepack.memory.streaming import GIB, plan_memory
+    from framepack.pipeline.speed import accelerate
 
     model = tiny_model()
     lora = read_lora(write("kohya", tmp_path / "a.safetensors", factors(model, seed=5)), model)
@@ -330,10 +330,10 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
     import numpy as np
 
     from framepack.io import read_video
-    from framepack.memory.runtime import accelerate
     from framepack.memory.streaming import GIB, plan_memory
     from framepack.pipeline.budget import bundle_need
     from framepack.pipeline.generate import GenerationSettings, generate, prepare
+    from framepack.pipeline.speed import accelerate
     from framepack.testing import tiny_bundle
 
     bundle = tiny_bundle()

@@ -14,13 +14,14 @@ import torch.nn as nn
 
 from framepack.io import read_video
 from framepack.memory import GIB
+from framepack.memory.hooks import release
 from framepack.memory.measure import LiveBytes
 from framepack.memory.offload import module_bytes, on_device, plan_offload, vae_decode_bytes, vae_tiles
-from framepack.memory.runtime import release
 from framepack.pipeline.budget import bundle_need
-from framepack.pipeline.conditioning import encode_prompt, offloaded, vae_decode
+from framepack.pipeline.conditioning import encode_prompt, vae_decode
 from framepack.pipeline.generate import GenerationSettings, generate, prepare
 from framepack.pipeline.one_frame import generate_frame
+from framepack.pipeline.speed import offloaded
 from framepack.testing import tight_budget, tiny_bundle
 
 

@@ -16,9 +16,10 @@ from framepack.memory import (
     parse_budget,
     plan_memory,
 )
-from framepack.memory.runtime import accelerate
+from framepack.memory.hooks import release
 from framepack.memory.streaming import format_bytes
 from framepack.model import PackedTransformer, get_spec
+from framepack.pipeline.speed import accelerate
 from framepack.testing import random_packed_inputs
 
 CFG = get_spec("tiny").replace(num_layers=2, num_single_layers=3)
@@ -244,5 +245,21 @@ def test_accelerate_reconfigures_the_same_model(model, inputs):
     assert "streamed" in first.info()["memory_plan"]
     second = accelerate(model, "cpu", vram_budget=None)  # detaches the first
     assert second.streamer is None and all(hooks_of(b) == [] for b in blocks_of(model))
+    for a, b in zip(run(model, inputs), expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_release_detaches_streaming_and_the_step_cache(model, inputs):
+    """`framepack.memory.hooks.release` (what the offloader calls before planning) takes off both
+    halves of what `accelerate` attached, from below the caching layer."""
+    expected = run(model, inputs)
+    plan = plan_memory(model, None)
+    small = (plan.base_bytes + max(plan.block_bytes)) / GIB
+    speed = accelerate(model, "cpu", vram_budget=small, cache="teacache", threshold=0.0)
+    assert speed.streamer is not None and speed.cache is not None
+    assert set(speed.info()) >= {"memory_plan", "weights_peak_gib", "device_weights_peak_bytes", "cache"}
+    release(model)
+    assert all(hooks_of(b) == [] for b in blocks_of(model))
+    release(model)  # nothing left to detach
     for a, b in zip(run(model, inputs), expected, strict=True):
         assert torch.equal(a, b)

@@ -1,7 +1,8 @@
 """Device memory: plans of what stays on the device, weight streaming, hooks from outside the model.
 
-`framepack.memory.runtime.accelerate` is what the pipeline calls (streaming + a step cache);
-`framepack.memory.offload` brings the encoders and the VAE under the same budget.
+`framepack.memory.runtime.place_weights` streams the transformer's weights under a budget;
+`framepack.memory.offload` brings the encoders and the VAE under the same budget. Composing them
+with a step cache for one run is `framepack.pipeline.speed`'s (this package imports nothing above it).
 """
 
 from .hooks import HookHandle, add_hook, hooks_of

@@ -6,6 +6,10 @@ cache returns a cached result; weight streaming then never loads the skipped blo
 kept in a list on the instance and the instance's `forward` attribute chains them; removing the
 last hook deletes that attribute, so the module is exactly as before. Hooks with a higher
 `priority` run outside those with a lower one, whatever the order they were attached in.
+
+What one run attached to a model (its weight streaming and step cache, `framepack.pipeline.speed`)
+is recorded on the model with `record_attached`, so that `release` detaches it before the next run
+plans the model's memory, whichever layer plans it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-__all__ = ["Hook", "HookHandle", "add_hook", "hooks_of"]
+__all__ = ["Hook", "HookHandle", "add_hook", "forget_attached", "hooks_of", "record_attached", "release"]
 
 _HOOKS = "_framepack_hooks"
+_ATTACHED = "_framepack_accelerated"
 
 Hook = Callable[..., object]
 
@@ -62,3 +67,22 @@ def add_hook(module: nn.Module, hook: Hook) -> HookHandle:
     hooks.append(hook)
     hooks.sort(key=lambda h: getattr(h, "priority", 0))  # stable: equal priorities keep their order
     return HookHandle(module, hook)
+
+
+def record_attached(model: nn.Module, run) -> None:
+    """Record `run` (anything with a `detach()` that ends with `forget_attached(model)`) as what
+    is attached to `model`, for `release`."""
+    model.__dict__[_ATTACHED] = run
+
+
+def forget_attached(model: nn.Module) -> None:
+    """Drop the record of `record_attached` (what it recorded has been detached)."""
+    model.__dict__.pop(_ATTACHED, None)
+
+
+def release(model: nn.Module) -> None:
+    """Detach whatever a run attached to `model` (`record_attached`): it gets back the very weights
+    it had before, where it had them (`WeightStreamer.detach`)."""
+    previous = model.__dict__.get(_ATTACHED)
+    if previous is not None:
+        previous.detach()

@@ -27,11 +27,13 @@ import torch
 import torch.nn as nn
 
 from .estimate import DeviceNeed
+from .hooks import release
 from .streaming import (
     ByteLedger,
     MemoryPlan,
     WeightStreamer,
     budget_bytes,
+    default_reserve,
     format_bytes,
     module_tensors,
     parse_budget,
@@ -176,8 +178,6 @@ class Offloader:
         if self.resident:
             yield
             return
-        from .runtime import release
-
         release(model)  # an earlier run's streaming and step cache come off first
         self.park(model)
         try:
@@ -245,15 +245,13 @@ def plan_offload(
     `beside` is the visitor used while the transformer holds the device (the VAE, for decoding
     between sections); the transformer's budget leaves room for it (its plan checked with `fp8` host
     copies when asked, so a too small budget fails before any work). `reserve` bytes are kept for
-    activations (default: `runtime.default_reserve`); `need` (`estimate.DeviceNeed`, the run's
+    activations (default: `streaming.default_reserve`); `need` (`estimate.DeviceNeed`, the run's
     activations, step cache, VAE decode and CUDA overhead at its token count, `run_size` naming it)
     replaces it, and also counts on a CPU. On a CPU, where activations share the host's
     memory with everything else, the budget bounds the weights only, unless `reserve` is given
     (then `Offloader.room` also picks the VAE's decode tile there). Raises ValueError when a module
     cannot fit.
     """
-    from .runtime import default_reserve, release
-
     device = torch.device(device)
     held = nn.ModuleList([transformer, *visitors])  # "auto": what they hold counts as free
     total = budget_bytes(parse_budget(vram_budget), device, held)
@@ -263,7 +261,7 @@ def plan_offload(
             if away is not None:
                 m.to(away)
         return Offloader(device, None, None)
-    release(transformer)  # an earlier run's streaming comes off, so its bytes count (`accelerate` would)
+    release(transformer)  # an earlier run's streaming comes off, so its bytes count (`place_weights` would)
     if need is not None:
         reserve = need.reserve(total)
     weights = total - (default_reserve(total, device) if reserve is None else reserve)

@@ -1,31 +1,31 @@
-"""One place where the pipeline fits the transformer to the device: weight streaming + step cache.
+"""The transformer's weights fitted to the device for one run, and what an allocation failure looks like.
 
-`accelerate(model, device, ...)` detaches whatever an earlier call attached to the same model,
-then plans and attaches weight streaming (when a budget is given) and a step cache (when named).
-The returned `Accelerated` resets the cache at every section and reports what happened.
+`place_weights(model, device, ...)` detaches whatever an earlier run attached to the same model
+(`hooks.release`), then plans and attaches weight streaming when a budget is given, or simply
+(moves the model back to) the device. The step cache that rides on the same model, and the
+record that lets the next run detach both, are `framepack.pipeline.speed`'s.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .hooks import release
 from .offload import Offloader, module_bytes
-from .streaming import GIB, ByteLedger, WeightStreamer, budget_bytes, parse_budget, plan_memory
+from .streaming import (
+    GIB,
+    ByteLedger,
+    WeightStreamer,
+    budget_bytes,
+    default_reserve,
+    parse_budget,
+    plan_memory,
+)
 
-__all__ = [
-    "Accelerated",
-    "accelerate",
-    "check_speed_settings",
-    "default_reserve",
-    "is_out_of_memory",
-    "release",
-]
-
-_ATTACHED = "_framepack_accelerated"
+__all__ = ["Placement", "is_out_of_memory", "place_weights"]
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -37,49 +37,20 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
-def default_reserve(total: int | None, device: torch.device) -> int:
-    """Bytes of a CUDA budget kept for activations (2 GiB or a quarter, whichever is smaller)."""
-    if total is None or device.type != "cuda":
-        return 0
-    return int(min(2 * GIB, total // 4))
-
-
-def check_speed_settings(cache: str | None, threshold: float, vram_budget, coefficients=None) -> None:
-    """Raise ValueError (one sentence) for a bad cache name, threshold, coefficients or VRAM budget."""
-    from ..caching import CACHES
-
-    if coefficients is not None:
-        try:
-            ok = len(coefficients) > 0 and all(math.isfinite(float(c)) for c in coefficients)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"the cache coefficients must be a list of finite numbers, got {coefficients!r}."
-            )
-
-    if cache is not None and cache not in CACHES:
-        raise ValueError(f"unknown step cache {cache!r}; choose one of {', '.join(CACHES)}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 10:
-        raise ValueError(f"the cache threshold must be a number from 0 to 10, got {threshold!r}.")
-    parse_budget(vram_budget)
-
-
 @dataclass
-class Accelerated:
+class Placement:
+    """Where `place_weights` put a model's weights for a run, and the bytes it counted."""
+
     model: nn.Module
     streamer: WeightStreamer | None = None
-    cache: object | None = None  # a framepack.caching.StepCache
     ledger: ByteLedger | None = None
     counted: int = 0  # bytes of a resident model put on a shared ledger (offload.py)
     memory: Offloader | None = None  # the encoders' and the VAE's visits under the same budget
 
-    def new_section(self, steps: int, branches: int = 1) -> None:
-        """Reset every step cache on the model (ours and any attached by hand, e.g. a calibration
-        recorder): a section of `steps` steps, `branches` model calls per step."""
-        from ..caching import reset_caches
-
-        reset_caches(self.model, steps, branches)
+    @property
+    def attached(self) -> bool:
+        """Whether there is anything to detach (streaming, or bytes on a shared ledger)."""
+        return self.streamer is not None or bool(self.counted)
 
     def info(self) -> dict:
         out: dict = {}
@@ -90,59 +61,37 @@ class Accelerated:
             out["device_weights_peak_bytes"] = self.ledger.peak
         if self.memory is not None and self.memory.total is not None:
             out["offload"] = self.memory.describe()
-        if self.cache is not None:
-            out["cache"] = {
-                "name": self.cache.name,
-                "threshold": self.cache.threshold,
-                **self.cache.stats.as_dict(),
-            }
         return out
 
     def detach(self) -> None:
-        if self.cache is not None:
-            self.cache.detach()
+        """The model gets back the very weights it had before, where it had them."""
         if self.streamer is not None:
             self.streamer.detach()
         if self.counted:
             self.ledger.remove(self.counted, "transformer")
             self.counted = 0
-        self.model.__dict__.pop(_ATTACHED, None)
 
 
-def release(model: nn.Module) -> None:
-    """Detach whatever `accelerate` attached to `model`: it gets back the very weights it had before,
-    where it had them (`WeightStreamer.detach`)."""
-    previous = model.__dict__.get(_ATTACHED)
-    if previous is not None:
-        previous.detach()
-
-
-def accelerate(
+def place_weights(
     model: nn.Module,
     device: torch.device | str,
     vram_budget: str | float | None = None,
-    cache: str | None = None,
-    threshold: float = 0.15,
-    coefficients: tuple[float, ...] | None = None,
     fp8: bool = False,
     reserve: int | None = None,
     memory: Offloader | None = None,
-) -> Accelerated:
-    """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`.
+) -> Placement:
+    """Stream `model`'s weights under `vram_budget` (GiB or "auto"), else (move it back to) `device`.
 
-    With neither, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
-    kept for activations (default: `default_reserve`). With `memory` (`offload.plan_offload` for the
-    same budget) the transformer gets the weight bytes the encoders and the VAE leave it, and its
-    bytes go on `memory`'s ledger.
+    `reserve` bytes of the budget are kept for activations (default: `default_reserve`). With
+    `memory` (`offload.plan_offload` for the same budget) the transformer gets the weight bytes the
+    encoders and the VAE leave it, and its bytes go on `memory`'s ledger.
     """
-    from ..caching import make_cache
-
     device = torch.device(device)
     total = budget_bytes(parse_budget(vram_budget), device, model)  # "auto" counts what it holds now
     release(model)  # an earlier run's streaming comes off: the weights are back where they were
-    run = Accelerated(model, memory=memory)
+    placed = Placement(model, memory=memory)
     if memory is not None and memory.total is not None:
-        run.ledger = memory.ledger
+        placed.ledger = memory.ledger
     if total is not None or fp8:
         if total is None:
             weights = None
@@ -152,15 +101,11 @@ def accelerate(
             weights = total - (default_reserve(total, device) if reserve is None else reserve)
         plan = plan_memory(model, weights, fp8=fp8)
         if plan.streamed:
-            run.ledger = run.ledger if run.ledger is not None else ByteLedger(keep_events=False)
-            run.streamer = WeightStreamer(model, plan, device, run.ledger).attach()
-    if run.streamer is None:
+            placed.ledger = placed.ledger if placed.ledger is not None else ByteLedger(keep_events=False)
+            placed.streamer = WeightStreamer(model, plan, device, placed.ledger).attach()
+    if placed.streamer is None:
         model.to(device)
-        if run.ledger is not None:
-            run.counted = module_bytes(model)
-            run.ledger.add(run.counted, "transformer")
-    if cache is not None:
-        run.cache = make_cache(cache, threshold, coefficients).attach(model)
-    if run.streamer is not None or run.cache is not None or run.counted:
-        model.__dict__[_ATTACHED] = run
-    return run
+        if placed.ledger is not None:
+            placed.counted = module_bytes(model)
+            placed.ledger.add(placed.counted, "transformer")
+    return placed

@@ -37,6 +37,7 @@ __all__ = [
     "WeightStreamer",
     "blocks_of",
     "budget_bytes",
+    "default_reserve",
     "format_bytes",
     "parse_budget",
     "plan_memory",
@@ -113,6 +114,13 @@ def budget_bytes(
         held = 0 if model is None else tensor_bytes([t for t in module_tensors(model) if t.device == on])
         return int(free + held)
     return round(float(budget) * GIB)
+
+
+def default_reserve(total: int | None, device: torch.device) -> int:
+    """Bytes of a CUDA budget kept for activations (2 GiB or a quarter, whichever is smaller)."""
+    if total is None or device.type != "cuda":
+        return 0
+    return int(min(2 * GIB, total // 4))
 
 
 def format_bytes(n: float) -> str:

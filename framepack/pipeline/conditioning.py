@@ -13,15 +13,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..memory.offload import Offloader, on_device, plan_offload, vae_tiles
-from ..memory.streaming import parse_budget
+from ..memory.offload import on_device, vae_tiles
 from .bundle import Bundle
 
 __all__ = [
@@ -29,7 +26,6 @@ __all__ = [
     "PromptEmbeds",
     "encode_image",
     "encode_prompt",
-    "offloaded",
     "prompt_is_cut",
     "template_crop_for",
     "vae_decode",
@@ -210,29 +206,3 @@ def vae_decode(bundle: Bundle, latents: torch.Tensor, tiling: bool = True) -> to
             vae.disable_slicing()
         z = latents.to(device=device, dtype=dtype) / bundle.manifest.vae_scaling_factor
         return vae.decode(z).sample.float()  # (B, 3, T, H, W)
-
-
-@contextmanager
-def offloaded(
-    bundle: Bundle, vram_budget: str | float | None, fp8: bool = False, prepared=None
-) -> Iterator[Offloader]:
-    """The encoders and the VAE fitted to `vram_budget` for one run (`framepack.memory.offload`):
-    all kept on the device when everything fits, else each visits it only while used. With the
-    run's `prepared` settings its activations, step cache, VAE decode and CUDA overhead are kept
-    out of the weights' share (`framepack.pipeline.budget`)."""
-    from .budget import bundle_need, run_size
-
-    model = bundle.transformer
-    visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
-    device = bundle.device  # a bundle loaded onto the host for a budget: the device it runs on
-    need = None
-    if prepared is not None and parse_budget(vram_budget) is not None:
-        need = bundle_need(bundle, prepared)
-    size = "this size" if prepared is None else run_size(prepared)
-    memory = plan_offload(
-        model, visitors, device, vram_budget, beside=bundle.vae, fp8=fp8, need=need, run_size=size
-    )
-    try:
-        yield memory
-    finally:
-        memory.close()

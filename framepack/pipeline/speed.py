@@ -1,21 +1,155 @@
-"""TEMPORARY (replaced by the wt-speed branch): the per-run composition of streaming, offload, caches."""
+"""The speed features of one run, composed: memory under the VRAM budget, and a step cache.
+
+- `offloaded(bundle, vram_budget, ...)`: the encoders and the VAE fitted to the budget for the
+  run's `with` block (`framepack.memory.offload`), closed after it.
+- `accelerate_run(model, device, settings, memory)`: the transformer's weights streamed under the
+  budget beside them (`framepack.memory.runtime.place_weights`) and the step cache the settings
+  name (`framepack.caching`); `accelerate` is the same with every setting spelled out. The
+  returned `Accelerated` resets the step caches at every section and reports what happened; it
+  stays attached until the next run on the same model (or `framepack.memory.hooks.release`)
+  detaches it.
+- `check_speed_settings`: one sentence for a bad cache name, threshold, coefficients or budget.
+"""
 
 from __future__ import annotations
 
-from ..memory.runtime import accelerate, check_speed_settings
-from .conditioning import offloaded
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-__all__ = ["accelerate_run", "check_speed_settings", "offloaded"]
+import torch
+import torch.nn as nn
+
+from ..caching import CACHES, StepCache, make_cache, reset_caches
+from ..memory.hooks import forget_attached, record_attached
+from ..memory.offload import Offloader, plan_offload
+from ..memory.runtime import Placement, place_weights
+from ..memory.streaming import WeightStreamer, parse_budget
+from .budget import bundle_need, run_size
+from .bundle import Bundle
+
+__all__ = ["Accelerated", "accelerate", "accelerate_run", "check_speed_settings", "offloaded"]
 
 
-def accelerate_run(model, device, s, memory=None):
+def check_speed_settings(cache: str | None, threshold: float, vram_budget, coefficients=None) -> None:
+    """Raise ValueError (one sentence) for a bad cache name, threshold, coefficients or VRAM budget."""
+    if coefficients is not None:
+        try:
+            ok = len(coefficients) > 0 and all(math.isfinite(float(c)) for c in coefficients)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"the cache coefficients must be a list of finite numbers, got {coefficients!r}."
+            )
+
+    if cache is not None and cache not in CACHES:
+        raise ValueError(f"unknown step cache {cache!r}; choose one of {', '.join(CACHES)}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 10:
+        raise ValueError(f"the cache threshold must be a number from 0 to 10, got {threshold!r}.")
+    parse_budget(vram_budget)
+
+
+@contextmanager
+def offloaded(
+    bundle: Bundle, vram_budget: str | float | None, fp8: bool = False, prepared=None
+) -> Iterator[Offloader]:
+    """The encoders and the VAE fitted to `vram_budget` for one run (`framepack.memory.offload`):
+    all kept on the device when everything fits, else each visits it only while used. With the
+    run's `prepared` settings its activations, step cache, VAE decode and CUDA overhead are kept
+    out of the weights' share (`framepack.pipeline.budget`)."""
+    model = bundle.transformer
+    visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
+    device = bundle.device  # a bundle loaded onto the host for a budget: the device it runs on
+    need = None
+    if prepared is not None and parse_budget(vram_budget) is not None:
+        need = bundle_need(bundle, prepared)
+    size = "this size" if prepared is None else run_size(prepared)
+    memory = plan_offload(
+        model, visitors, device, vram_budget, beside=bundle.vae, fp8=fp8, need=need, run_size=size
+    )
+    try:
+        yield memory
+    finally:
+        memory.close()
+
+
+@dataclass
+class Accelerated:
+    """One run's weight placement and step cache on a model (see the module docstring)."""
+
+    weights: Placement
+    cache: StepCache | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.weights.model
+
+    @property
+    def streamer(self) -> WeightStreamer | None:
+        return self.weights.streamer
+
+    def new_section(self, steps: int, branches: int = 1) -> None:
+        """Reset every step cache on the model (ours and any attached by hand, e.g. a calibration
+        recorder): a section of `steps` steps, `branches` model calls per step."""
+        reset_caches(self.model, steps, branches)
+
+    def info(self) -> dict:
+        out = self.weights.info()
+        if self.cache is not None:
+            out["cache"] = {
+                "name": self.cache.name,
+                "threshold": self.cache.threshold,
+                **self.cache.stats.as_dict(),
+            }
+        return out
+
+    def detach(self) -> None:
+        if self.cache is not None:
+            self.cache.detach()
+        self.weights.detach()
+        forget_attached(self.model)
+
+
+def accelerate(
+    model: nn.Module,
+    device: torch.device | str,
+    vram_budget: str | float | None = None,
+    cache: str | None = None,
+    threshold: float = 0.15,
+    coefficients: tuple[float, ...] | None = None,
+    fp8: bool = False,
+    reserve: int | None = None,
+    memory: Offloader | None = None,
+) -> Accelerated:
+    """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`.
+
+    Whatever an earlier call attached to the same model is detached first. With neither a budget
+    nor a cache, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
+    kept for activations (default: `framepack.memory.streaming.default_reserve`). With `memory`
+    (`offload.plan_offload` for the same budget) the transformer gets the weight bytes the encoders
+    and the VAE leave it, and its bytes go on `memory`'s ledger.
+    """
+    run = Accelerated(place_weights(model, device, vram_budget, fp8, reserve, memory))
+    if cache is not None:
+        run.cache = make_cache(cache, threshold, coefficients).attach(model)
+    if run.weights.attached or run.cache is not None:
+        record_attached(model, run)
+    return run
+
+
+def accelerate_run(model: nn.Module, device, settings, memory: Offloader | None = None) -> Accelerated:
+    """`accelerate` with a run's speed settings (a `GenerationSettings`): weight streaming under
+    `settings.vram_budget` (beside `memory`'s encoders and VAE, `framepack.memory.offload`), in fp8
+    with `settings.fp8_weights`, and the step cache `settings.cache`."""
     return accelerate(
         model,
         device,
-        s.vram_budget,
-        s.cache,
-        s.cache_threshold,
-        s.cache_coefficients,
-        s.fp8_weights,
+        settings.vram_budget,
+        settings.cache,
+        settings.cache_threshold,
+        settings.cache_coefficients,
+        settings.fp8_weights,
         memory=memory,
     )
