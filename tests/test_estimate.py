@@ -19,7 +19,7 @@ from framepack.packing.schedule import K1, K2, K4
 from framepack.pipeline.api import default_model
 from framepack.pipeline.budget import bundle_need
 from framepack.pipeline.bundle import load_bundle
-from framepack.pipeline.generate import GenerationSettings, prepare
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.testing import random_packed_inputs
 
 # Modelled / measured (LiveBytes, fp32 on a CPU): 1.05-1.16 when written.
