@@ -2,7 +2,7 @@
 
 Builds a tiny bundle (`framepack.testing.make_tiny_bundle`: real encoder / VAE classes, random
 weights; by default its transformer is swapped for the `medium` spec narrowed to the tiny
-encoders' widths, so the sampler does real work) and runs `framepack.pipeline.generate.generate`
+encoders' widths, so the sampler does real work) and runs `framepack.pipeline.run.open_run(...).run(...)`
 for `--sections` sections, timing every section from the events it emits:
 
 - sampling: from the section's `Stage("sampling")` to its last `StepEvent` (every model call of
@@ -38,13 +38,9 @@ import torch
 
 import framepack.io as io_module
 import framepack.pipeline.conditioning as conditioning_module
-from framepack.pipeline.generate import (
-    GenerationSettings,
-    SectionDone,
-    Stage,
-    StepEvent,
-    generate,
-)
+from framepack.pipeline.events import SectionDone, Stage, StepEvent
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Generation loop: per-section cost over a long run (`bench/generate.py`)"
@@ -258,7 +254,8 @@ def main() -> None:
         conditioning_module.vae_decode = rec.timed(conditioning_module.vae_decode, "decode")
         try:
             started = time.perf_counter()
-            finished = generate(bundle, settings, Path(tmp) / "out", image=image, on_event=rec.on_event)
+            run = open_run(bundle, Request(settings, image))
+            finished = run.run(Path(tmp) / "out", on_event=rec.on_event)
             wall = time.perf_counter() - started
         finally:
             io_module.write_mp4, conditioning_module.vae_decode = originals

@@ -33,7 +33,8 @@ from framepack.memory import GIB, plan_memory  # noqa: E402
 from framepack.memory.measure import LiveBytes  # noqa: E402
 from framepack.memory.offload import module_bytes, vae_decode_bytes  # noqa: E402
 from framepack.memory.streaming import format_bytes  # noqa: E402
-from framepack.pipeline.generate import GenerationSettings, generate  # noqa: E402
+from framepack.pipeline.run import Request, open_run  # noqa: E402
+from framepack.pipeline.settings import GenerationSettings  # noqa: E402
 
 HEADING = "## Encoders and VAE under the VRAM budget (`bench/offload.py`)"
 INTRO = """
@@ -77,7 +78,7 @@ def _generations(bundle, args) -> list[str]:
                 vram_budget=None if budget is None else budget / GIB,
             )
             start = time.process_time()
-            done = generate(bundle, settings, out, image=image)
+            done = open_run(bundle, Request(settings, image)).run(out)
             times.append(time.process_time() - start)
         frames = read_video(done.video)[0]
         reference = frames if reference is None else reference

@@ -27,7 +27,8 @@ import torch
 
 from framepack.io import read_video, write_mp4
 from framepack.pipeline.decode import IncrementalDecoder
-from framepack.pipeline.jobs import Job, SegmentedVideo
+from framepack.pipeline.jobs import JobDir
+from framepack.pipeline.video_output import SegmentedVideo
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Video writing per section: rewrite vs segments (`bench/video_writes.py`)"
@@ -66,7 +67,7 @@ def main() -> None:
         root = Path(tmp)
         full = IncrementalDecoder(causal_decode, ws)
         video = SegmentedVideo(
-            Job(root / "v.job"), IncrementalDecoder(causal_decode, ws), True, 30, 16, False
+            JobDir(root / "v.job"), IncrementalDecoder(causal_decode, ws), True, 30, 16, False
         )
         for k in range(n):
             lo = 1 + (n - 1 - k) * ws
