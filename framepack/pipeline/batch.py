@@ -52,7 +52,9 @@ class BatchJob:
 
     def request(self) -> Request:
         """The run this line asks for (`framepack.pipeline.run`)."""
-        return Request(self.settings, video=self.video, one_frame=self.one_frame, one_frame_groups=self.one_frame_groups)
+        return Request(
+            self.settings, video=self.video, one_frame=self.one_frame, one_frame_groups=self.one_frame_groups
+        )
 
 
 def _check_type(key: str, value, where: str) -> None:
