@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from framepack.io import read_video, write_mp4
-from framepack.pipeline.decode import IncrementalDecoder
+from framepack.pipeline.decode import IncrementalDecoder, to_uint8_frames
 from framepack.pipeline.jobs import JobDir
 from framepack.pipeline.video_output import SegmentedVideo
 
@@ -74,7 +74,7 @@ def main() -> None:
             lo = lo if lo > 1 else 0
             full.update(bank, lo, total)
             t0 = time.perf_counter()
-            write_mp4(full.frames, root / "rewrite.mp4")
+            write_mp4(to_uint8_frames(full.frames), root / "rewrite.mp4")  # the decoder keeps floats
             rewrite.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             video.update(bank, lo, total, k, final=k == n - 1)  # includes its (cheap) decode
