@@ -1,6 +1,6 @@
 """Step caching: evaluations skipped vs PSNR to the uncached video, per cache and threshold.
 
-Runs `framepack.pipeline.generate.generate` on a bundle (`--model`; default the tiny random
+Runs `framepack.pipeline.run.open_run(...).run(...)` on a bundle (`--model`; default the tiny random
 bundle, until the demo model ships at framepack/demo_model) once without a cache and once per
 (cache, threshold), same seed and inputs, with lossless PNG frames. Prints, per run: model
 evaluations skipped, the PSNR of the video to the uncached one (over all frames, 8-bit), and the
@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.pipeline.bundle import load_bundle  # noqa: E402
-from framepack.pipeline.generate import GenerationSettings, Stage, StepEvent, generate  # noqa: E402
+from framepack.pipeline.events import Stage, StepEvent  # noqa: E402
+from framepack.pipeline.run import Request, open_run  # noqa: E402
+from framepack.pipeline.settings import GenerationSettings  # noqa: E402
 from framepack.training.calibrate import calibrate, demo_image  # noqa: E402
 
 HEADING = "## Step caching: skipped evaluations vs PSNR (`bench/caching.py`)"
@@ -65,9 +67,8 @@ def run(bundle, image, out: Path, name: str, **settings) -> tuple[np.ndarray, di
             sampling[0] += now - state["start"]
             state["start"] = None
 
-    done = generate(
-        bundle, GenerationSettings(name=name, png=True, **settings), out, image=image, on_event=on_event
-    )
+    request = Request(GenerationSettings(name=name, png=True, **settings), image)
+    done = open_run(bundle, request).run(out, on_event=on_event)
     return frames(out / f"{name}_frames"), done.info, sampling[0]
 
 

@@ -2,7 +2,7 @@
 
 Builds a tiny bundle (`framepack.testing.make_tiny_bundle`: real encoder / VAE classes, random
 weights; by default its transformer is swapped for the `medium` spec narrowed to the tiny
-encoders' widths, so the sampler does real work) and runs `framepack.pipeline.generate.generate`
+encoders' widths, so the sampler does real work) and runs `framepack.pipeline.run.open_run(...).run(...)`
 for `--sections` sections, timing every section from the events it emits:
 
 - sampling: from the section's `Stage("sampling")` to its last `StepEvent` (every model call of
@@ -11,7 +11,8 @@ for `--sections` sections, timing every section from the events it emits:
   overlap), timed by wrapping `framepack.pipeline.conditioning.vae_decode`;
 - blend + uint8: the rest of the decoding stage, which cross-fades into and converts the whole
   pixel video so far (grows with length);
-- mp4 write: `write_mp4`, which re-encodes the whole video after every section (grows with length);
+- mp4 write: `write_mp4` in `framepack.pipeline.video_output`, which encodes the newly settled
+  frames and the blending tail after every section;
 - prep: gathering the history and drawing the noise, before sampling starts;
 - total: `SectionDone.seconds`.
 
@@ -36,15 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import framepack.io as io_module
 import framepack.pipeline.conditioning as conditioning_module
-from framepack.pipeline.generate import (
-    GenerationSettings,
-    SectionDone,
-    Stage,
-    StepEvent,
-    generate,
-)
+import framepack.pipeline.video_output as video_module
+from framepack.pipeline.events import SectionDone, Stage, StepEvent
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Generation loop: per-section cost over a long run (`bench/generate.py`)"
@@ -253,15 +250,16 @@ def main() -> None:
             flush=True,
         )
         rec = Recorder()
-        originals = io_module.write_mp4, conditioning_module.vae_decode
-        io_module.write_mp4 = rec.timed(io_module.write_mp4, "write")
+        originals = video_module.write_mp4, conditioning_module.vae_decode
+        video_module.write_mp4 = rec.timed(video_module.write_mp4, "write")  # where the segments are written
         conditioning_module.vae_decode = rec.timed(conditioning_module.vae_decode, "decode")
         try:
             started = time.perf_counter()
-            finished = generate(bundle, settings, Path(tmp) / "out", image=image, on_event=rec.on_event)
+            run = open_run(bundle, Request(settings, image))
+            finished = run.run(Path(tmp) / "out", on_event=rec.on_event)
             wall = time.perf_counter() - started
         finally:
-            io_module.write_mp4, conditioning_module.vae_decode = originals
+            video_module.write_mp4, conditioning_module.vae_decode = originals
     peak = peak_rss_mib()
 
     k = max(1, min(5, len(rec.sections) // 4))

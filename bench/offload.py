@@ -29,16 +29,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.io import read_video  # noqa: E402
-from framepack.memory import GIB, plan_memory  # noqa: E402
+from framepack.memory import GIB  # noqa: E402
 from framepack.memory.measure import LiveBytes  # noqa: E402
 from framepack.memory.offload import module_bytes, vae_decode_bytes  # noqa: E402
 from framepack.memory.streaming import format_bytes  # noqa: E402
-from framepack.pipeline.generate import GenerationSettings, generate  # noqa: E402
+from framepack.pipeline.budget import bundle_need  # noqa: E402
+from framepack.pipeline.run import Request, open_run  # noqa: E402
+from framepack.pipeline.settings import GenerationSettings, prepare  # noqa: E402
+from framepack.testing import tight_budget  # noqa: E402
 
 HEADING = "## Encoders and VAE under the VRAM budget (`bench/offload.py`)"
 INTRO = """
 A whole generation (64x64 start image) with every weight under the budget; "tight" holds the VAE
-beside the transformer's non-block weights and one block, so the encoders and the VAE visit the
+beside the transformer's non-block weights and one block (every budget adds the run's activations and
+decode room), so the encoders and the VAE visit the
 device one at a time and every block streams. Peak = the byte ledger's maximum over the run; time
 ratio = best of N in process CPU time against no budget.
 
@@ -57,12 +61,13 @@ tile of at most 17 frames) against the peak of live tensors during an untiled de
 def _generations(bundle, args) -> list[str]:
     image = np.full((64, 64, 3), 90, np.uint8)
     image[16:48, 20:44] = (200, 30, 30)
-    plan = plan_memory(bundle.transformer, None)
     total = sum(module_bytes(m) for m in bundle.modules().values())
-    budgets = {
+    run = GenerationSettings(prompt="a red square moves right", sections=args.sections, steps=args.steps)
+    prepared = prepare(bundle, run, image=image)
+    budgets = {  # each with room for what the run holds besides its weights
         "none": None,
-        "everything": total,
-        "tight": module_bytes(bundle.vae) + plan.base_bytes + max(plan.block_bytes),
+        "everything": total + bundle_need(bundle, prepared).working,
+        "tight": tight_budget(bundle, prepared),  # the VAE beside the non-block weights and one block
     }
     out = Path(tempfile.mkdtemp(prefix="bench-offload-"))
     rows, reference, base_time = [], None, None
@@ -77,7 +82,7 @@ def _generations(bundle, args) -> list[str]:
                 vram_budget=None if budget is None else budget / GIB,
             )
             start = time.process_time()
-            done = generate(bundle, settings, out, image=image)
+            done = open_run(bundle, Request(settings, image)).run(out)
             times.append(time.process_time() - start)
         frames = read_video(done.video)[0]
         reference = frames if reference is None else reference

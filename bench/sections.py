@@ -25,14 +25,16 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.model import HistoryGroup, PackedTransformer, get_spec  # noqa: E402
-from framepack.pipeline.generate import packed_history  # noqa: E402
 from framepack.pipeline.plan import plan_sections  # noqa: E402
+from framepack.pipeline.sections import GenerationHistory  # noqa: E402
+from framepack.pipeline.settings import GenerationSettings, Prepared  # noqa: E402
 
 HEADING = "## Per-section cost: packed history vs all history at k1 (`bench/sections.py`)"
 INTRO = """
@@ -112,6 +114,24 @@ def main() -> None:
     pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
     image = torch.randn(1, 16, cfg.image_proj_dim, generator=g)
     noisy = torch.randn(1, cfg.in_channels, plan.window, h, w, generator=g)
+    # The generation loop's own packing (`GenerationHistory.pack`) over the random bank.
+    prepared = Prepared(
+        GenerationSettings(prompt="bench"),
+        plan,
+        np.zeros((8 * h, 8 * w, 3), np.uint8),
+        None,
+        [],
+        ["bench"],
+        args.steps,
+        10.0,
+        30,
+    )
+    history = GenerationHistory(prepared)
+    history.begin({"start_latent": bank[:, :, :1]})
+    history.bank = bank
+
+    def packed_history(section) -> list[HistoryGroup]:
+        return history.pack(section, "cpu")[1]
 
     def section_cost(section, groups) -> tuple[float, float, int]:
         tokens = []
@@ -130,10 +150,10 @@ def main() -> None:
         hook.remove()
         return seconds, mem.mib, tokens[0]
 
-    section_cost(plan.sections[0], packed_history(plan, plan.sections[0], bank))  # warm-up
+    section_cost(plan.sections[0], packed_history(plan.sections[0]))  # warm-up
     ours, base = [], []  # two passes, so one curve's freed memory never shows in the other's
     for section in plan.sections:
-        ours.append(section_cost(section, packed_history(plan, section, bank)))
+        ours.append(section_cost(section, packed_history(section)))
         s, mib, tokens = ours[-1]
         print(
             f"ours     section {section.number + 1:>3}/{len(plan.sections)}: {s:7.3f} s {mib:7.1f} MiB {tokens:6d} tokens"

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from framepack.io import read_video, write_mp4
-from framepack.pipeline.decode import IncrementalDecoder
-from framepack.pipeline.jobs import Job, SegmentedVideo
+from framepack.pipeline.decode import IncrementalDecoder, to_uint8_frames
+from framepack.pipeline.jobs import JobDir
+from framepack.pipeline.video_output import SegmentedVideo
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Video writing per section: rewrite vs segments (`bench/video_writes.py`)"
@@ -66,14 +67,14 @@ def main() -> None:
         root = Path(tmp)
         full = IncrementalDecoder(causal_decode, ws)
         video = SegmentedVideo(
-            Job(root / "v.job"), IncrementalDecoder(causal_decode, ws), True, 30, 16, False
+            JobDir(root / "v.job"), IncrementalDecoder(causal_decode, ws), True, 30, 16, False
         )
         for k in range(n):
             lo = 1 + (n - 1 - k) * ws
             lo = lo if lo > 1 else 0
             full.update(bank, lo, total)
             t0 = time.perf_counter()
-            write_mp4(full.frames, root / "rewrite.mp4")
+            write_mp4(to_uint8_frames(full.frames), root / "rewrite.mp4")  # the decoder keeps floats
             rewrite.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             video.update(bank, lo, total, k, final=k == n - 1)  # includes its (cheap) decode

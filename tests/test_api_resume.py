@@ -10,7 +10,7 @@ import pytest
 
 import framepack
 from framepack.io import read_video
-from framepack.pipeline.generate import SectionDone, StepEvent
+from framepack.pipeline.events import SectionDone, StepEvent
 from framepack.pipeline.jobs import JobError
 from framepack.sampling import Cancelled
 from framepack.testing import tiny_bundle_dir

@@ -167,36 +167,37 @@ def test_bad_names_and_thresholds():
 
 def test_pipeline_streams_and_caches_exactly_at_threshold_zero(tmp_path):
     from framepack.io import read_video
-    from framepack.pipeline.generate import GenerationSettings, generate, prepare
+    from framepack.pipeline.run import Request, open_run
+    from framepack.pipeline.settings import GenerationSettings, prepare
     from framepack.testing import tight_budget, tiny_bundle
 
     bundle = tiny_bundle()
     image = np.full((64, 96, 3), 90, np.uint8)
     image[16:48, 24:56] = (200, 30, 30)
     base = dict(prompt="a cat walks", sections=2, steps=4)
-    plain = generate(bundle, GenerationSettings(**base, name="plain"), tmp_path, image=image)
+    plain = open_run(bundle, Request(GenerationSettings(**base, name="plain"), image)).run(tmp_path)
     # The smallest budgets (every block streams, the VAE visits beside them, the run's activations
     # and cache state kept); fp8: a block plus one tensor's raw copy.
     cached = prepare(bundle, GenerationSettings(**base, cache="teacache", cache_threshold=0.0), image=image)
     budget = tight_budget(bundle, cached) / 2**30
     budget8 = tight_budget(bundle, prepare(bundle, GenerationSettings(**base), image=image), fp8=True) / 2**30
     fast = GenerationSettings(**base, name="fast", cache="teacache", cache_threshold=0.0, vram_budget=budget)
-    done = generate(bundle, fast, tmp_path, image=image)
+    done = open_run(bundle, Request(fast, image)).run(tmp_path)
     assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])
     info = json.loads(done.sidecar.read_text())
     assert info["cache"]["evaluations"] == 8 and info["cache"]["skipped"] == 0
     assert "streamed" in info["memory_plan"]
     fp8 = GenerationSettings(**base, name="fp8", vram_budget=budget8, fp8_weights=True)
-    info = generate(bundle, fp8, tmp_path, image=image).info
+    info = open_run(bundle, Request(fp8, image)).run(tmp_path).info
     assert "fp8 host copies" in info["memory_plan"] and "cache" not in info
     skipping = GenerationSettings(**base, name="skip", cache="teacache", cache_threshold=10.0)
-    info = generate(bundle, skipping, tmp_path, image=image).info
+    info = open_run(bundle, Request(skipping, image)).run(tmp_path).info
     assert info["cache"]["skipped"] == 2 * (4 - 2) and "memory_plan" not in info
     with pytest.raises(ValueError, match="step cache"):
-        generate(bundle, GenerationSettings(**base, cache="nope"), tmp_path, image=image)
+        open_run(bundle, Request(GenerationSettings(**base, cache="nope"), image)).run(tmp_path)
     with pytest.raises(ValueError, match="coefficients"):
         bad = GenerationSettings(**base, cache="fbcache", cache_coefficients=("x",))
-        generate(bundle, bad, tmp_path, image=image)
+        open_run(bundle, Request(bad, image)).run(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from framepack.model import PackedTransformer, get_spec
 from framepack.packing.schedule import K1, K2, K4
 from framepack.pipeline.budget import bundle_need
 from framepack.pipeline.bundle import load_bundle
-from framepack.pipeline.generate import GenerationSettings, prepare
 from framepack.pipeline.named import default_model
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.pipeline.speed import accelerate
 from framepack.testing import random_packed_inputs
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from framepack.io import read_video, write_mp4
-from framepack.pipeline.extend import extend_events, load_source, prepare_extension
-from framepack.pipeline.generate import Finished, GenerationSettings
+from framepack.pipeline.events import Finished
+from framepack.pipeline.extend import load_source, prepare_extension
+from framepack.pipeline.run import Run
+from framepack.pipeline.settings import GenerationSettings
 from framepack.testing import tiny_bundle, tiny_bundle_dir
 
 WS = 3  # a small window: a short blend and fast sections
@@ -41,7 +43,7 @@ def source(tmp_path_factory) -> str:
 def _extend(bundle, source, out, **kw):
     settings = GenerationSettings(prompt="the square keeps moving", steps=2, window=WS, name="ext", **kw)
     prepared, src = prepare_extension(bundle, settings, source)
-    events = list(extend_events(bundle, prepared, src, out))
+    events = list(Run(bundle, prepared, src).events(out))
     assert isinstance(events[-1], Finished)
     return events, src
 

@@ -17,9 +17,11 @@ from framepack.cli.main import main
 from framepack.gui.jobs import FAILED, QUEUED, JobQueue
 from framepack.io import read_video, write_mp4
 from framepack.pipeline.bundle import load_bundle
-from framepack.pipeline.extend import extend_events, prepare_extension
-from framepack.pipeline.generate import GenerationSettings, SectionDone, StepEvent
-from framepack.pipeline.jobs import JobError, resume_job
+from framepack.pipeline.events import SectionDone, StepEvent
+from framepack.pipeline.extend import prepare_extension
+from framepack.pipeline.jobs import JobError
+from framepack.pipeline.run import Run, resume_job
+from framepack.pipeline.settings import GenerationSettings
 from framepack.sampling import Cancelled
 from framepack.testing import tiny_bundle_dir
 
@@ -58,7 +60,7 @@ def _settings(**kw) -> GenerationSettings:
 
 def _extend(bundle, settings, video, out, cancel=None) -> list:
     prepared, src = prepare_extension(bundle, settings, video)
-    return list(extend_events(bundle, prepared, src, out, cancel=cancel))
+    return list(Run(bundle, prepared, src).events(out, cancel))
 
 
 def _cancelled(bundle, settings, video, out) -> list[SectionDone]:
@@ -69,7 +71,7 @@ def _cancelled(bundle, settings, video, out) -> list[SectionDone]:
 
     prepared, src = prepare_extension(bundle, settings, video)
     with pytest.raises(Cancelled):
-        for event in extend_events(bundle, prepared, src, out, cancel=cancel):
+        for event in Run(bundle, prepared, src).events(out, cancel):
             if isinstance(event, SectionDone):
                 done.append(event)
     return done

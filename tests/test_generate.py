@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from framepack.io import read_video
-from framepack.pipeline.generate import GenerationSettings, SectionDone, generate
+from framepack.pipeline.events import SectionDone
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings
 from framepack.sampling import Cancelled
 from framepack.testing import tiny_bundle_dir
 
@@ -31,7 +33,7 @@ def image() -> np.ndarray:
 def _run(bundle, image, tmp_path, **kw):
     settings = GenerationSettings(prompt=kw.pop("prompt", "a cat walks"), steps=kw.pop("steps", 2), **kw)
     events = []
-    done = generate(bundle, settings, tmp_path, image=image, on_event=events.append)
+    done = open_run(bundle, Request(settings, image)).run(tmp_path, on_event=events.append)
     return done, events
 
 
@@ -80,8 +82,8 @@ def test_cancel_keeps_finished_sections(bundle, image, tmp_path):
 
     settings = GenerationSettings(prompt="a dog runs", sections=3, steps=2, name="cancelled")
     with pytest.raises(Cancelled):
-        generate(
-            bundle, settings, tmp_path, image=image, on_event=on_event, cancel=lambda: len(sections_done) >= 1
+        open_run(bundle, Request(settings, image)).run(
+            tmp_path, cancel=lambda: len(sections_done) >= 1, on_event=on_event
         )
     frames, _, _ = read_video(tmp_path / "cancelled.mp4")
     assert frames.shape[0] == sections_done[0].frames == 4 * WS - 3  # the first section, playable
@@ -104,7 +106,7 @@ def test_cfg_and_timed_prompts_run(bundle, image, tmp_path):
 def test_the_manifest_cfg_is_the_default(bundle, image, tmp_path):
     import dataclasses
 
-    from framepack.pipeline.generate import prepare
+    from framepack.pipeline.settings import prepare
 
     assert prepare(bundle, GenerationSettings(prompt="x", sections=1), image).cfg == 1.0
     guided = dataclasses.replace(bundle, manifest=bundle.manifest.replace(cfg=2.0))
@@ -157,18 +159,18 @@ def test_cli_out_of_device_memory_is_one_sentence_and_keeps_the_job(image, tmp_p
     for an unbudgeted run would) names the budget option and the resume command; the section stays."""
     import torch
 
-    import framepack.pipeline.generate as pipeline
     from framepack.cli.main import main
+    from framepack.pipeline.run import Run
 
-    real = pipeline.generate_events
+    real = Run.events
 
-    def runs_out(*args, **kwargs):
-        for event in real(*args, **kwargs):
+    def runs_out(self, *args, **kwargs):
+        for event in real(self, *args, **kwargs):
             yield event
             if isinstance(event, SectionDone):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pipeline, "generate_events", runs_out)
+    monkeypatch.setattr(Run, "events", runs_out)
     Image.fromarray(image).save(tmp_path / "start.png")
     code = main(
         ["generate", "--model", str(tiny_bundle_dir()), "--image", str(tmp_path / "start.png"), "--prompt", "a cat",
@@ -249,7 +251,7 @@ def test_context_is_bounded_for_long_histories(bundle, image, tmp_path):
 
 def test_python_api_generate_and_iter(image, tmp_path):
     import framepack
-    from framepack.pipeline.generate import StepEvent
+    from framepack.pipeline.events import StepEvent
 
     model = tiny_bundle_dir()
     Image.fromarray(image).save(tmp_path / "start.png")

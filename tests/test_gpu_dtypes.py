@@ -25,10 +25,11 @@ from PIL import Image
 from framepack.lora import merge_loras
 from framepack.memory import GIB
 from framepack.pipeline.bundle import component_dtypes, load_bundle
-from framepack.pipeline.extend import extend_events, prepare_extension
-from framepack.pipeline.generate import GenerationSettings, generate, generate_events, prepare
+from framepack.pipeline.extend import prepare_extension
 from framepack.pipeline.named import DEFAULT_MODEL
-from framepack.pipeline.one_frame import generate_frame
+from framepack.pipeline.one_frame import check_one_frame
+from framepack.pipeline.run import Request, Run, open_run
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.testing import tight_budget
 
 RELEASE = component_dtypes("cuda")  # bf16 transformer; fp16 text encoders, image encoder and VAE
@@ -67,7 +68,7 @@ def source_video(tmp_path_factory) -> Path:
     """A 37-frame demo video (fp32) for the extension modes to extend."""
     out = tmp_path_factory.mktemp("source")
     settings = GenerationSettings(prompt=CAPTION, image=str(START), sections=1, steps=3, name="source")
-    return generate(load_bundle(DEFAULT_MODEL), settings, out).video
+    return open_run(load_bundle(DEFAULT_MODEL), Request(settings)).run(out).video
 
 
 def frames(directory: Path) -> np.ndarray:
@@ -141,17 +142,20 @@ def _run(mode: Mode, bundle, out: Path, source: Path) -> tuple[np.ndarray, dict]
         settings["vram_budget"] = tight_budget(bundle, unbudgeted, settings.get("fp8_weights", False)) / GIB
     if mode.run == "one_frame":
         settings = {k: v for k, v in settings.items() if k not in ("png", "sections")}
-        done = generate_frame(bundle, prepare(bundle, GenerationSettings(**settings)), out)
+        prepared = prepare(bundle, GenerationSettings(**settings))
+        plan = prepared.plan  # the default index: the window's last slot
+        one_frame = check_one_frame(plan.schedule, plan.window, None, ("post", "k2", "k4"))
+        done = Run(bundle, prepared, one_frame=one_frame).run(out)
         return done.frame[None], done.info
     if mode.run == "extend":
         prepared, video = prepare_extension(bundle, GenerationSettings(**settings), source)
-        last = list(extend_events(bundle, prepared, video, out))[-1]
+        last = list(Run(bundle, prepared, video).events(out))[-1]
     else:
         prepared = prepare(bundle, GenerationSettings(**settings))
         if mode.run == "merged":  # as `framepack generate --lora-merge`: folded in, nothing on the fly
             merge_loras(bundle.transformer, prepared.loras)
             prepared.loras = []
-        last = list(generate_events(bundle, prepared, out))[-1]
+        last = list(Run(bundle, prepared).events(out))[-1]
     return frames(out / "run_frames"), last.info
 
 

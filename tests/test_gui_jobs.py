@@ -30,7 +30,7 @@ from framepack.gui.view import (
     queue_html,
 )
 from framepack.io import read_video
-from framepack.pipeline.generate import GenerationSettings
+from framepack.pipeline.settings import GenerationSettings
 
 WS = 9
 

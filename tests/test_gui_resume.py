@@ -14,7 +14,8 @@ from framepack.gui.jobs import CANCELLED, DONE, FAILED, QUEUED, JobQueue
 from framepack.gui.resume import unfinished_jobs
 from framepack.gui.view import progress_html
 from framepack.io import read_video
-from framepack.pipeline.generate import GenerationSettings, StepEvent
+from framepack.pipeline.events import StepEvent
+from framepack.pipeline.settings import GenerationSettings
 
 WS = 9
 
@@ -121,7 +122,7 @@ def test_resume_endpoint_finishes_a_job_left_before_the_server_started(tmp_path,
     """A job stopped outside the server (the CLI, an earlier server) is resumed through `/resume`,
     which answers as `/generate` does; a folder outside the outputs fails with its one sentence."""
     import framepack
-    from framepack.pipeline.generate import SectionDone
+    from framepack.pipeline.events import SectionDone
     from framepack.sampling import Cancelled
     from framepack.testing import tiny_bundle_dir
 

@@ -25,8 +25,8 @@ from framepack.model import load_transformer
 from framepack.model.loading import save_transformer
 from framepack.pipeline import api
 from framepack.pipeline.bundle import component_dtypes, load_bundle, weights_home
-from framepack.pipeline.generate import GenerationSettings, prepare
 from framepack.pipeline.manifest import BundleError
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.testing import tight_budget, tiny_bundle_dir
 
 META = torch.device("meta")
@@ -135,7 +135,7 @@ def test_a_budgeted_generation_through_the_api_equals_the_plain_one(tmp_path, mo
 
 def test_the_gui_queue_gives_jobs_without_a_budget_the_servers(tmp_path):
     from framepack.gui.jobs import JobQueue
-    from framepack.pipeline.generate import GenerationSettings
+    from framepack.pipeline.settings import GenerationSettings
 
     bundle = load_bundle(tiny_bundle_dir(), device="cpu", vram_budget=2)
     queue = JobQueue(bundle, tmp_path, start=False, vram_budget=2)

@@ -113,8 +113,8 @@ def _uses(path: Path, modules: dict[str, Path]) -> list[tuple[int, str, str]]:
 
 def test_resolves_relative_imports() -> None:
     path = ROOT / "framepack" / "pipeline" / "extend.py"
-    node = ast.parse("from .generate import x").body[0]
-    assert _resolve_from(path, node) == "framepack.pipeline.generate"
+    node = ast.parse("from .settings import x").body[0]
+    assert _resolve_from(path, node) == "framepack.pipeline.settings"
     init = ROOT / "framepack" / "pipeline" / "__init__.py"
     assert _resolve_from(init, ast.parse("from ..io import x").body[0]) == "framepack.io"
 

@@ -1,5 +1,5 @@
 """The lock on a running job directory: while another process runs a job, a second run of it (CLI
-`--resume`, the same command again, the API, `generate_events`, the GUI) is refused with one
+`--resume`, the same command again, the API, `Run.events`, the GUI) is refused with one
 sentence naming that process, and the GUI does not list it; after a kill -9 of that process the job
 resumes to the uninterrupted video."""
 
@@ -19,22 +19,22 @@ from framepack.cli.main import main
 from framepack.gui.jobs import FAILED, QUEUED, JobQueue
 from framepack.gui.resume import unfinished_jobs
 from framepack.io import read_video
-from framepack.pipeline.generate import generate_events
 from framepack.pipeline.joblock import JobLock
-from framepack.pipeline.jobs import JobError, resume_prepared
+from framepack.pipeline.jobs import JobError
+from framepack.pipeline.run import Run, resume_job
 from framepack.testing import tiny_bundle, tiny_bundle_dir
 
 # `framepack generate ...` that pauses, its job's lock held, once it has committed its first section.
 HOLDER = """
 import sys, time
 from framepack.cli.main import main
-from framepack.pipeline import jobs
-commit = jobs.JobRun.commit
+from framepack.pipeline.video_output import VideoOutput
+commit = VideoOutput.commit
 def paused(self, *args):
     done = commit(self, *args)
     print("section", flush=True)
     time.sleep(600)
-jobs.JobRun.commit = paused
+VideoOutput.commit = paused
 main(sys.argv[1:])
 """
 
@@ -77,7 +77,7 @@ def test_running_job_is_refused_then_resumes_after_kill_9(tmp_path, capsys):
         with pytest.raises(JobError, match=f"^{taken}$".replace("(", r"\(").replace(")", r"\)")):
             framepack.generate(resume=job)
         with pytest.raises(JobError, match="being run by another process"):
-            list(generate_events(bundle, resume_prepared(bundle, job), "ignored", job=job))
+            list(Run(bundle, resume_job(bundle, job)[0], job_dir=job).events("ignored"))
 
         assert unfinished_jobs(run, bundle.manifest) == []  # the GUI leaves it out
         queue = JobQueue(bundle, run, start=False)

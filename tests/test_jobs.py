@@ -19,8 +19,11 @@ from PIL import Image
 from framepack.cli.main import main
 from framepack.io import concat_mp4, read_video, write_mp4
 from framepack.pipeline.decode import IncrementalDecoder, to_uint8_frames
-from framepack.pipeline.generate import GenerationSettings, SectionDone, generate, generate_events
-from framepack.pipeline.jobs import Job, JobError, SegmentedVideo, find_job, resume_prepared
+from framepack.pipeline.events import SectionDone
+from framepack.pipeline.jobs import JobDir, JobError, find_job
+from framepack.pipeline.run import Request, Run, open_run, resume_job
+from framepack.pipeline.settings import GenerationSettings
+from framepack.pipeline.video_output import SegmentedVideo
 from framepack.sampling import Cancelled
 from framepack.testing import tiny_bundle, tiny_bundle_dir
 
@@ -61,7 +64,7 @@ def test_segments_and_tail_are_the_incremental_frames(tmp_path, forward):
     bank = torch.randn(1, 16, total, 2, 4, generator=torch.Generator().manual_seed(0))
     full = IncrementalDecoder(causal_decode, ws)
     video = SegmentedVideo(
-        Job(tmp_path / "x.job"), IncrementalDecoder(causal_decode, ws), not forward, 30, 16, True
+        JobDir(tmp_path / "x.job"), IncrementalDecoder(causal_decode, ws), not forward, 30, 16, True
     )
     for k in range(sections):
         if forward:
@@ -99,7 +102,7 @@ def test_the_commit_keeps_the_blending_tail_as_floats(tmp_path):
     section's tail file stays."""
     ws = 3
     bank = torch.randn(1, 16, 2 * ws + 1, 2, 4, generator=torch.Generator().manual_seed(0))
-    job = Job(tmp_path / "x.job")
+    job = JobDir(tmp_path / "x.job")
 
     def loud(latents):  # a decoder that leaves [-1, 1]
         return 1.5 * causal_decode(latents) / causal_decode(latents).abs().amax()
@@ -130,22 +133,22 @@ def test_cancelled_run_resumes_to_the_uninterrupted_video(tmp_path, image):
     settings = GenerationSettings(
         prompt="a cat walks", sections=3, steps=1, order="forward", name="a", png=True
     )
-    ref = generate(bundle, settings, tmp_path / "ref", image=image)
+    ref = open_run(bundle, Request(settings, image)).run(tmp_path / "ref")
     assert not (tmp_path / "ref" / "a.job").exists()  # removed once the outputs are written
 
     done = []
     record = lambda e: done.append(e) if isinstance(e, SectionDone) else None  # noqa: E731
     with pytest.raises(Cancelled):
-        generate(
-            bundle, settings, tmp_path / "run", image=image, on_event=record, cancel=lambda: len(done) >= 1
+        open_run(bundle, Request(settings, image)).run(
+            tmp_path / "run", cancel=lambda: len(done) >= 1, on_event=record
         )
     job = tmp_path / "run" / "a.job"
     assert find_job(tmp_path / "run" / "a.mp4") == job
     assert read_video(tmp_path / "run" / "a.mp4")[0].shape[0] == done[0].frames
     assert json.loads((job / "job.json").read_text())["settings"]["sections"] == 3
 
-    prepared = resume_prepared(bundle, job)
-    events = list(generate_events(bundle, prepared, "ignored", job=job))
+    prepared = resume_job(bundle, job)[0]
+    events = list(Run(bundle, prepared, job_dir=job).events("ignored"))
     first = next(e for e in events if isinstance(e, SectionDone))
     assert first.section == 0 and first.frames == done[0].frames  # the restored state, reported first
     assert sum(isinstance(e, SectionDone) for e in events) == 3
@@ -161,12 +164,12 @@ def test_same_settings_resume_other_settings_refused(tmp_path, image):
     bundle = tiny_bundle()
     settings = GenerationSettings(prompt="a cat", sections=2, steps=1, name="b")
     with pytest.raises(Cancelled):
-        generate(bundle, settings, tmp_path, image=image, cancel=lambda: True)
+        open_run(bundle, Request(settings, image)).run(tmp_path, cancel=lambda: True)
     other = GenerationSettings(prompt="a dog", sections=2, steps=1, name="b")
     with pytest.raises(JobError, match="other settings"):
-        generate(bundle, other, tmp_path, image=image)
+        open_run(bundle, Request(other, image)).run(tmp_path)
     with pytest.raises(JobError, match="another start image"):
-        generate(bundle, settings, tmp_path, image=255 - image)
+        open_run(bundle, Request(settings, 255 - image)).run(tmp_path)
     assert (tmp_path / "b.job" / "job.json").is_file()  # the unfinished job is left alone
     with pytest.raises(JobError, match="not an unfinished job"):
         find_job(tmp_path / "nothing-here")

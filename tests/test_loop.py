@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from framepack.pipeline.generate import GenerationSettings, generate, prepare
 from framepack.pipeline.loop import loop_seam
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.testing import tiny_bundle_dir
 
 
@@ -49,7 +50,7 @@ def test_a_loop_ends_on_its_start_frame(bundle, image, tmp_path):
     model.forward_packed = record
     try:
         settings = GenerationSettings(prompt="a spinning top", sections=2, steps=1, loop=True, name="loop")
-        done = generate(bundle, settings, tmp_path, image=image)
+        done = open_run(bundle, Request(settings, image)).run(tmp_path)
     finally:
         del model.forward_packed
     first = calls[0]  # the last section (generated first) continues into the end frame: the start

@@ -245,7 +245,8 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
     from PIL import Image
 
     from framepack.io import read_video
-    from framepack.pipeline.generate import GenerationSettings, generate, settings_from_dict
+    from framepack.pipeline.run import Request, open_run
+    from framepack.pipeline.settings import GenerationSettings, settings_from_dict
     from framepack.testing import tiny_bundle, tiny_bundle_dir
 
     bundle = tiny_bundle()
@@ -258,7 +259,7 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
         settings = GenerationSettings(
             prompt="a cat", sections=1, steps=2, name=f"v{scale}", loras=loras, png=True
         )
-        done = generate(bundle, settings, tmp_path / "out", image=image)
+        done = open_run(bundle, Request(settings, image)).run(tmp_path / "out")
         videos[scale] = read_video(done.video)[0]
         assert settings_from_dict(json.loads(done.sidecar.read_text())["settings"]) == settings
         assert not any("lora" in m._modules for m in bundle.transformer.modules())  # removed after the run
@@ -332,7 +333,8 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
     from framepack.io import read_video
     from framepack.memory.streaming import GIB, plan_memory
     from framepack.pipeline.budget import bundle_need
-    from framepack.pipeline.generate import GenerationSettings, generate, prepare
+    from framepack.pipeline.run import Request, open_run
+    from framepack.pipeline.settings import GenerationSettings, prepare
     from framepack.pipeline.speed import accelerate
     from framepack.testing import tiny_bundle
 
@@ -350,7 +352,7 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
         s = GenerationSettings(
             prompt="a cat", sections=1, steps=2, name=name, loras=((str(lora), 1.0),), vram_budget=vram
         )
-        done = generate(bundle, s, tmp_path / "out", image=image)
+        done = open_run(bundle, Request(s, image)).run(tmp_path / "out")
         frames.append(read_video(done.video)[0])
         assert vram is None or "streamed" in done.info["memory_plan"]
     accelerate(bundle.transformer, bundle.transformer.device)  # back to all resident

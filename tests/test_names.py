@@ -15,7 +15,7 @@ from framepack.cli.main import main
 from framepack.gui.jobs import FAILED
 from framepack.io import MAX_NAME_BYTES, InputError, check_file_name
 from framepack.pipeline.batch import read_jobs
-from framepack.pipeline.generate import GenerationSettings
+from framepack.pipeline.settings import GenerationSettings
 from framepack.testing import tiny_bundle_dir
 
 # Each escaped the output folder, or named no file, before the check.

@@ -19,8 +19,9 @@ from framepack.memory.measure import LiveBytes
 from framepack.memory.offload import module_bytes, on_device, plan_offload, vae_decode_bytes, vae_tiles
 from framepack.pipeline.budget import bundle_need
 from framepack.pipeline.conditioning import encode_prompt, vae_decode
-from framepack.pipeline.generate import GenerationSettings, generate, prepare
-from framepack.pipeline.one_frame import generate_frame
+from framepack.pipeline.one_frame import check_one_frame
+from framepack.pipeline.run import Request, Run, open_run
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.pipeline.speed import offloaded
 from framepack.testing import tight_budget, tiny_bundle
 
@@ -79,7 +80,7 @@ def _watch(bundle, seen: list):
 
 def test_generation_under_a_budget_is_bit_identical_in_sequence_and_within_it(bundle, image, tmp_path):
     base = dict(prompt="a cat walks", sections=2, steps=2)
-    plain = generate(bundle, GenerationSettings(**base, name="plain"), tmp_path, image=image)
+    plain = open_run(bundle, Request(GenerationSettings(**base, name="plain"), image)).run(tmp_path)
     prepared = prepare(bundle, GenerationSettings(**base), image=image)
     budget = tight_budget(bundle, prepared)
     assert tight_budget(bundle) < sum(
@@ -89,7 +90,7 @@ def test_generation_under_a_budget_is_bit_identical_in_sequence_and_within_it(bu
     undo = _watch(bundle, seen)
     try:
         settings = GenerationSettings(**base, name="tight", vram_budget=budget / GIB)
-        done = generate(bundle, settings, tmp_path, image=image)
+        done = open_run(bundle, Request(settings, image)).run(tmp_path)
     finally:
         undo()
     assert np.array_equal(read_video(done.video)[0], read_video(plain.video)[0])
@@ -127,7 +128,7 @@ def test_everything_resident_when_it_fits(bundle, image, tmp_path):
     settings = GenerationSettings(prompt="a cat", sections=1, steps=1, name="fits")
     working = bundle_need(bundle, prepare(bundle, settings, image=image)).working  # beside the weights
     settings = dataclasses.replace(settings, vram_budget=(total + working) / GIB)
-    info = generate(bundle, settings, tmp_path, image=image).info
+    info = open_run(bundle, Request(settings, image)).run(tmp_path).info
     assert "resident" in info["offload"] and info["device_weights_peak_bytes"] == total
 
 
@@ -185,13 +186,13 @@ def test_too_small_a_budget_is_one_sentence_before_anything_is_written(bundle, i
         with pytest.raises(
             ValueError, match=r"cannot hold this run at \d+x\d+ .* give --vram-budget [0-9.]+ or more"
         ):
-            generate(bundle, settings, tmp_path, image=image)
+            open_run(bundle, Request(settings, image)).run(tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 def test_video_extension_under_a_budget_is_bit_identical(tmp_path):
     from framepack.io import write_mp4
-    from framepack.pipeline.extend import extend_events, prepare_extension
+    from framepack.pipeline.extend import prepare_extension
 
     bundle = tiny_bundle("forward")
     frames = np.full((13, 64, 64, 3), (40, 60, 90), np.uint8)
@@ -204,7 +205,7 @@ def test_video_extension_under_a_budget_is_bit_identical(tmp_path):
     for name, budget in (("plain", None), ("tight", tight / GIB)):
         settings = dataclasses.replace(settings, name=name, vram_budget=budget)
         prepared, source = prepare_extension(bundle, settings, tmp_path / "clip.mp4")
-        *_, done = extend_events(bundle, prepared, source, tmp_path)
+        *_, done = Run(bundle, prepared, source).events(tmp_path)
         videos.append(read_video(done.video)[0])
     assert "only while used" in done.info["offload"] and "streamed" in done.info["memory_plan"]
     assert np.array_equal(videos[0], videos[1])
@@ -260,10 +261,18 @@ def test_tile_follows_the_room_and_stays_close(bundle):
     assert vae.tile_sample_min_height == 256
 
 
+def _one_frame(bundle, prepared) -> Run:
+    """A one-frame run of `prepared` at the default index (the window's last slot), every group."""
+    plan = prepared.plan
+    return Run(
+        bundle, prepared, one_frame=check_one_frame(plan.schedule, plan.window, None, ("post", "k2", "k4"))
+    )
+
+
 def test_one_frame_under_a_budget_and_a_cache_is_the_same_png(bundle, image, tmp_path):
     common = dict(prompt="the cat raises a paw", steps=3)
-    plain = generate_frame(
-        bundle, prepare(bundle, GenerationSettings(**common, name="plain"), image=image), tmp_path
+    plain = _one_frame(bundle, prepare(bundle, GenerationSettings(**common, name="plain"), image=image)).run(
+        tmp_path
     )
     settings = GenerationSettings(**common, name="tight", cache="teacache", cache_threshold=0.0)
     budget = tight_budget(bundle, prepare(bundle, settings, image=image)) / GIB
@@ -271,7 +280,7 @@ def test_one_frame_under_a_budget_and_a_cache_is_the_same_png(bundle, image, tmp
     seen: list = []
     undo = _watch(bundle, seen)
     try:
-        done = generate_frame(bundle, prepare(bundle, settings, image=image), tmp_path)
+        done = _one_frame(bundle, prepare(bundle, settings, image=image)).run(tmp_path)
     finally:
         undo()
     assert (tmp_path / "tight.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
@@ -284,22 +293,21 @@ def test_one_frame_under_a_budget_and_a_cache_is_the_same_png(bundle, image, tmp
 
 
 def test_a_cancelled_budgeted_run_lets_go_and_resumes_to_the_same_video(bundle, image, tmp_path):
-    from framepack.pipeline.generate import SectionDone, generate_events
-    from framepack.pipeline.jobs import resume_prepared
+    from framepack.pipeline.events import SectionDone
     from framepack.sampling import Cancelled
 
     base = dict(prompt="a cat walks", sections=3, steps=1, order="forward", name="a")
-    ref = generate(bundle, GenerationSettings(**base), tmp_path / "ref", image=image)
+    ref = open_run(bundle, Request(GenerationSettings(**base), image)).run(tmp_path / "ref")
     tight = tight_budget(bundle, prepare(bundle, GenerationSettings(**base), image=image))
     settings = GenerationSettings(**base, vram_budget=tight / GIB)
     done = []
     record = lambda e: done.append(e) if isinstance(e, SectionDone) else None  # noqa: E731
     with pytest.raises(Cancelled):
-        generate(
-            bundle, settings, tmp_path / "run", image=image, on_event=record, cancel=lambda: len(done) >= 1
+        open_run(bundle, Request(settings, image)).run(
+            tmp_path / "run", cancel=lambda: len(done) >= 1, on_event=record
         )
     assert all(_on_device(m) for m in _visitors(bundle).values())  # nothing stays parked
     job = tmp_path / "run" / "a.job"
-    events = list(generate_events(bundle, resume_prepared(bundle, job), "ignored", job=job))
+    events = list(open_run(bundle, Request(resume=job)).events("ignored"))
     assert "only while used" in events[-1].info["offload"]  # resumed under the same budget
     assert np.array_equal(read_video(tmp_path / "run" / "a.mp4")[0], read_video(ref.video)[0])

@@ -15,18 +15,20 @@ from PIL import Image
 
 from framepack.pipeline.conditioning import vae_encode
 from framepack.pipeline.decode import from_uint8_frames
-from framepack.pipeline.generate import GenerationSettings, prepare
-from framepack.pipeline.one_frame import generate_frame
+from framepack.pipeline.one_frame import check_one_frame
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.testing import tiny_bundle_dir
 
 WS = 9
 
 
-def _frame(bundle, image, tmp_path, calls=None, settings=None, **kw):
-    settings = settings or GenerationSettings(
-        prompt="the cat raises a paw", steps=3, name=kw.pop("name", "f")
-    )
-    prepared = prepare(bundle, settings, image=image)
+def _frame(bundle, image, tmp_path, calls=None, settings=None, index=None, groups=("post", "k2", "k4")):
+    settings = settings or GenerationSettings(prompt="the cat raises a paw", steps=3, name="f")
+    if index is None:  # the default index: the window's last slot
+        plan = prepare(bundle, settings, image=image).plan
+        index = check_one_frame(plan.schedule, plan.window, None, ())[0]
+    request = Request(settings, image, one_frame=index, one_frame_groups=tuple(groups))
     model = bundle.transformer
     forward = model.forward_packed
 
@@ -43,7 +45,7 @@ def _frame(bundle, image, tmp_path, calls=None, settings=None, **kw):
     if calls is not None:
         model.forward_packed = record
     try:
-        return generate_frame(bundle, prepared, tmp_path, **kw)
+        return open_run(bundle, request).run(tmp_path)
     finally:
         if calls is not None:
             del model.forward_packed

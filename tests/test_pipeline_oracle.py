@@ -1,7 +1,7 @@
 """The generation loop against diffusers' `HunyuanVideoFramepackPipeline` on the same tiny components.
 
 Both sides run from one tiny bundle directory (FRAMEPACK.md section 8): ours through
-`framepack.pipeline.generate` (`prepare` + `generate_events`, the code the CLI runs), diffusers'
+`framepack.pipeline.run` (`prepare` + `Run.events`, the code the CLI runs), diffusers'
 pipeline from components loaded independently out of the same folders (LLaMA, CLIP, SigLIP and
 their processors, the VAE, and `HunyuanVideoFramepackTransformer3DModel.from_pretrained` on our
 saved transformer) with a `FlowMatchEulerDiscreteScheduler` and `output_type="latent"`. The
@@ -60,11 +60,13 @@ from PIL import Image
 from torch.testing import assert_close
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
 
-import framepack.pipeline.generate as generate_module
+import framepack.pipeline.sections as sections_module
 from framepack.model import load_transformer, save_transformer
 from framepack.pipeline.bundle import load_bundle
 from framepack.pipeline.conditioning import encode_image, encode_prompt, vae_encode
 from framepack.pipeline.decode import from_uint8_frames
+from framepack.pipeline.run import Run
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.sampling import euler
 from framepack.testing import tiny_bundle_dir
 
@@ -135,7 +137,7 @@ def run_ours(root, case: Case, image: np.ndarray, out_dir, monkeypatch):
     Returns (bundle, prepared, sigmas per section, sampled latents per section in generation order).
     """
     bundle = load_bundle(root)
-    settings = generate_module.GenerationSettings(
+    settings = GenerationSettings(
         prompt=PROMPT,
         negative_prompt=NEGATIVE if case.cfg != 1 else "",
         sections=case.sections,
@@ -160,10 +162,10 @@ def run_ours(root, case: Case, image: np.ndarray, out_dir, monkeypatch):
         assert name == "euler"
         return recording_euler
 
-    monkeypatch.setattr(generate_module, "get_sampler", get_sampler)
-    prepared = generate_module.prepare(bundle, settings, image=image)
+    monkeypatch.setattr(sections_module, "get_sampler", get_sampler)
+    prepared = prepare(bundle, settings, image=image)
     assert np.array_equal(prepared.image, image)  # already at its size: no resampling on our side
-    for _ in generate_module.generate_events(bundle, prepared, out_dir):
+    for _ in Run(bundle, prepared).events(out_dir):
         pass
     return bundle, prepared, sigmas, latents
 

@@ -10,7 +10,7 @@ import torch
 
 from framepack.model import PackedTransformer, get_spec
 from framepack.pipeline.conditioning import PromptEmbeds
-from framepack.pipeline.generate import make_denoiser
+from framepack.pipeline.section import make_denoiser
 from framepack.testing import random_packed_inputs
 
 

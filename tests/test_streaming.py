@@ -168,18 +168,18 @@ def test_an_fp8_job_leaves_the_api_bundle_cache_as_loaded(bundle, image, tmp_pat
 
     import framepack
     from framepack.pipeline import api
-    from framepack.pipeline.generate import GenerationSettings, prepare
-    from framepack.pipeline.jobs import Job
+    from framepack.pipeline.jobs import JobDir
+    from framepack.pipeline.settings import GenerationSettings, prepare
     from framepack.testing import tight_budget, tiny_bundle_dir
 
     latents: list[torch.Tensor] = []
-    commit = Job.commit_section
+    commit = JobDir.commit_section
 
     def record(job, number, window, state):
         latents.append(window.clone())
         return commit(job, number, window, state)
 
-    monkeypatch.setattr(Job, "commit_section", record)
+    monkeypatch.setattr(JobDir, "commit_section", record)
     monkeypatch.setattr(api, "LOADED_BUNDLES", OrderedDict())
     model = str(tiny_bundle_dir())
     job = dict(prompt="a cat walks", sections=2, steps=2, seed=3, image=image)

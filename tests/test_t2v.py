@@ -13,7 +13,8 @@ from PIL import Image
 
 from framepack.io import pick_bucket, read_video
 from framepack.pipeline.conditioning import vae_encode
-from framepack.pipeline.generate import GenerationSettings, generate, prepare
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.pipeline.text_to_video import neutral_frame, parse_colour
 from framepack.testing import tiny_bundle, tiny_bundle_dir
 
@@ -64,7 +65,7 @@ def test_generation_is_anchored_to_the_encoded_plain_frame(bundle, tmp_path):
     model.forward_packed = record
     try:
         settings = GenerationSettings(prompt="a ball", sections=2, steps=2, width=80, height=48, name="t2v")
-        done = generate(bundle, settings, tmp_path)
+        done = open_run(bundle, Request(settings)).run(tmp_path)
     finally:
         del model.forward_packed
     frames = read_video(done.video)[0]
@@ -76,12 +77,14 @@ def test_generation_is_anchored_to_the_encoded_plain_frame(bundle, tmp_path):
     for anchor in anchors:
         torch.testing.assert_close(anchor, expected)
 
-    again = generate(bundle, settings.__class__(**{**settings.to_dict(), "name": "again"}), tmp_path)
+    again = open_run(bundle, Request(settings.__class__(**{**settings.to_dict(), "name": "again"}))).run(
+        tmp_path
+    )
     assert np.array_equal(read_video(again.video)[0], frames)  # deterministic
     other = GenerationSettings(
         prompt="a ball", sections=2, steps=2, width=80, height=48, t2v_colour="#204080"
     )
-    assert not np.array_equal(read_video(generate(bundle, other, tmp_path).video)[0], frames)
+    assert not np.array_equal(read_video(open_run(bundle, Request(other)).run(tmp_path).video)[0], frames)
 
 
 def _cli(*args, cwd):
