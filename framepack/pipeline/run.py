@@ -115,6 +115,16 @@ class Run:
     job_dir: Path | None = None  # the job a resume continues
     one_frame: tuple[int, tuple[str, ...]] | None = None  # (index, groups)
 
+    def __post_init__(self) -> None:
+        if (
+            self.one_frame is not None
+            and self.prepared.end_image is not None
+            and "post" not in self.one_frame[1]
+        ):
+            raise ValueError(
+                "a reference image (the end image) goes into the post group; keep post in the groups."
+            )
+
     @property
     def sections(self) -> int:
         return 1 if self.one_frame else len(self.prepared.plan.sections)
@@ -222,14 +232,11 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     if request.one_frame is not None:
         plan = prepared.plan
         one_frame = check_one_frame(plan.schedule, plan.window, request.one_frame, request.one_frame_groups)
-        if prepared.end_image is not None and "post" not in one_frame[1]:
-            raise ValueError(
-                "a reference image (the end image) goes into the post group; keep post in the groups."
-            )
+    run = Run(bundle, prepared, source, one_frame=one_frame)  # checked before any weight changes
     if request.lora_merge and prepared.loras:  # folded into the weights: no per-step cost
         merge_loras(bundle.transformer, prepared.loras)
         prepared.loras = []
-    return Run(bundle, prepared, source, one_frame=one_frame)
+    return run
 
 
 def resume_job(bundle, job_dir: str | Path) -> tuple[Prepared, Source | None]:
