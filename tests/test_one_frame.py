@@ -16,7 +16,7 @@ from PIL import Image
 from framepack.pipeline.conditioning import vae_encode
 from framepack.pipeline.decode import from_uint8_frames
 from framepack.pipeline.one_frame import check_one_frame
-from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.run import Request, Run, open_run
 from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.testing import tiny_bundle_dir
 
@@ -102,6 +102,8 @@ def test_history_groups_and_the_reference_image(bundle, image, tmp_path):
             _frame(bundle, image, tmp_path / "bad", **kw)
     with pytest.raises(ValueError, match="post"):
         _frame(bundle, image, tmp_path / "bad", settings=settings, groups=["k2"])
+    with pytest.raises(ValueError, match="post"):  # a Run built directly is checked too
+        Run(bundle, prepare(bundle, settings, image=image), one_frame=(WS, ("k2",)))
     assert not (tmp_path / "bad").exists()
 
 
