@@ -45,7 +45,7 @@ def _modules(path: Path) -> dict[str, Path]:
     return {_module_name(p): p for p in _files() if p.relative_to(ROOT).parts[0] in ("framepack", folder)}
 
 
-def _resolve_from(path: Path, node: ast.ImportFrom) -> str:
+def resolve_from(path: Path, node: ast.ImportFrom) -> str:
     """The absolute module name of a `from ... import` (relative imports resolved)."""
     if not node.level:
         return node.module or ""
@@ -76,7 +76,7 @@ def _uses(path: Path, modules: dict[str, Path]) -> list[tuple[int, str, str]]:
                     if top in modules:
                         bound[top] = top
         elif isinstance(node, ast.ImportFrom):
-            module = _resolve_from(path, node)
+            module = resolve_from(path, node)
             for alias in node.names:
                 submodule = f"{module}.{alias.name}" if module else alias.name
                 if submodule in modules:
@@ -114,9 +114,9 @@ def _uses(path: Path, modules: dict[str, Path]) -> list[tuple[int, str, str]]:
 def test_resolves_relative_imports() -> None:
     path = ROOT / "framepack" / "pipeline" / "extend.py"
     node = ast.parse("from .settings import x").body[0]
-    assert _resolve_from(path, node) == "framepack.pipeline.settings"
+    assert resolve_from(path, node) == "framepack.pipeline.settings"
     init = ROOT / "framepack" / "pipeline" / "__init__.py"
-    assert _resolve_from(init, ast.parse("from ..io import x").body[0]) == "framepack.io"
+    assert resolve_from(init, ast.parse("from ..io import x").body[0]) == "framepack.io"
 
 
 def test_no_private_name_used_across_modules() -> None:

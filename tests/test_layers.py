@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from test_imports import resolve_from  # the same resolution of relative imports
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "framepack"
 
@@ -41,16 +43,6 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _resolve_from(path: Path, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    package = _module_name(path).split(".")
-    if path.name != "__init__.py":
-        package = package[:-1]
-    base = package[: len(package) - (node.level - 1)]
-    return ".".join(base + ([node.module] if node.module else []))
-
-
 def _project_module(name: str) -> str | None:
     """The project module `name` is, or is inside of (`framepack.io.files.x` -> `framepack.io.files`)."""
     while name and name not in MODULES:
@@ -67,7 +59,7 @@ def imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = _resolve_from(path, node)
+                base = resolve_from(path, node)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
             else:
                 continue
