@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .events import Event, Finished, FrameDone
-from .named import default_model
+from .named import model_or_default
 from .run import Request, job_to_resume, open_run
 from .settings import GenerationSettings
 
@@ -89,7 +89,7 @@ def generate_iter(
         yield from open_run(bundle, Request(resume=job.root)).events(job.root.parent, cancel)
         return
     request = _request(settings, image)
-    bundle = loaded_bundle(str(model or default_model()), device, request.settings.vram_budget)
+    bundle = loaded_bundle(model_or_default(model), device, request.settings.vram_budget)
     yield from open_run(bundle, request).events("outputs" if out_dir is None else out_dir, cancel)
 
 
