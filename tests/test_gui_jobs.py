@@ -21,6 +21,7 @@ from framepack.gui.form import (
     settings_from_form,
 )
 from framepack.gui.jobs import CANCELLED, DONE, FAILED, describe_error
+from framepack.gui.pictures import thumbnail
 from framepack.gui.view import (
     finished_videos,
     format_duration,
@@ -255,6 +256,7 @@ def test_one_frame_job_makes_a_png_listed_with_the_videos(queue, bundle, image):
     from framepack.io import load_image, prepare_image
 
     assert load_image(job.image).shape == prepare_image(image, resolution=64).shape  # the start's bucket
+    assert np.array_equal(job.thumbnail, thumbnail(load_image(job.image)))  # the result, in the queue table
     assert finished_videos(queue.out_dir)[0] == (job.image, None, job.sidecar)
     back = _reload(job, queue, bundle)
     assert (back.one_frame, back.one_frame_index, back.one_frame_groups) == (True, 5, ["post", "k4"])

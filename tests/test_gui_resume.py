@@ -12,7 +12,7 @@ import torch
 
 from framepack.gui.jobs import CANCELLED, DONE, FAILED, QUEUED, JobQueue
 from framepack.gui.resume import unfinished_jobs
-from framepack.gui.view import progress_html
+from framepack.gui.view import job_label, progress_html, progress_text, queue_html
 from framepack.io import read_video
 from framepack.pipeline.events import StepEvent
 from framepack.pipeline.settings import GenerationSettings
@@ -72,6 +72,50 @@ def test_job_cancelled_in_section_2_resumes_to_the_uninterrupted_video(queue, bu
     assert job.video == queue.out_dir / "run.mp4" and frames.shape[0] == job.frames == 4 * (3 * WS + 1) - 3
     assert np.array_equal(frames, ref_frames)
     assert not job_dir.exists() and unfinished_jobs(queue.out_dir, bundle.manifest) == []
+
+
+def test_a_resumed_job_reads_as_running_with_its_restored_progress(queue, image, monkeypatch):
+    """From the moment it is queued, a resumed job shows the sections its job directory holds; it
+    reads as running, then done, never as cancelled; the stopped job it continues points to it."""
+    _cancel_at(queue, monkeypatch, section=1, step=0)
+    stopped = queue.wait(queue.submit(_settings(name="again"), image=image).id, 120)
+    k = stopped.sections_done  # 1, or 2 when the cancel came after the section's last check
+    assert stopped.state == CANCELLED and 1 <= k < 3, (stopped.state, k)
+    monkeypatch.undo()
+
+    seen, apply = [], queue._apply
+
+    def applying(job, event):
+        apply(job, event)
+        seen.append((type(event).__name__, job.state, progress_text(job), progress_html(job), job_label(job)))
+
+    monkeypatch.setattr(queue, "_apply", applying)
+    job = queue.resume(queue.out_dir / "again.job")
+    assert job.state == QUEUED and (job.sections_done, job.restored_sections, job.skipped_steps) == (
+        k,
+        k,
+        3 * k,
+    )
+    assert progress_text(job, 0) == f"Job #{job.id} is queued (next) to resume after {k}/3 finished sections."
+    assert f'value="{3 * k}" max="9"' in progress_html(job) and job_label(job).endswith(
+        "a dog runs (resumed)"
+    )
+    done = queue.wait(job.id, 120)
+    assert done.state == DONE, done.error
+    # Every event, the restored section's (reported first) and the encoding before it included.
+    assert seen[0][0] == "Stage" and any(name == "SectionDone" for name, *_ in seen[:3])
+    for name, state, text, shown, label in seen:
+        assert state == "running" and "cancel" not in text + shown and label.endswith("(resumed)")
+        assert 'data-state="running"' in shown
+        done_steps = int(shown.split('value="')[1].split('"')[0])
+        assert done_steps >= 3 * k, (name, shown)  # never below the restored sections' steps
+    resuming = f"Job #{job.id}: section {k + 1}/3 · resuming after {k}/3 finished sections · encoding"
+    assert seen[0][2] == resuming
+    assert progress_text(done).startswith(f"Job #{job.id} done in ")
+    assert f"(resumed after {k}/3 finished sections): 109 frames" in progress_text(done)
+    old = queue.get(stopped.id)
+    assert old.resumed_as == job.id and progress_text(old).endswith(f"Resumed as job #{job.id}.")
+    assert f"· resumed as #{job.id}</td>" in queue_html(queue.jobs())
 
 
 def test_bad_job_directories_fail_as_jobs_with_one_sentence(queue, bundle, tmp_path):

@@ -8,29 +8,34 @@ section/step, the video so far), so a reader sees the live state with `get(job_i
 queued job drops it; cancelling a running one stops it within one sampling step, keeping the
 sections it finished in its job directory, and `resume(job_dir)` queues the rest of such a job
 (also one left by a crashed server or the CLI). A failing job records its error and the worker goes
-on with the next.
-Nothing here imports Gradio.
+on with the next. A queued job can be moved up or down the queue, and an ended one removed from
+the list (`move`, `remove`, `clear_finished`).
+
+Job numbers go on across server restarts: the next one is kept in the outputs folder
+(`QUEUE_FILE`). Nothing here imports Gradio.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..memory.runtime import is_out_of_memory
+from ..io import write_json_atomic
 from ..pipeline.events import Finished, FrameDone, SectionDone, Stage, StepEvent
 from ..pipeline.jobs import JOB_SUFFIX, JobDir, check_free
-from ..pipeline.run import Request, Run, open_run
+from ..pipeline.run import Request, open_run
 from ..pipeline.settings import GenerationSettings
 from ..sampling import Cancelled
+from .pictures import readable, thumbnail
+from .record import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, QueuedJob, describe_error
 
 __all__ = [
     "QUEUED",
@@ -39,6 +44,7 @@ __all__ = [
     "FAILED",
     "CANCELLED",
     "ENDED",
+    "QUEUE_FILE",
     "QueuedJob",
     "JobQueue",
     "describe_error",
@@ -46,85 +52,29 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-ENDED = (DONE, FAILED, CANCELLED)
+QUEUE_FILE = ".framepack-queue.json"  # in the outputs folder: {"next_id": N}
 
 
-@dataclass
-class QueuedJob:
-    """One generation and its live state (readers get copies; only the queue mutates a job)."""
-
-    id: int
-    prompt: str
-    settings: GenerationSettings | None  # None when the form itself was rejected
-    state: str = QUEUED
-    error: str | None = None
-    submitted: float = field(default_factory=time.time)
-    started: float | None = None
-    ended: float | None = None
-    stage: str = ""
-    sections: int = 0  # S, from the section plan
-    section: int = 0  # 0-based, in generation order, of the last step seen
-    sections_done: int = 0
-    step: int = 0  # 1-based step within the current section
-    steps: int = 0
-    steps_done: int = 0  # over every section
-    fps: int = 30
-    preview: np.ndarray | None = field(default=None, repr=False)  # (T, h, w, 3) uint8
-    video: Path | None = None  # the mp4 so far (final once done)
-    frames: int = 0
-    gif: Path | None = None
-    sidecar: Path | None = None
-    image: Path | None = None  # a one-frame job's PNG
-    one_frame: int | None = None  # one-frame mode: the latent time index
-    one_frame_groups: tuple[str, ...] = ()
-    video_source: str | None = None  # a video extension: the video being extended
-    resume_dir: Path | None = None  # a resumed job: the job directory it continues
-    skipped_steps: int = 0  # a resumed job: the steps of the sections finished before it
-    version: int = 0  # bumped on every change, so a view can skip unchanged jobs
-    video_version: int = 0  # bumped when the mp4 is rewritten
-    run: Run | None = field(default=None, repr=False)  # the checked run, until it has ended
-    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    @property
-    def total_steps(self) -> int:
-        return self.sections * self.steps
-
-    @property
-    def ended_state(self) -> bool:
-        return self.state in ENDED
-
-    @property
-    def video_seconds(self) -> float:
-        """Seconds of video made so far."""
-        return self.frames / self.fps if self.fps else 0.0
-
-    def eta(self, now: float | None = None) -> float | None:
-        """Seconds left, from the mean time per sampling step so far (None before the first step)."""
-        if self.state != RUNNING or not self.steps_done or self.started is None:
-            return None
-        elapsed = (time.time() if now is None else now) - self.started
-        left = self.total_steps - self.skipped_steps - self.steps_done
-        return max(0.0, elapsed / self.steps_done * left)
+def _read_next_id(out_dir: Path) -> int:
+    """The next job number stored in `out_dir` (1 when there is none or it cannot be read)."""
+    path = out_dir / QUEUE_FILE
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["next_id"]
+    except FileNotFoundError:
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("job numbers start at 1 again: %s cannot be read (%s)", path, e)
+        return 1
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
-def describe_error(e: BaseException) -> str:
-    """One sentence for a failed job (tracebacks go to the server log, never to the page)."""
-    if isinstance(e, ValueError):
-        text = str(e)
-    elif is_out_of_memory(e):
-        text = (
-            "the device ran out of memory; set a VRAM budget (auto, or a number of GiB) to stream the "
-            "weights, or try a lower resolution or a smaller window"
-        )
-    elif isinstance(e, OSError):
-        where = f" ({e.filename})" if e.filename else ""
-        text = f"could not read or write a file{where}: {e.strerror or e}"
-    else:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        text = f"generation failed with {type(e).__name__}" + (f": {first}" if first else "")
-    text = " ".join(text.split())
-    return text if text.endswith((".", "!", "?")) else text + "."
+def _store_next_id(out_dir: Path, next_id: int) -> None:
+    """Keep the next job number in `out_dir`; a failure is logged, never raised (jobs still run)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({"next_id": next_id}, out_dir / QUEUE_FILE)
+    except OSError as e:
+        log.warning("could not store the next job number in %s: %s", out_dir / QUEUE_FILE, e)
 
 
 class JobQueue:
@@ -146,7 +96,7 @@ class JobQueue:
         self._jobs: dict[int, QueuedJob] = {}
         self._pending: deque[int] = deque()
         self._names: set[str] = set()
-        self._next_id = 1
+        self._next_id = _read_next_id(self.out_dir)
         self._closed = False
         self._version = 0
         self._thread = threading.Thread(target=self._work, name="framepack-worker", daemon=True)
@@ -202,8 +152,8 @@ class JobQueue:
                     run.prepared.settings, name=self._unique_name(settings)
                 )
             job = self._add(settings.prompt, settings)
-            job.run, job.video_source = run, None if video is None else str(video)
-            job.sections, job.steps, job.fps = run.sections, run.prepared.steps, run.prepared.fps
+            self._set_run(job, run)
+            job.video_source = None if video is None else str(video)
             if run.one_frame is not None:
                 job.one_frame, job.one_frame_groups = run.one_frame
             self._pending.append(job.id)
@@ -236,9 +186,10 @@ class JobQueue:
             except ValueError as e:
                 return self.reject(prompt, describe_error(e), settings)
             job = self._add(prompt, settings)
-            job.run, job.resume_dir = run, root
+            self._set_run(job, run)
+            job.resume_dir = root
             job.video_source = None if run.source is None else run.source.path
-            job.sections, job.steps, job.fps = run.sections, run.prepared.steps, run.prepared.fps
+            self._restore_progress(job, root)
             self._names.add(root.name[: -len(JOB_SUFFIX)])
             self._pending.append(job.id)
             self._cond.notify_all()
@@ -292,10 +243,46 @@ class JobQueue:
                 return False
             job.cancel_requested.set()
             if job.state == QUEUED:
-                self._pending.remove(job_id)
-                job.state, job.ended, job.run = CANCELLED, time.time(), None
+                self._drop(job)
             self._touch(job)
             return True
+
+    def remove(self, job_id: int) -> bool:
+        """Take a job off the list: an ended one, or a queued one (cancelled first). A running job
+        is not removed (cancel it first). Returns whether it was removed."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state == RUNNING:
+                return False
+            if job.state == QUEUED:
+                job.cancel_requested.set()
+                self._drop(job)
+            del self._jobs[job_id]
+            self._touch(job)  # wakes a `wait` on it: it has ended
+            return True
+
+    def move(self, job_id: int, offset: int) -> bool:
+        """Move a queued job `offset` places later in the queue (negative: sooner), clamped to the
+        queue's ends. Returns False when the job is not queued."""
+        with self._cond:
+            if job_id not in self._pending:
+                return False
+            old = self._pending.index(job_id)
+            new = min(max(old + int(offset), 0), len(self._pending) - 1)
+            if new != old:
+                del self._pending[old]
+                self._pending.insert(new, job_id)
+                self._touch_queued()
+            return True
+
+    def clear_finished(self) -> int:
+        """Take every ended job (done, failed, cancelled) off the list; returns how many."""
+        with self._cond:
+            ended = [job for job in self._jobs.values() if job.ended_state]
+            for job in ended:
+                del self._jobs[job.id]
+                self._touch(job)
+            return len(ended)
 
     def get(self, job_id: int) -> QueuedJob | None:
         with self._cond:
@@ -303,9 +290,12 @@ class JobQueue:
             return copy.copy(job) if job is not None else None
 
     def jobs(self) -> list[QueuedJob]:
-        """Copies of every job, oldest first."""
+        """Copies of every job, oldest first: the ended and running ones by number, then the queued
+        ones in the order they will run."""
         with self._cond:
-            return [copy.copy(j) for j in self._jobs.values()]
+            queued = set(self._pending)
+            started = [j for j in self._jobs.values() if j.id not in queued]
+            return [copy.copy(j) for j in started + [self._jobs[i] for i in self._pending]]
 
     def position(self, job_id: int) -> int | None:
         """How many jobs run before this queued one (0: it is next), None when it is not queued."""
@@ -319,7 +309,8 @@ class JobQueue:
         """Block until the job has ended (or `timeout` passed); returns a copy of it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while (job := self._jobs.get(job_id)) is not None and not job.ended_state:
+            job = self._jobs.get(job_id)
+            while job is not None and not job.ended_state:  # a removed job has ended too
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
@@ -330,6 +321,7 @@ class JobQueue:
     def _add(self, prompt: str, settings: GenerationSettings | None) -> QueuedJob:
         job = QueuedJob(id=self._next_id, prompt=prompt, settings=settings)
         self._next_id += 1
+        _store_next_id(self.out_dir, self._next_id)
         self._jobs[job.id] = job
         self._touch(job)
         return job
@@ -338,6 +330,40 @@ class JobQueue:
         job.version += 1
         self._version += 1
         self._cond.notify_all()
+
+    def _drop(self, job: QueuedJob) -> None:
+        """A queued job cancelled: off the queue, ended (the jobs after it move up)."""
+        self._pending.remove(job.id)
+        job.state, job.ended, job.run = CANCELLED, time.time(), None
+        self._touch_queued()
+
+    def _touch_queued(self) -> None:
+        """Every queued job changed: their places in the queue did."""
+        for job_id in self._pending:
+            self._touch(self._jobs[job_id])
+
+    @staticmethod
+    def _set_run(job: QueuedJob, run) -> None:
+        """A new job's checked run, its plan, frame size and first thumbnail (the start image)."""
+        job.run = run
+        job.sections, job.steps, job.fps = run.sections, run.prepared.steps, run.prepared.fps
+        job.frame_size = tuple(run.prepared.image.shape[:2])
+        job.thumbnail = thumbnail(run.prepared.image)
+
+    def _restore_progress(self, job: QueuedJob, root: Path) -> None:
+        """A resumed job starts with the progress its job directory holds (the committed sections,
+        counted on disk; the run reports them again first), and the stopped job of this queue that
+        left the directory points to it."""
+        committed = len(list((root / "sections").glob("[0-9]*.safetensors")))
+        job.restored_sections = job.sections_done = min(committed, job.sections)
+        job.skipped_steps = job.restored_sections * job.steps
+        job.section = min(job.restored_sections, max(job.sections - 1, 0))
+        out = self.out_dir.resolve()
+        for old in self._jobs.values():
+            if old.state in (CANCELLED, FAILED) and old.started is not None and old.resumed_as is None:
+                if (old.resume_dir or out / f"{old.settings.name}{JOB_SUFFIX}") == root:
+                    old.resumed_as = job.id
+                    self._touch(old)
 
     def _unique_name(self, settings: GenerationSettings) -> str:
         """An output stem no other job and no file in the outputs folder uses."""
@@ -383,8 +409,10 @@ class JobQueue:
                 job.step, job.steps = event.step + 1, event.steps
                 job.steps_done += 1
                 job.preview = event.preview
+                job.thumbnail = thumbnail(readable(event.preview[len(event.preview) // 2]))
             elif isinstance(event, SectionDone):
                 if not job.steps_done:  # a resumed job's restored sections, reported first
+                    job.restored_sections = event.section + 1
                     job.skipped_steps = (event.section + 1) * job.steps
                     job.section = min(event.section + 1, job.sections - 1)
                 job.sections_done = event.section + 1
@@ -401,6 +429,7 @@ class JobQueue:
                 job.video_version += 1
             elif isinstance(event, FrameDone):
                 job.image, job.sidecar, job.frames = event.image, event.sidecar, 1
+                job.thumbnail = thumbnail(event.frame)
             elif isinstance(event, Stage):
                 job.stage = event.name
             self._touch(job)
