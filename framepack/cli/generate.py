@@ -13,6 +13,8 @@ from .common import Interrupted, UserError, add_device_argument, add_model_argum
 
 __all__ = ["add_parser", "timed_prompt_text"]
 
+ONE_FRAME_GROUPS = "post,k2,k4"
+
 
 def timed_prompt_text(prompt: str | None, prompt_at: list[str]) -> str:
     """Merge `--prompt` and `--prompt-at TIME:TEXT` options into the timed-prompt syntax."""
@@ -165,7 +167,7 @@ def _output_options(p) -> None:
     )
     p.add_argument(
         "--one-frame-groups",
-        default="post,k2,k4",
+        default=ONE_FRAME_GROUPS,
         metavar="GROUPS",
         help="one-frame mode: the history groups fed to the model (comma list from post,k2,k4)",
     )
@@ -253,20 +255,46 @@ def _so_far(video) -> str:
 
 
 def _check_writable(out: str) -> None:
-    """Refuse an output folder this process cannot create files in, before any work is done."""
-    import os
+    """Refuse an output folder this process cannot create files in, before any work is done.
+    Nothing is left behind: a missing folder is not created here (the run creates it), the
+    nearest folder that exists is probed instead."""
     import tempfile
     from pathlib import Path
 
     folder = Path(out)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write to the output folder {folder} ({existing} is not a folder).")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".framepack-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        Path(tempfile.mkdtemp(dir=existing, prefix=".framepack-probe-")).rmdir()
     except OSError as e:
         what = e.strerror or type(e).__name__
         raise ValueError(f"cannot write to the output folder {folder} ({what}).") from None
+
+
+def _check_events(path: str | None) -> None:
+    """Refuse an `--events` file that cannot be written, before any loading; one that did not exist
+    is not left behind."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return
+    file = Path(path)
+    folder = file.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write the events file {file}: the folder {folder} does not exist.")
+    existed = file.exists()
+    try:
+        with open(file, "a"):
+            pass
+    except OSError as e:
+        what = e.strerror or type(e).__name__
+        raise ValueError(f"cannot write the events file {file} ({what}).") from None
+    if not existed:
+        os.unlink(file)
 
 
 def _quiet_loaders() -> None:
@@ -316,6 +344,8 @@ def _check_args(args: argparse.Namespace) -> None:
             print(
                 "framepack: warning: --one-frame without --image edits a plain grey frame.", file=sys.stderr
             )
+    if args.one_frame is None and args.one_frame_groups != ONE_FRAME_GROUPS:
+        raise UserError("--one-frame-groups is for one-frame mode; add --one-frame INDEX or drop it.")
     if args.seconds is None and args.sections is None:
         args.seconds = 5.0
 
@@ -390,6 +420,7 @@ def _open(args: argparse.Namespace, job):
     if job is None:
         checked = check_request(args.model, request, device, dtypes)
         _check_writable(args.out)
+    _check_events(args.events)
     _quiet_loaders()
     budget = request.settings.vram_budget if job is None else job.vram_budget  # a job's own budget
     bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
