@@ -10,6 +10,7 @@ import warnings
 
 from ..devices import resolve_device
 from .common import Interrupted, UserError, add_device_argument, add_model_argument
+from .outputs import check_events_file, check_out_folder, event_json
 
 __all__ = ["add_parser", "timed_prompt_text"]
 
@@ -212,89 +213,12 @@ def _device_options(p) -> None:
     )
 
 
-def _event_json(event) -> dict:
-    from ..pipeline.events import Finished, FrameDone, SectionDone, Stage, StepEvent
-
-    if isinstance(event, StepEvent):
-        return {
-            "event": "step",
-            "section": event.section,
-            "sections": event.sections,
-            "step": event.step,
-            "steps": event.steps,
-        }
-    if isinstance(event, SectionDone):
-        return {
-            "event": "section",
-            "section": event.section,
-            "sections": event.sections,
-            "video": str(event.video) if event.video else None,
-            "frames": event.frames,
-            "seconds": round(event.seconds, 3),
-        }
-    if isinstance(event, Finished):
-        return {
-            "event": "finished",
-            "video": str(event.video),
-            "frames": event.frames,
-            "sidecar": str(event.sidecar),
-        }
-    if isinstance(event, FrameDone):
-        return {"event": "frame", "image": str(event.image), "sidecar": str(event.sidecar)}
-    if isinstance(event, Stage):
-        return {"event": "stage", "name": event.name}
-    return {"event": type(event).__name__}
-
-
 def _so_far(video) -> str:
     """Where a stopped run's video and job directory are, for the one-line message."""
     if not video or not video.with_suffix(".job").is_dir():
         return f"; the video so far is {video}" if video else ""
     job = video.with_suffix(".job")
     return f"; the video so far is {video}; continue with framepack generate --resume {job}"
-
-
-def _check_writable(out: str) -> None:
-    """Refuse an output folder this process cannot create files in, before any work is done.
-    Nothing is left behind: a missing folder is not created here (the run creates it), the
-    nearest folder that exists is probed instead."""
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(out)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"cannot write to the output folder {folder} ({existing} is not a folder).")
-    try:
-        Path(tempfile.mkdtemp(dir=existing, prefix=".framepack-probe-")).rmdir()
-    except OSError as e:
-        what = e.strerror or type(e).__name__
-        raise ValueError(f"cannot write to the output folder {folder} ({what}).") from None
-
-
-def _check_events(path: str | None) -> None:
-    """Refuse an `--events` file that cannot be written, before any loading; one that did not exist
-    is not left behind."""
-    import os
-    from pathlib import Path
-
-    if path is None:
-        return
-    file = Path(path)
-    folder = file.parent
-    if not folder.is_dir():
-        raise ValueError(f"cannot write the events file {file}: the folder {folder} does not exist.")
-    existed = file.exists()
-    try:
-        with open(file, "a"):
-            pass
-    except OSError as e:
-        what = e.strerror or type(e).__name__
-        raise ValueError(f"cannot write the events file {file} ({what}).") from None
-    if not existed:
-        os.unlink(file)
 
 
 def _quiet_loaders() -> None:
@@ -419,8 +343,8 @@ def _open(args: argparse.Namespace, job):
     checked = None
     if job is None:
         checked = check_request(args.model, request, device, dtypes)
-        _check_writable(args.out)
-    _check_events(args.events)
+        check_out_folder(args.out)
+    check_events_file(args.events)
     _quiet_loaders()
     budget = request.settings.vram_budget if job is None else job.vram_budget  # a job's own budget
     bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
@@ -483,7 +407,7 @@ def _show(run, args: argparse.Namespace) -> None:
     try:
         for event in run.events(args.out, cancel=stop.is_set):
             if events_file:
-                events_file.write(json.dumps(_event_json(event)) + "\n")
+                events_file.write(json.dumps(event_json(event)) + "\n")
                 events_file.flush()
             if isinstance(event, StepEvent):
                 bar.set_description(f"section {event.section + 1}/{event.sections}")
