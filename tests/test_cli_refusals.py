@@ -83,3 +83,20 @@ def test_a_short_real_video_is_still_extended(folder, capsys):
             "--steps", "1", "--window", "9", "--out", "out", "--name", "longer"]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.strip() == os.path.join("out", "longer.mp4")
+
+
+def test_serve_on_a_busy_port_names_the_port_and_the_option(tmp_path, capsys):
+    """Refused before the bundle loads, in our words: Gradio's advice named its environment
+    variable and `launch()`, not `--port`."""
+    import socket
+
+    model = str(tiny_bundle_dir())
+    capsys.readouterr()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", model, "--port", str(port), "--outputs", str(tmp_path / "out")])
+    taken = f"port {port} on 127.0.0.1 is in use by another program; choose a free one with --port."
+    assert code == 2 and capsys.readouterr().err == f"framepack: {taken}\n"
+    assert not (tmp_path / "out").exists()
