@@ -10,6 +10,7 @@ import warnings
 
 from ..devices import resolve_device
 from .common import Interrupted, UserError, add_device_argument, add_model_argument
+from .interrupts import stop_if_interrupted
 from .outputs import check_events_file, check_out_folder, event_json
 
 __all__ = ["add_parser", "timed_prompt_text"]
@@ -348,6 +349,7 @@ def _open(args: argparse.Namespace, job):
     _quiet_loaders()
     budget = request.settings.vram_budget if job is None else job.vram_budget  # a job's own budget
     bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
+    stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     return open_run(bundle, request, checked)
 
 
@@ -406,6 +408,7 @@ def _show(run, args: argparse.Namespace) -> None:
     video = None
     try:
         for event in run.events(args.out, cancel=stop.is_set):
+            stop_if_interrupted()
             if events_file:
                 events_file.write(json.dumps(event_json(event)) + "\n")
                 events_file.flush()

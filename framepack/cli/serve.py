@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from .common import UserError, add_device_argument, add_model_argument, cli_model
+from .interrupts import stop_if_interrupted
 
 __all__ = ["add_parser", "check_port", "parse_auth", "LOOPBACK"]
 
@@ -131,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         bundle = load_bundle(args.model, device=device, vram_budget=args.vram_budget)
     except ValueError as e:
         raise UserError(str(e)) from None
+    stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     queue = JobQueue(bundle, outputs, vram_budget=args.vram_budget)
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:
