@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ..devices import resolve_device
+from .interrupts import interrupted, sigint_remembered
 
 __all__ = [
     "DEVICE_HELP",
@@ -36,19 +37,29 @@ class Interrupted(UserError):
 
 
 def run_command(func, args: argparse.Namespace) -> int:
-    """Run a subcommand: bad input becomes one sentence on stderr and exit status 2 (130 for Ctrl-C)."""
-    try:
-        func(args)
-    except Interrupted as e:
-        print(f"framepack: {e}", file=sys.stderr)
-        return 130
-    except UserError as e:
-        print(f"framepack: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("framepack: interrupted.", file=sys.stderr)
-        return 130
-    return 0
+    """Run a subcommand: bad input becomes one sentence on stderr and exit status 2 (130 for Ctrl-C).
+
+    A Ctrl-C ends it with 130 whatever became of its KeyboardInterrupt (`cli.interrupts`): one
+    that a library swallowed or turned into its own error included."""
+    with sigint_remembered():
+        try:
+            func(args)
+        except Interrupted as e:
+            return _say(str(e), 130)
+        except KeyboardInterrupt:
+            return _say("interrupted.", 130)
+        except UserError as e:
+            return _say("interrupted." if interrupted() else str(e), 130 if interrupted() else 2)
+        except Exception:
+            if not interrupted():
+                raise
+            return _say("interrupted.", 130)
+        return _say("interrupted.", 130) if interrupted() else 0
+
+
+def _say(message: str, code: int) -> int:
+    print(f"framepack: {message}", file=sys.stderr)
+    return code
 
 
 def add_model_argument(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:

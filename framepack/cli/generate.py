@@ -10,8 +10,12 @@ import warnings
 
 from ..devices import resolve_device
 from .common import Interrupted, UserError, add_device_argument, add_model_argument
+from .interrupts import stop_if_interrupted
+from .outputs import check_events_file, check_out_folder, event_json
 
 __all__ = ["add_parser", "timed_prompt_text"]
+
+ONE_FRAME_GROUPS = "post,k2,k4"
 
 
 def timed_prompt_text(prompt: str | None, prompt_at: list[str]) -> str:
@@ -165,7 +169,7 @@ def _output_options(p) -> None:
     )
     p.add_argument(
         "--one-frame-groups",
-        default="post,k2,k4",
+        default=ONE_FRAME_GROUPS,
         metavar="GROUPS",
         help="one-frame mode: the history groups fed to the model (comma list from post,k2,k4)",
     )
@@ -210,63 +214,12 @@ def _device_options(p) -> None:
     )
 
 
-def _event_json(event) -> dict:
-    from ..pipeline.events import Finished, FrameDone, SectionDone, Stage, StepEvent
-
-    if isinstance(event, StepEvent):
-        return {
-            "event": "step",
-            "section": event.section,
-            "sections": event.sections,
-            "step": event.step,
-            "steps": event.steps,
-        }
-    if isinstance(event, SectionDone):
-        return {
-            "event": "section",
-            "section": event.section,
-            "sections": event.sections,
-            "video": str(event.video) if event.video else None,
-            "frames": event.frames,
-            "seconds": round(event.seconds, 3),
-        }
-    if isinstance(event, Finished):
-        return {
-            "event": "finished",
-            "video": str(event.video),
-            "frames": event.frames,
-            "sidecar": str(event.sidecar),
-        }
-    if isinstance(event, FrameDone):
-        return {"event": "frame", "image": str(event.image), "sidecar": str(event.sidecar)}
-    if isinstance(event, Stage):
-        return {"event": "stage", "name": event.name}
-    return {"event": type(event).__name__}
-
-
 def _so_far(video) -> str:
     """Where a stopped run's video and job directory are, for the one-line message."""
     if not video or not video.with_suffix(".job").is_dir():
         return f"; the video so far is {video}" if video else ""
     job = video.with_suffix(".job")
     return f"; the video so far is {video}; continue with framepack generate --resume {job}"
-
-
-def _check_writable(out: str) -> None:
-    """Refuse an output folder this process cannot create files in, before any work is done."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".framepack-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        what = e.strerror or type(e).__name__
-        raise ValueError(f"cannot write to the output folder {folder} ({what}).") from None
 
 
 def _quiet_loaders() -> None:
@@ -316,6 +269,8 @@ def _check_args(args: argparse.Namespace) -> None:
             print(
                 "framepack: warning: --one-frame without --image edits a plain grey frame.", file=sys.stderr
             )
+    if args.one_frame is None and args.one_frame_groups != ONE_FRAME_GROUPS:
+        raise UserError("--one-frame-groups is for one-frame mode; add --one-frame INDEX or drop it.")
     if args.seconds is None and args.sections is None:
         args.seconds = 5.0
 
@@ -389,10 +344,12 @@ def _open(args: argparse.Namespace, job):
     checked = None
     if job is None:
         checked = check_request(args.model, request, device, dtypes)
-        _check_writable(args.out)
+        check_out_folder(args.out)
+    check_events_file(args.events)
     _quiet_loaders()
     budget = request.settings.vram_budget if job is None else job.vram_budget  # a job's own budget
     bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
+    stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     return open_run(bundle, request, checked)
 
 
@@ -451,8 +408,9 @@ def _show(run, args: argparse.Namespace) -> None:
     video = None
     try:
         for event in run.events(args.out, cancel=stop.is_set):
+            stop_if_interrupted()
             if events_file:
-                events_file.write(json.dumps(_event_json(event)) + "\n")
+                events_file.write(json.dumps(event_json(event)) + "\n")
                 events_file.flush()
             if isinstance(event, StepEvent):
                 bar.set_description(f"section {event.section + 1}/{event.sections}")

@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors (already printed) and --help
         return e.code if isinstance(e.code, int) else 2
+    except KeyboardInterrupt:  # before a command runs (`run_command` handles Ctrl-C after)
+        print("framepack: interrupted.", file=sys.stderr)
+        return 130
     return run_command(args.func, args)
 
 

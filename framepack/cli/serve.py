@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 from pathlib import Path
 
 from ..devices import resolve_device
 from .common import UserError, add_device_argument, add_model_argument, cli_model
+from .interrupts import stop_if_interrupted
 
-__all__ = ["add_parser", "parse_auth", "LOOPBACK"]
+__all__ = ["add_parser", "check_port", "parse_auth", "LOOPBACK"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -62,6 +65,31 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def check_port(host: str, port: int) -> None:
+    """UserError (one sentence naming the port and `--port`) unless this process can listen on
+    `host:port` now; the probe socket is closed again at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror}).") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        if os.name != "nt":  # as the server sets it: a port in TIME_WAIT is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(_port_taken(host, port)) from None
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port."
+            ) from None
+
+
+def _port_taken(host: str, port: int) -> str:
+    return f"port {port} on {host} is in use by another program; choose a free one with --port."
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..memory.streaming import parse_budget
 
@@ -82,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
     if args.loras and not Path(args.loras).is_dir():
         raise UserError(f"--loras {args.loras} is not a folder.")
+    check_port(args.host, args.port)  # before the long load
     outputs = Path(args.outputs).resolve()
     try:
         outputs.mkdir(parents=True, exist_ok=True)
@@ -103,11 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         bundle = load_bundle(args.model, device=device, vram_budget=args.vram_budget)
     except ValueError as e:
         raise UserError(str(e)) from None
+    stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     queue = JobQueue(bundle, outputs, vram_budget=args.vram_budget)
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:
         launch(app, outputs, host=args.host, port=args.port, auth=auth)
-    except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e}).") from None
+    except OSError:  # taken since the check: Gradio's own advice names its environment, not --port
+        raise UserError(_port_taken(args.host, args.port)) from None
     finally:
         queue.close(timeout=5)

@@ -82,11 +82,13 @@ def _create_temp(target: Path) -> Path:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write into; on success it replaces `path` atomically.
 
     Creates missing parent directories. The temporary file exists (empty) when yielded, so
-    writers may open it by name or overwrite it.
+    writers may open it by name or overwrite it. With `replace=False` the file only appears if
+    `path` does not exist yet, and FileExistsError is raised (nothing written) if it does: the
+    complete file is its own claim on the name.
     """
     target = Path(path)
     if target.is_dir():
@@ -96,11 +98,28 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         fsync_path(tmp)
-        os.replace(tmp, target)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _move_new(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _move_new(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target` unless `target` exists (FileExistsError): a hard link, which never
+    replaces; where the file system has none, an exclusive empty file claims the name first."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network mounts)
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:

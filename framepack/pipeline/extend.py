@@ -28,11 +28,13 @@ from .conditioning import vae_encode
 from .decode import from_uint8_frames
 from .jobs import JobDir, JobError
 from .section import encode_inputs, pack
-from .settings import GenerationSettings, Prepared, prepare, settings_from_dict
+from .settings import GenerationSettings, Prepared, check_settings, prepare, settings_from_dict
 
 __all__ = [
     "ExtensionHistory",
     "Source",
+    "check_extension",
+    "check_source",
     "describe_file",
     "load_source",
     "prepare_extension",
@@ -83,6 +85,57 @@ def load_source(path: str | Path, resolution: int, width: int | None, height: in
     return Source(str(path), fitted, fps if fps > 0 else 30.0, describe_file(path))
 
 
+def check_source(video: str | Path, window: int) -> tuple[float, np.ndarray]:
+    """The frame rate and the first frame of `video`, once it is known to be a video that sections of `window` latents
+    can extend: a still image, or a clip shorter than the `4 * window - 3` frames a section blends
+    into, is a ValueError in one sentence (read from the file's first frames only)."""
+    need = 4 * window - 3
+    frames, fps, _ = read_video(video, max_frames=need)
+    count = frames.shape[0]
+    if count == 1:
+        raise ValueError(
+            f"{video} is a still image, not a video to extend; use it as the start image instead."
+        )
+    if count < need:
+        raise ValueError(
+            f"the video {video} has only {count} frames; extending it takes at least {need} "
+            f"(one section of {window} latents blends into {need} frames)."
+        )
+    return fps, frames[0]
+
+
+def check_extension(
+    manifest, settings: GenerationSettings, video: str | Path, image: np.ndarray | None = None
+) -> Prepared:
+    """What can be checked of an extension of `video` without weights (ValueError, one sentence):
+    the settings an extension takes, the video itself (`check_source`), and the settings against
+    the bundle's `manifest` with its frame rate. The `Prepared` of `check_settings` (whose
+    start image is the video's first frame going forward, without the other frames fitted)."""
+    if settings.end_image or settings.keyframes or settings.t2v_colour or settings.loop:
+        raise ValueError("a video extension takes no end image, keyframes, text-to-video colour or loop.")
+    order = settings.order or manifest.order
+    if order not in ("forward", "inverted"):
+        raise ValueError(
+            "a video is extended in the forward order (after it) or the inverted order (before it)."
+        )
+    if order == "forward" and settings.image:
+        raise ValueError(
+            "a forward extension starts from the video itself: drop the start image "
+            "(or lead into the video from it with the inverted order)."
+        )
+    if order == "inverted" and not settings.image:
+        raise ValueError("leading into a video (the inverted order) needs a start image to lead from.")
+    fps, first = check_source(video, int(settings.window or manifest.window))
+    return check_settings(manifest, _with_fps(settings, fps), first if order == "forward" else image)
+
+
+def _with_fps(settings: GenerationSettings, fps: float) -> GenerationSettings:
+    """The settings planned in the source's frame rate, unless they give one."""
+    if settings.fps is not None:
+        return settings
+    return dataclasses.replace(settings, fps=min(max(round(fps), 1), 240))
+
+
 def prepare_extension(
     bundle, settings: GenerationSettings, video: str | Path, image: np.ndarray | None = None
 ) -> tuple[Prepared, Source]:
@@ -90,27 +143,12 @@ def prepare_extension(
 
     `image` is the start image's pixels for the inverted order (instead of `settings.image`'s file).
     """
-    if settings.end_image or settings.keyframes or settings.t2v_colour or settings.loop:
-        raise ValueError("a video extension takes no end image, keyframes, text-to-video colour or loop.")
-    order = settings.order or bundle.manifest.order
-    if order not in ("forward", "inverted"):
-        raise ValueError(
-            "a video is extended in the forward order (after it) or the inverted order (before it)."
-        )
-    resolution = settings.resolution or bundle.manifest.resolution
-    if settings.fps is None:  # plan in the source's frame rate
-        fps = read_video(video, max_frames=1)[1]
-        settings = dataclasses.replace(settings, fps=min(max(round(fps), 1), 240))
-    if order == "forward":
-        if settings.image:
-            raise ValueError(
-                "a forward extension starts from the video itself: drop the start image "
-                "(or lead into the video from it with the inverted order)."
-            )
+    checked = check_extension(bundle.manifest, settings, video, image)
+    settings = checked.settings
+    resolution = bundle.manifest.resolution if settings.resolution is None else settings.resolution
+    if checked.plan.packing_order == "forward":
         source = load_source(video, resolution, settings.width, settings.height)
         return prepare(bundle, settings, image=source.frames[0]), source
-    if not settings.image:
-        raise ValueError("leading into a video (the inverted order) needs a start image to lead from.")
     prepared = prepare(bundle, settings, image=image)
     height, width = prepared.image.shape[:2]
     return prepared, load_source(video, resolution, width, height)

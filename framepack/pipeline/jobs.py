@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ import torch
 from ..io import atomic_write, write_json_atomic
 from .decode import from_uint8_frames
 from .joblock import JobLock
+from .output_names import claim_name, default_stem
 
 __all__ = [
     "JOB_SUFFIX",
@@ -139,6 +140,7 @@ class JobDir:
         if (job.root / "job.json").is_file():
             old = job.read()
             if old["settings"] != described["settings"] or old.get("bundle") != bundle_root:
+                check_free(job.root)  # a run still going: its pid, not "delete it"
                 raise JobError(
                     f"{job.root} holds an unfinished job with other settings; resume it with "
                     f"--resume {job.root} or delete it."
@@ -148,7 +150,7 @@ class JobDir:
             raise JobError(f"cannot create the job directory {job.root}: a file is in the way.")
         try:
             write_json_atomic(described, job.root / "job.json")  # creates the folder
-        except OSError:
+        except BaseException:
             if job.root.is_dir() and not any(job.root.iterdir()):
                 job.root.rmdir()  # leave no empty job directory behind (a full disk, say)
             raise
@@ -295,6 +297,11 @@ def check_free(job_dir: str | Path) -> None:
         raise _taken(Path(job_dir), pid)
 
 
+def _claim_job(out: Path, stem: str) -> None:
+    """Take the default name `stem` by creating its job directory (FileExistsError: taken)."""
+    (out / f"{stem}{JOB_SUFFIX}").mkdir()
+
+
 @contextmanager
 def open_job(
     out_dir: str | Path, job_dir: str | Path | None, settings, bundle, order: str, extra: dict | None = None
@@ -303,7 +310,9 @@ def open_job(
 
     `job_dir` resumes that job (its folder and name replace `out_dir` and `settings.name`);
     otherwise `<out_dir>/<name>.job` is created, or resumed when it holds the same settings
-    (`JobDir.open_for`). JobError when another process runs the job (`framepack.pipeline.joblock`).
+    (`JobDir.open_for`); without a name, a new default one (`framepack.pipeline.output_names`)
+    whose job directory's creation claims it. JobError when another process runs the job
+    (`framepack.pipeline.joblock`), naming its pid.
     """
     if job_dir is not None:
         job = JobDir(job_dir)
@@ -311,7 +320,7 @@ def open_job(
     else:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = settings.name or time.strftime("framepack_%Y%m%d-%H%M%S") + f"_{settings.seed}"
+        stem = settings.name or claim_name(out, default_stem(settings.seed), partial(_claim_job, out))
         bundle_root = str(getattr(bundle, "root", ""))
         job = JobDir.open_for(out, stem, settings.to_dict(), bundle_root, order, extra)
     lock = JobLock(job.root)

@@ -31,6 +31,7 @@ from ..packing.layout import inverted_layout
 from .conditioning import vae_decode
 from .decode import to_uint8_frames
 from .events import FrameDone, SectionDone
+from .output_names import claim_name, default_stem
 from .section import encode_inputs
 from .settings import Prepared
 
@@ -142,13 +143,19 @@ class FrameOutput:
         self.frame = to_uint8_frames(decoded)[0]  # (H, W, 3)
         return SectionDone(number, 1, None, 0, time.perf_counter() - t0)
 
+    def _write_png(self, stem: str, replace: bool = False) -> None:
+        with atomic_write(self.out / f"{stem}.png", replace=replace) as tmp:
+            Image.fromarray(self.frame).save(tmp, format="PNG")
+
     def finish(self, extra: dict) -> FrameDone:
         s = self.settings
         self.out.mkdir(parents=True, exist_ok=True)
-        stem = s.name or time.strftime("framepack_frame_%Y%m%d-%H%M%S") + f"_{s.seed}"
+        if s.name:
+            stem = s.name
+            self._write_png(stem, replace=True)
+        else:  # the complete PNG claims a default name (framepack.pipeline.output_names)
+            stem = claim_name(self.out, default_stem(s.seed, "frame"), self._write_png)
         image_path, sidecar_path = self.out / f"{stem}.png", self.out / f"{stem}.json"
-        with atomic_write(image_path) as tmp:
-            Image.fromarray(self.frame).save(tmp, format="PNG")
         info = {
             **self.info,
             "image": image_path.name,

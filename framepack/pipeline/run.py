@@ -24,7 +24,7 @@ import numpy as np
 from ..io import load_image
 from ..lora import applied_loras, merge_loras
 from .events import Event, Finished, FrameDone
-from .extend import ExtensionHistory, Source, prepare_extension, resume_extension
+from .extend import ExtensionHistory, Source, check_extension, prepare_extension, resume_extension
 from .jobs import JobDir, JobError, check_free, find_job, open_job
 from .loop import record_loop_seam
 from .named import read_manifest
@@ -89,20 +89,46 @@ def job_to_resume(path: str | Path) -> JobTarget:
 
 
 def check_request(model: str | Path, request: Request, device, dtypes: dict | None = None) -> Prepared | None:
-    """What can be checked before the bundle `model` loads: a generation's settings and images
-    against its manifest and the VRAM budget against its size (`framepack.pipeline.budget`);
-    ValueError. Returns the checked inputs, to pass on to `open_run` (None for a resume or an
-    extension, which are checked there)."""
+    """What can be checked before the bundle `model` loads: the settings, images (and the video
+    an extension extends) against its manifest, the one-frame index and groups, and the VRAM
+    budget against its size (`framepack.pipeline.budget`); ValueError. Returns the checked
+    inputs, to pass on to `open_run` (None for a resume, checked there, or an extension, whose
+    video is only read there)."""
     from .budget import check_budget
 
     if request.resume is not None:
         return None
+    _check_kind(request)
     manifest = read_manifest(model)
     if request.video is not None:
-        return None
-    checked = check_settings(manifest, request.settings, request.image)
+        checked = check_extension(manifest, request.settings, request.video, request.image)
+    else:
+        checked = check_settings(manifest, request.settings, request.image)
+    _one_frame(checked, request)
     check_budget(model, checked, device, dtypes)
-    return checked
+    return None if request.video is not None else checked
+
+
+def _check_reference(prepared: Prepared, groups: tuple[str, ...]) -> None:
+    if prepared.end_image is not None and "post" not in groups:
+        raise ValueError(
+            "a reference image (the end image) goes into the post group; keep post in the groups."
+        )
+
+
+def _check_kind(request: Request) -> None:
+    if request.video is not None and request.one_frame is not None:
+        raise ValueError("one-frame mode makes one image from a start image; drop the video to extend.")
+
+
+def _one_frame(prepared: Prepared, request: Request) -> tuple[int, tuple[str, ...]] | None:
+    """The checked `(index, groups)` of a one-frame request (None for a video); ValueError."""
+    if request.one_frame is None:
+        return None
+    plan = prepared.plan
+    one_frame = check_one_frame(plan.schedule, plan.window, request.one_frame, request.one_frame_groups)
+    _check_reference(prepared, one_frame[1])
+    return one_frame
 
 
 @dataclass
@@ -116,14 +142,8 @@ class Run:
     one_frame: tuple[int, tuple[str, ...]] | None = None  # (index, groups)
 
     def __post_init__(self) -> None:
-        if (
-            self.one_frame is not None
-            and self.prepared.end_image is not None
-            and "post" not in self.one_frame[1]
-        ):
-            raise ValueError(
-                "a reference image (the end image) goes into the post group; keep post in the groups."
-            )
+        if self.one_frame is not None:
+            _check_reference(self.prepared, self.one_frame[1])
 
     @property
     def sections(self) -> int:
@@ -219,8 +239,7 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     if request.resume is not None:
         prepared, source = resume_job(bundle, request.resume)
         return Run(bundle, prepared, source, job_dir=find_job(request.resume))
-    if request.video is not None and request.one_frame is not None:
-        raise ValueError("one-frame mode makes one image from a start image; drop the video to extend.")
+    _check_kind(request)
     source = None
     if request.video is not None:
         prepared, source = prepare_extension(bundle, request.settings, request.video, request.image)
@@ -228,10 +247,7 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
         prepared = complete_prepared(bundle, checked)
     else:
         prepared = prepare(bundle, request.settings, request.image)
-    one_frame = None
-    if request.one_frame is not None:
-        plan = prepared.plan
-        one_frame = check_one_frame(plan.schedule, plan.window, request.one_frame, request.one_frame_groups)
+    one_frame = _one_frame(prepared, request)
     run = Run(bundle, prepared, source, one_frame=one_frame)  # checked before any weight changes
     if request.lora_merge and prepared.loras:  # folded into the weights: no per-step cost
         merge_loras(bundle.transformer, prepared.loras)

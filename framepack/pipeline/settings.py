@@ -96,6 +96,34 @@ def _check_number(name: str, value, low: float, high: float) -> None:
         raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}.")
 
 
+def _check_values(settings: GenerationSettings) -> None:
+    """Each setting on its own, in its range (ValueError): everything that sampling, the sigma
+    schedule or the job file would otherwise refuse only once a run has begun."""
+    from ..io import buckets
+
+    _check_number("steps", settings.steps, 1, 1000)
+    _check_number("cfg", settings.cfg, 0.0, 100.0)
+    _check_number("cfg rescale", settings.cfg_rescale, 0.0, 1.0)
+    _check_number("distilled guidance", settings.distilled_cfg, 0.0, 100.0)
+    _check_number("shift", settings.shift, 0.01, 1000.0)  # beyond, the sigmas stop decreasing
+    _check_number("window", settings.window, 1, 33)
+    _check_number("fps", settings.fps, 1, 240)
+    _check_number("crf", settings.crf, 0, 51)
+    _check_number("width", settings.width, 16, 4096)
+    _check_number("height", settings.height, 16, 4096)
+    if settings.resolution is not None:  # 0 is not "the default"
+        buckets(settings.resolution)
+    if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {settings.seed!r}.")
+    if settings.sampler not in ("unipc", "euler"):
+        raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
+    if not settings.prompt or not settings.prompt.strip():
+        raise ValueError("the prompt is empty.")
+    check_speed_settings(
+        settings.cache, settings.cache_threshold, settings.vram_budget, settings.cache_coefficients
+    )
+
+
 def prepare(bundle, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
     """Validate the settings against the bundle and load the images and LoRAs; raises ValueError."""
     return complete_prepared(bundle, check_settings(bundle.manifest, settings, image))
@@ -128,29 +156,12 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
     m = manifest
     if settings.name is not None:  # None: a name from the time and seed
         check_file_name(settings.name)
-    _check_number("steps", settings.steps, 1, 1000)
-    _check_number("cfg", settings.cfg, 0.0, 100.0)
-    _check_number("cfg rescale", settings.cfg_rescale, 0.0, 1.0)
-    _check_number("distilled guidance", settings.distilled_cfg, 0.0, 100.0)
-    _check_number("window", settings.window, 1, 33)
-    _check_number("fps", settings.fps, 1, 240)
-    _check_number("crf", settings.crf, 0, 51)
-    if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
-        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {settings.seed!r}.")
-    if settings.sampler not in ("unipc", "euler"):
-        raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
-    if not settings.prompt or not settings.prompt.strip():
-        raise ValueError("the prompt is empty.")
-    check_speed_settings(
-        settings.cache, settings.cache_threshold, settings.vram_budget, settings.cache_coefficients
-    )
+    _check_values(settings)
     window = int(settings.window or m.window)
     fps = int(settings.fps or m.fps)
-    _check_number("width", settings.width, 16, 4096)
-    _check_number("height", settings.height, 16, 4096)
     _check_number("sections", settings.sections, 1, math.ceil(MAX_SECONDS * fps / (4 * window)))
     order = settings.order or m.order
-    resolution = settings.resolution or m.resolution
+    resolution = m.resolution if settings.resolution is None else settings.resolution
 
     source = image if image is not None else settings.image
     if source is None:  # text-to-video: a plain start frame (framepack.pipeline.text_to_video)
