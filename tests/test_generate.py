@@ -263,6 +263,7 @@ def test_python_api_generate_and_iter(image, tmp_path):
     assert sidecar["settings"]["image"] == str(tmp_path / "start.png")
     assert sidecar["settings"]["window"] is None and sidecar["used"]["window"] == WS  # the model's
     assert sidecar["used"]["steps"] == 2 and sidecar["used"]["order"] == "inverted"
+    assert sidecar["wall_seconds"] == done.wall_seconds > 0 and "seconds" not in sidecar  # not the length
     events = list(
         framepack.generate_iter(model, tmp_path / "out2", image=image, prompt="a cat", sections=1, steps=2)
     )
