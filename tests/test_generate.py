@@ -272,6 +272,37 @@ def test_python_api_generate_and_iter(image, tmp_path):
         framepack.generate(model, tmp_path / "out3", image=image, prompt="a cat", frobnicate=1)
 
 
+def test_python_api_picks_the_device_as_the_cli_and_gui_do(tmp_path, monkeypatch):
+    """`framepack.generate` defaults to "auto", resolved by `resolve_device` (a CUDA GPU when there
+    is one), not to the CPU (issue 18); a bad name is one sentence."""
+    import inspect
+
+    import torch
+
+    import framepack
+    from framepack.pipeline import api
+
+    for call in (framepack.generate, framepack.generate_iter):
+        assert inspect.signature(call).parameters["device"].default == "auto"
+    loads = []
+
+    class Stop(Exception):
+        pass
+
+    def loaded_bundle(model, device, vram_budget=None):
+        loads.append(device)
+        raise Stop  # before any weights load
+
+    monkeypatch.setattr(api, "loaded_bundle", loaded_bundle)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for kwargs in ({}, {"device": "auto"}, {"device": "cpu"}):
+        with pytest.raises(Stop):
+            framepack.generate(out_dir=tmp_path, prompt="a cat", **kwargs)
+    assert loads == ["cuda", "cuda", "cpu"]
+    with pytest.raises(ValueError, match=r"^device 'gpu' is not a device name such as cpu or cuda\.$"):
+        framepack.generate(out_dir=tmp_path, prompt="a cat", device="gpu")
+
+
 def test_download_offline_is_one_sentence(tmp_path):
     r = _cli("download", "hunyuan-i2v", "--cache-dir", str(tmp_path / "hub"), cwd=tmp_path)
     assert r.returncode == 2

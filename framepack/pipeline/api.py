@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..devices import resolve_device
 from .events import Event, Finished, FrameDone
 from .named import default_model
 from .run import Request, job_to_resume, open_run
@@ -56,7 +57,7 @@ def generate_iter(
     out_dir: str | Path | None = None,
     image: np.ndarray | str | Path | None = None,
     cancel: Callable[[], bool] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     resume: str | Path | None = None,
     **settings,
 ) -> Iterator[Event]:
@@ -71,7 +72,10 @@ def generate_iter(
     `resume` continues a stopped run instead (its job directory `OUT/NAME.job`, or its mp4) with
     the job's own settings, folder and model (unless `model` is given): the finished video equals
     that of an uninterrupted run.
+    `device` is a torch device name, or "auto" (the default, as in the CLI and the GUI): the CUDA
+    GPU when there is one, else the CPU (`framepack.devices.resolve_device`).
     """
+    device = resolve_device(device, what="device")
     if resume is not None:
         given = (
             [*settings]
@@ -99,7 +103,7 @@ def generate(
     image: np.ndarray | str | Path | None = None,
     on_event: Callable[[Event], None] | None = None,
     cancel: Callable[[], bool] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     resume: str | Path | None = None,
     **settings,
 ) -> Finished | FrameDone:
