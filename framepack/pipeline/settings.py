@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ __all__ = [
     "prepare",
     "settings_from_dict",
     "used_settings",
+    "with_absolute_paths",
 ]
 
 
@@ -122,7 +124,9 @@ def complete_prepared(bundle, prepared: Prepared) -> Prepared:
 def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
     """Everything of `prepare` that needs no weights: the settings against the bundle's `manifest`,
     the images, the section plan and the timed prompts, the LoRA files' existence. A `Prepared`
-    without LoRAs; raises ValueError. The command line runs it before loading a bundle."""
+    without LoRAs, whose settings name their files by absolute paths (`with_absolute_paths`: the
+    job and the sidecar record those); raises ValueError. The command line runs it before loading
+    a bundle."""
     from ..io import check_file_name, prepare_image
 
     m = manifest
@@ -182,7 +186,7 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
         **plan_kwargs,
     )
     return Prepared(
-        settings=settings,
+        settings=with_absolute_paths(settings),
         plan=plan,
         image=start,
         end_image=end,
@@ -194,6 +198,22 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
         ),
         fps=fps,
         cfg=float(m.cfg if settings.cfg is None else settings.cfg),
+    )
+
+
+def with_absolute_paths(settings: GenerationSettings) -> GenerationSettings:
+    """`settings` with its files (images, keyframes, LoRAs) as absolute paths, the same files seen
+    from anywhere: what a run records in its job and sidecar, which other folders read back."""
+
+    def absolute(path):
+        return os.path.abspath(path) if path else path
+
+    return dataclasses.replace(
+        settings,
+        image=absolute(settings.image),
+        end_image=absolute(settings.end_image),
+        keyframes=tuple((t, absolute(path)) for t, path in settings.keyframes),
+        loras=tuple((absolute(path), scale) for path, scale in settings.loras),
     )
 
 
