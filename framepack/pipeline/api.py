@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..devices import resolve_device
+from ..lora import lora_specs
 from .events import Event, Finished, FrameDone
 from .named import default_model
 from .run import Request, job_to_resume, open_run
@@ -46,6 +47,8 @@ def _request(settings: dict, image) -> Request:
     kinds = {k: settings.pop(k) for k in ("video", "one_frame", "one_frame_groups") if k in settings}
     if isinstance(image, (str, Path)):  # a file: recorded in the sidecar as the CLI's --image is
         settings["image"], image = str(image), None
+    if "loras" in settings:  # "FILE", "FILE:SCALE" or (FILE, SCALE), as in jobs files and --lora
+        settings["loras"] = lora_specs(settings["loras"])
     try:
         return Request(GenerationSettings(**settings), image, **kinds)
     except TypeError as e:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..lora import check_lora_spec, load_loras
+from ..lora import check_lora_spec, load_loras, lora_specs
 from .plan import MAX_SECONDS, SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 from .speed import check_speed_settings
@@ -61,7 +61,7 @@ class GenerationSettings:
     gif: bool = False
     png: bool = False  # also write every frame as a PNG into `<name>_frames/`
     name: str | None = None  # output file stem
-    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, applied on the fly
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs or "FILE[:SCALE]" (`lora_specs`)
     t2v_colour: str | None = None  # no image: the plain start frame's colour (default mid-grey)
     loop: bool = False  # end on the start frame: a seamless loop (framepack.pipeline.loop)
     cache: str | None = None  # step cache: "teacache" or "fbcache" (framepack.caching)
@@ -130,6 +130,7 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
     from ..io import check_file_name, prepare_image
 
     m = manifest
+    settings = dataclasses.replace(settings, loras=lora_specs(settings.loras))
     if settings.name is not None:  # None: a name from the time and seed
         check_file_name(settings.name)
     _check_number("steps", settings.steps, 1, 1000)
