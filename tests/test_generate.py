@@ -263,12 +263,44 @@ def test_python_api_generate_and_iter(image, tmp_path):
     assert sidecar["settings"]["image"] == str(tmp_path / "start.png")
     assert sidecar["settings"]["window"] is None and sidecar["used"]["window"] == WS  # the model's
     assert sidecar["used"]["steps"] == 2 and sidecar["used"]["order"] == "inverted"
+    assert sidecar["wall_seconds"] == done.wall_seconds > 0 and "seconds" not in sidecar  # not the length
     events = list(
         framepack.generate_iter(model, tmp_path / "out2", image=image, prompt="a cat", sections=1, steps=2)
     )
     assert sum(isinstance(e, StepEvent) for e in events) == 2
     with pytest.raises(ValueError, match="unknown generation setting"):
         framepack.generate(model, tmp_path / "out3", image=image, prompt="a cat", frobnicate=1)
+
+
+def test_python_api_picks_the_device_as_the_cli_and_gui_do(tmp_path, monkeypatch):
+    """`framepack.generate` defaults to "auto", resolved by `resolve_device` (a CUDA GPU when there
+    is one), not to the CPU (issue 18); a bad name is one sentence."""
+    import inspect
+
+    import torch
+
+    import framepack
+    from framepack.pipeline import api
+
+    for call in (framepack.generate, framepack.generate_iter):
+        assert inspect.signature(call).parameters["device"].default == "auto"
+    loads = []
+
+    class Stop(Exception):
+        pass
+
+    def loaded_bundle(model, device, vram_budget=None):
+        loads.append(device)
+        raise Stop  # before any weights load
+
+    monkeypatch.setattr(api, "loaded_bundle", loaded_bundle)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for kwargs in ({}, {"device": "auto"}, {"device": "cpu"}):
+        with pytest.raises(Stop):
+            framepack.generate(out_dir=tmp_path, prompt="a cat", **kwargs)
+    assert loads == ["cuda", "cuda", "cpu"]
+    with pytest.raises(ValueError, match=r"^device 'gpu' is not a device name such as cpu or cuda\.$"):
+        framepack.generate(out_dir=tmp_path, prompt="a cat", device="gpu")
 
 
 def test_download_offline_is_one_sentence(tmp_path):

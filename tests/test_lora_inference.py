@@ -357,3 +357,70 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
         assert vram is None or "streamed" in done.info["memory_plan"]
     accelerate(bundle.transformer, bundle.transformer.device)  # back to all resident
     assert all(np.array_equal(f, frames[0]) for f in frames[1:])
+
+
+def test_lora_specs_take_every_form_and_name_anything_else_in_one_sentence():
+    from pathlib import Path
+
+    from framepack.lora import lora_specs
+
+    given = ["a.safetensors", "b.safetensors:0.5", ("c", 2), ["d", -1.0], Path("e:0.25")]
+    assert lora_specs(given) == (
+        ("a.safetensors", 1.0),
+        ("b.safetensors", 0.5),
+        ("c", 2),
+        ("d", -1.0),
+        ("e", 0.25),
+    )
+    assert lora_specs(None) == lora_specs([]) == ()
+    assert lora_specs(lora_specs(given)) == lora_specs(given)  # normalised once is normalised
+    for bad, needle in (
+        ([5], r'^each LoRA is "FILE", "FILE:SCALE" or \(FILE, SCALE\), got 5\.$'),
+        ([("a", 1, 2)], "^each LoRA is"),
+        ([(3, 1.0)], "^each LoRA is"),
+        ([""], "^each LoRA is"),
+        (
+            "a.safetensors:0.5",
+            r"^loras is a list of LoRAs, got the single 'a.safetensors:0.5'; put it in a list\.$",
+        ),
+        (0.5, "^loras is a list of LoRAs, got float 0.5.$"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            lora_specs(bad)
+    with pytest.raises(ValueError, match=r"^jobs.jsonl:3: each LoRA is"):
+        lora_specs([None], "jobs.jsonl:3")
+
+
+def test_the_api_and_the_settings_take_the_lora_forms_of_the_cli_and_jobs_files(tmp_path, monkeypatch):
+    """`framepack.generate(loras=["FILE:SCALE"])` (issue 18: "too many values to unpack"), the
+    pair form, and `GenerationSettings(loras=["FILE"])` run the same LoRA the same way."""
+    import numpy as np
+
+    import framepack
+    from framepack.io import read_video
+    from framepack.pipeline import api
+    from framepack.pipeline.run import Request, open_run
+    from framepack.pipeline.settings import GenerationSettings
+    from framepack.testing import tiny_bundle_dir
+
+    model = str(tiny_bundle_dir())
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = (200, 40, 90)
+    bundle = api.loaded_bundle(model, "cpu")
+    lora = write("kohya", tmp_path / "style.safetensors", factors(bundle.transformer, seed=4), alpha=RANK)
+    monkeypatch.chdir(tmp_path)
+    run = dict(image=image, prompt="a cat", sections=1, steps=2, device="cpu")
+    videos = {}
+    for name, loras in (("string", ["style.safetensors:0.8"]), ("pair", [(str(lora), 0.8)])):
+        done = framepack.generate(model, tmp_path / "out", loras=loras, name=name, **run)
+        videos[name] = read_video(done.video)[0]
+        sidecar = json.loads(done.sidecar.read_text())
+        assert sidecar["settings"]["loras"] == [[str(lora), 0.8]]
+    settings = GenerationSettings(
+        prompt="a cat", sections=1, steps=2, name="plain", loras=["style.safetensors"]
+    )
+    done = open_run(bundle, Request(settings, image)).run(tmp_path / "out")
+    assert json.loads(done.sidecar.read_text())["settings"]["loras"] == [[str(lora), 1.0]]
+    assert np.array_equal(videos["string"], videos["pair"])
+    with pytest.raises(ValueError, match=r"^each LoRA is .*got 0\.8\.$"):
+        framepack.generate(model, tmp_path / "out", loras=["style.safetensors", 0.8], **run)

@@ -76,6 +76,7 @@ def test_one_latent_at_the_index_with_the_start_frame_as_history(bundle, image, 
     info = json.loads(done.sidecar.read_text())
     assert info["one_frame"]["index"] == 5 and info["one_frame"]["groups"] == ["post", "k2", "k4"]
     assert info["image"] == done.image.name and info["settings"]["prompt"] == "the cat raises a paw"
+    assert info["wall_seconds"] > 0 and "seconds" not in info  # the run's time, not a video length
 
     again = _frame(bundle, image, tmp_path / "again", index=5)
     assert np.array_equal(again.frame, done.frame)  # same seed, same frame

@@ -8,6 +8,7 @@ from .apply import (
     attach_loras,
     check_lora_spec,
     load_loras,
+    lora_specs,
     merge_loras,
     parse_lora_arg,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "attach_loras",
     "check_lora_spec",
     "load_loras",
+    "lora_specs",
     "lora_targets",
     "merge_loras",
     "parse_lora_arg",

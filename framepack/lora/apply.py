@@ -29,6 +29,7 @@ __all__ = [
     "applied_loras",
     "merge_loras",
     "parse_lora_arg",
+    "lora_specs",
     "load_loras",
 ]
 
@@ -143,6 +144,35 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
             if Path(path).exists() and not Path(text).exists():
                 raise ValueError(f"the LoRA scale {tail!r} after {path}: is not a number.") from None
     return text, 1.0
+
+
+def lora_specs(value, where: str = "") -> tuple[tuple[str, float], ...]:
+    """The LoRAs of a run as `(file, scale)` pairs, from any of the forms the front ends take:
+    a list of `"FILE"`, `"FILE:SCALE"` (`parse_lora_arg`) or `(FILE, SCALE)` items (None: none).
+    Anything else is a ValueError in one sentence, starting with `where` (where it came from).
+    The scales and files are checked when they are used (`check_lora_spec`)."""
+    lead = f"{where}: " if where else ""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{lead}loras is a list of LoRAs, got the single {value!r}; put it in a list.")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{lead}loras is a list of LoRAs, got {type(value).__name__} {value!r}.")
+    out = []
+    for item in value:
+        if isinstance(item, (str, os.PathLike)) and os.fspath(item):
+            path, scale = parse_lora_arg(os.fspath(item))
+        elif (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and isinstance(item[0], (str, os.PathLike))
+            and os.fspath(item[0])
+        ):
+            path, scale = os.fspath(item[0]), item[1]
+        else:
+            raise ValueError(f'{lead}each LoRA is "FILE", "FILE:SCALE" or (FILE, SCALE), got {item!r}.')
+        out.append((path, scale))
+    return tuple(out)
 
 
 def load_loras(

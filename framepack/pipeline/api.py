@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..devices import resolve_device
+from ..lora import lora_specs
 from .events import Event, Finished, FrameDone
 from .named import model_or_default
 from .run import Request, job_to_resume, open_run
@@ -45,6 +47,8 @@ def _request(settings: dict, image) -> Request:
     kinds = {k: settings.pop(k) for k in ("video", "one_frame", "one_frame_groups") if k in settings}
     if isinstance(image, (str, Path)):  # a file: recorded in the sidecar as the CLI's --image is
         settings["image"], image = str(image), None
+    if "loras" in settings:  # "FILE", "FILE:SCALE" or (FILE, SCALE), as in jobs files and --lora
+        settings["loras"] = lora_specs(settings["loras"])
     try:
         return Request(GenerationSettings(**settings), image, **kinds)
     except TypeError as e:
@@ -56,7 +60,7 @@ def generate_iter(
     out_dir: str | Path | None = None,
     image: np.ndarray | str | Path | None = None,
     cancel: Callable[[], bool] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     resume: str | Path | None = None,
     **settings,
 ) -> Iterator[Event]:
@@ -71,7 +75,10 @@ def generate_iter(
     `resume` continues a stopped run instead (its job directory `OUT/NAME.job`, or its mp4) with
     the job's own settings, folder and model (unless `model` is given): the finished video equals
     that of an uninterrupted run.
+    `device` is a torch device name, or "auto" (the default, as in the CLI and the GUI): the CUDA
+    GPU when there is one, else the CPU (`framepack.devices.resolve_device`).
     """
+    device = resolve_device(device, what="device")
     if resume is not None:
         given = (
             [*settings]
@@ -99,7 +106,7 @@ def generate(
     image: np.ndarray | str | Path | None = None,
     on_event: Callable[[Event], None] | None = None,
     cancel: Callable[[], bool] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     resume: str | Path | None = None,
     **settings,
 ) -> Finished | FrameDone:

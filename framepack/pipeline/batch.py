@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import check_file_name
+from ..lora import lora_specs
 from .run import Request
 from .settings import GenerationSettings, settings_from_dict
 
@@ -70,20 +71,6 @@ def _check_type(key: str, value, where: str) -> None:
         )
 
 
-def _loras(value, where: str) -> list:
-    out = []
-    for item in value:
-        if isinstance(item, str):
-            from ..lora import parse_lora_arg
-
-            out.append(parse_lora_arg(item))
-        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
-            out.append(tuple(item))
-        else:
-            raise ValueError(f'{where}: each LoRA is "FILE[:SCALE]" or [FILE, SCALE], got {item!r}.')
-    return out
-
-
 def _from(base: Path | None, value: str) -> str:
     """A relative path of a job, resolved against the jobs file's folder `base`."""
     if base is None or not value or Path(value).is_absolute():
@@ -119,7 +106,7 @@ def _job(data: dict, index: int, line: int, where: str, base: Path | None = None
             _check_type(key, value, where)
     fields = {k: v for k, v in data.items() if k in _FIELDS}
     if "loras" in fields:
-        fields["loras"] = _loras(fields["loras"], where)
+        fields["loras"] = lora_specs(fields["loras"], where)
     fields = _rebase(fields, base)
     if fields.get("name") is None:
         digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]

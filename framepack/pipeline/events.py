@@ -44,7 +44,7 @@ class Finished:
     frames: int
     sidecar: Path
     gif: Path | None = None
-    seconds: float = 0.0
+    wall_seconds: float = 0.0  # the run's wall time, resumed runs included (the sidecar's too)
     info: dict = field(default_factory=dict)
 
 

@@ -159,7 +159,7 @@ class FrameOutput:
         info = {
             **self.info,
             "image": image_path.name,
-            "seconds": round(time.perf_counter() - self.started, 3),
+            "wall_seconds": round(time.perf_counter() - self.started, 3),  # the run's time
         }
         info.update(extra)
         write_json_atomic(info, sidecar_path)

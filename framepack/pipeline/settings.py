@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..lora import check_lora_spec, load_loras
+from ..lora import check_lora_spec, load_loras, lora_specs
 from .plan import MAX_SECONDS, SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 from .speed import check_speed_settings
@@ -28,6 +29,7 @@ __all__ = [
     "prepare",
     "settings_from_dict",
     "used_settings",
+    "with_absolute_paths",
 ]
 
 
@@ -59,7 +61,7 @@ class GenerationSettings:
     gif: bool = False
     png: bool = False  # also write every frame as a PNG into `<name>_frames/`
     name: str | None = None  # output file stem
-    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, applied on the fly
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs or "FILE[:SCALE]" (`lora_specs`)
     t2v_colour: str | None = None  # no image: the plain start frame's colour (default mid-grey)
     loop: bool = False  # end on the start frame: a seamless loop (framepack.pipeline.loop)
     cache: str | None = None  # step cache: "teacache" or "fbcache" (framepack.caching)
@@ -150,10 +152,13 @@ def complete_prepared(bundle, prepared: Prepared) -> Prepared:
 def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | None = None) -> Prepared:
     """Everything of `prepare` that needs no weights: the settings against the bundle's `manifest`,
     the images, the section plan and the timed prompts, the LoRA files' existence. A `Prepared`
-    without LoRAs; raises ValueError. The command line runs it before loading a bundle."""
+    without LoRAs, whose settings name their files by absolute paths (`with_absolute_paths`: the
+    job and the sidecar record those); raises ValueError. The command line runs it before loading
+    a bundle."""
     from ..io import check_file_name, prepare_image
 
     m = manifest
+    settings = dataclasses.replace(settings, loras=lora_specs(settings.loras))
     if settings.name is not None:  # None: a name from the time and seed
         check_file_name(settings.name)
     _check_values(settings)
@@ -193,7 +198,7 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
         **plan_kwargs,
     )
     return Prepared(
-        settings=settings,
+        settings=with_absolute_paths(settings),
         plan=plan,
         image=start,
         end_image=end,
@@ -205,6 +210,22 @@ def check_settings(manifest, settings: GenerationSettings, image: np.ndarray | N
         ),
         fps=fps,
         cfg=float(m.cfg if settings.cfg is None else settings.cfg),
+    )
+
+
+def with_absolute_paths(settings: GenerationSettings) -> GenerationSettings:
+    """`settings` with its files (images, keyframes, LoRAs) as absolute paths, the same files seen
+    from anywhere: what a run records in its job and sidecar, which other folders read back."""
+
+    def absolute(path):
+        return os.path.abspath(path) if path else path
+
+    return dataclasses.replace(
+        settings,
+        image=absolute(settings.image),
+        end_image=absolute(settings.end_image),
+        keyframes=tuple((t, absolute(path)) for t, path in settings.keyframes),
+        loras=tuple((absolute(path), scale) for path, scale in settings.loras),
     )
 
 

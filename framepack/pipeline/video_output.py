@@ -192,11 +192,11 @@ class VideoOutput:
         self.info.update(
             video=self.video_path.name,
             gif=gif_path.name if gif_path else None,
-            seconds=round(self.elapsed, 3),
+            wall_seconds=round(self.elapsed, 3),  # the run's time (not the video's length)
         )
         self.info.update(extra)
         write_json_atomic(self.info, self.sidecar_path)
         self.job.remove()  # everything it held is in the outputs now
         return Finished(
-            self.video_path, self.frames, self.sidecar_path, gif_path, self.info["seconds"], self.info
+            self.video_path, self.frames, self.sidecar_path, gif_path, self.info["wall_seconds"], self.info
         )
