@@ -136,20 +136,22 @@ def merge_caches(out: Path, caches: list[Path]) -> Path:
 BACKGROUND_PHRASE = re.compile(r" on an? \w+ background$")
 
 
-def plain_caption_cache(cache: Path, bundle_dir: Path, out: Path) -> Path:
+def plain_caption_cache(cache: Path, bundle, out: Path) -> Path:
     """A copy of the `prepare` cache `cache` whose captions lose their "on a <colour> background"
-    phrase (`world.Scene.plain_caption`), the text encoded again with the bundle in `bundle_dir`
-    (the one that made `cache`); latents and image embeddings are copied as they are, so a clip
-    costs one text encode, not a VAE pass. Clips without the phrase are left out. Returns `out`."""
+    phrase (`world.Scene.plain_caption`), the text encoded again with `bundle` (a `Bundle` or its
+    folder: the one that made `cache`); latents and image embeddings are copied as they are, so a
+    clip costs one text encode, not a VAE pass. Clips without the phrase are left out. Returns
+    `out`."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ..io import write_json_atomic
-    from ..pipeline.bundle import load_bundle
+    from ..pipeline.bundle import Bundle, load_bundle
     from ..pipeline.conditioning import encode_prompt
     from .data import LatentCache
 
-    data, bundle = LatentCache(cache), load_bundle(bundle_dir)
+    data = LatentCache(cache)
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, entry in enumerate(data.entries):
