@@ -88,8 +88,10 @@ TRAVEL = (0.3, 0.55)  # distance a moving centre covers over the clip, fraction 
 # says nothing about where it goes (every direction fits) and only the caption tells.
 CENTRE_START = (0.38, 0.62)
 CENTRE_TRAVEL = (0.15, 0.3)
-# `start="free"`: the centre starts anywhere it fits (as a newcomer's drawing might), redrawn until
-# the shape has room to move `CENTRE_TRAVEL` its way; the position barely hints at the direction.
+# `start="free"`: the centre starts anywhere the shape fits (as a newcomer's drawing might), redrawn
+# only if it has less than `FREE_ROOM` to move its way, and moves `CENTRE_TRAVEL` (less if the edge
+# comes first): the position says next to nothing about the direction.
+FREE_ROOM = 0.1
 STARTS = ("anywhere", "centre", "free")
 # `write_dataset(captions=...)`: the caption with its background phrase, without it, or either,
 # drawn per clip from its seed (`caption_for`).
@@ -194,11 +196,11 @@ def _geometry(
     if start == "free" and not grow:
         lo, hi = small + MARGIN, 1 - small - MARGIN
         travel = rng.uniform(*CENTRE_TRAVEL)
-        while True:  # room ahead: at least `travel` between the centre and where it must stop
+        while True:  # room ahead: between the centre and where the margin begins
             x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
             ahead = {(-1, 0): x - lo, (1, 0): hi - x, (0, -1): y - lo, (0, 1): hi - y}[(dx, dy)]
-            if ahead >= travel:
-                return x, y, small, travel / steps
+            if ahead >= FREE_ROOM:
+                return x, y, small, min(travel, ahead) / steps
     if grow:  # between `small` and `big`, centred where the big shape fits
         big = rng.uniform(small + 0.08, GROWN_HALF)
         lo, hi = big + MARGIN, 1 - big - MARGIN
@@ -237,7 +239,7 @@ def sample_scene(seed: int, frames: int = DEFAULT_FRAMES, start: str = "anywhere
 
     `start="anywhere"` places the shape wherever its whole path fits (so a shape moving right
     tends to start on the left); `start="centre"` starts it near the middle, whatever its motion;
-    `start="free"` anywhere with room to move its way (`CENTRE_TRAVEL`).
+    `start="free"` anywhere, whatever its motion, with at least `FREE_ROOM` to move its way.
     """
     seed = _check_int("seed", seed, low=-(2**63))
     frames = _check_int("frames", frames, low=1)
