@@ -21,7 +21,9 @@ four directions.
 
 `prompts`: whether the model listens to its prompt at all: each scene's start image with each
 of the four direction prompts (same seed), counting the videos that move as their prompt says.
-A model that follows only the start image's position moves the same way for all four.
+A model that follows only the start image's position moves the same way for all four. `--start`
+and `--captions` as for `motion` (with "mixed", a scene's four prompts all have the phrase or all
+lack it).
 
 `sensitivity`: how much the transformer's velocity changes (relative norm) when only the prompt
 changes, for one unseen scene at sigma 0.7: the LLaMA tokens of another direction's prompt, its
@@ -165,11 +167,11 @@ def cmd_motion(args) -> list[str]:
 
 def cmd_prompts(args) -> list[str]:
     ok, n, took = 0, 0, []
-    for seed, scene in heldout_scenes(args.prompts):
+    for i, (seed, scene) in enumerate(heldout_scenes(args.prompts, start=args.start)):
         row = []
         for direction in DIRECTIONS:
-            prompt = caption_moving(scene, direction)
-            asked = scene_from_caption(prompt, seed)  # the same scene, another direction
+            asked = scene_from_caption(caption_moving(scene, direction), seed)  # another direction
+            prompt = prompt_of(asked, i, args.captions)
             video, seconds = run_video(
                 args.model,
                 args.out / "prompts",
@@ -179,12 +181,13 @@ def cmd_prompts(args) -> list[str]:
                 args.size,
                 args.cfg,
                 first_frame(scene, args.size),
+                prompt,
             )
             took.append(seconds)
             moved = evaluate_video(video, prompt).measured_motion
             ok, n = ok + (moved == direction), n + 1
             row.append(f"{direction}->{moved}")
-        print(f"{scene.caption:55s} {' '.join(row)}", flush=True)
+        print(f"{prompt_of(scene, i, args.captions):55s} {' '.join(row)}", flush=True)
     summary = f"{ok}/{n} videos move as their prompt says ({100 * ok / n:.0f}%; 25% by chance)"
     print(summary)
     command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
@@ -279,10 +282,11 @@ def main() -> int:
         s.add_argument("--cfg", type=float, help="real CFG scale (default: each model's manifest)")
     for name in ("motion", "prompts", "sensitivity"):
         sub.choices[name].add_argument("--model", default=str(ROOT / "framepack" / "demo_model"))
-    sub.choices["motion"].add_argument("--start", choices=STARTS, default="anywhere", help="how scenes start")
-    sub.choices["motion"].add_argument(
-        "--captions", choices=CAPTIONS, default="full", help="prompts with/without the background phrase"
-    )
+    for name in ("motion", "prompts"):
+        sub.choices[name].add_argument("--start", choices=STARTS, default="anywhere", help="how scenes start")
+        sub.choices[name].add_argument(
+            "--captions", choices=CAPTIONS, default="full", help="prompts with/without the background phrase"
+        )
     sub.choices["drift"].add_argument("--run", action="append", required=True, help="NAME=BUNDLE_DIR")
     args = p.parse_args()
     commands = {
