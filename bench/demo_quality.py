@@ -10,11 +10,20 @@ number of scenes for each of left/right/up/down. For each generated video it che
 `framepack eval`'s measures, that the tracked centroid moved in the prompted direction, that the
 shape's colour at the end is still the prompted one, and that the shape is still there at the end
 with its area within a factor of two of the start (the demo VAE is too blurry at 64 pixels to
-tell a triangle from a circle reliably, so size stands in for shape).
+tell a triangle from a circle reliably, so size stands in for shape). `--start` picks how the
+scenes are drawn (`world.sample_scene`): "anywhere" (the default; the path fits the frame, so a shape
+moving right tends to start on the left), "centre" or "free" (anywhere with room to move its way:
+what a newcomer's own drawing looks like); scenes of another start than "anywhere" come from seeds
+from `HELDOUT_SEED + 100_000` on. `--captions plain` prompts without the "on a <colour> background"
+phrase; `--captions mixed` drops it in every other group of four scenes (one per direction), so
+`--prompts 24 --start free --captions mixed` is the issue-18 set: 12 of each, balanced over the
+four directions.
 
 `prompts`: whether the model listens to its prompt at all: each scene's start image with each
 of the four direction prompts (same seed), counting the videos that move as their prompt says.
-A model that follows only the start image's position moves the same way for all four.
+A model that follows only the start image's position moves the same way for all four. `--start`
+and `--captions` as for `motion` (with "mixed", a scene's four prompts all have the phrase or all
+lack it).
 
 `sensitivity`: how much the transformer's velocity changes (relative norm) when only the prompt
 changes, for one unseen scene at sigma 0.7: the LLaMA tokens of another direction's prompt, its
@@ -39,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 from framepack.training.evaluate import evaluate_video  # noqa: E402
 from framepack.training.world import (  # noqa: E402
+    CAPTIONS,
     DIRECTIONS,
+    STARTS,
     first_frame,
     measure,
     sample_scene,
@@ -50,16 +61,24 @@ KEYS = ("drift_sharpness", "drift_colour_mean", "drift_colour_std", "drift_size"
 HELDOUT_SEED = 500_000  # far from every seed the demo training drew
 
 
-def heldout_scenes(count: int, motions: tuple[str, ...] = DIRECTIONS):
+def heldout_scenes(count: int, motions: tuple[str, ...] = DIRECTIONS, start: str = "anywhere"):
     """`count` scenes from unused seeds, cycling through `motions` so each gets its share."""
-    scenes, seed, want = [], HELDOUT_SEED, 0
+    scenes, want = [], 0
+    seed = HELDOUT_SEED if start == "anywhere" else HELDOUT_SEED + 100_000
     while len(scenes) < count:
-        scene = sample_scene(seed)
+        scene = sample_scene(seed, start=start)
         if scene.motion == motions[want % len(motions)]:
             scenes.append((seed, scene))
             want += 1
         seed += 1
     return scenes
+
+
+def prompt_of(scene, i: int, captions: str) -> str:
+    """Scene `i`'s prompt: its caption, without the background phrase ("plain"), or that in every
+    other group of four scenes ("mixed": each direction gets both)."""
+    plain = captions == "plain" or (captions == "mixed" and (i // 4) % 2 == 1)
+    return scene.plain_caption if plain else scene.caption
 
 
 def caption_moving(scene, direction: str) -> str:
@@ -68,7 +87,15 @@ def caption_moving(scene, direction: str) -> str:
 
 
 def run_video(
-    model: str, out: Path, seed: int, scene, seconds: float, size: int, cfg: float | None = None, image=None
+    model: str,
+    out: Path,
+    seed: int,
+    scene,
+    seconds: float,
+    size: int,
+    cfg: float | None = None,
+    image=None,
+    prompt: str | None = None,
 ):
     import framepack
 
@@ -78,7 +105,7 @@ def run_video(
         model,
         out,
         image=image,
-        prompt=scene.caption,
+        prompt=scene.caption if prompt is None else prompt,
         seconds=seconds,
         seed=seed,
         name=f"scene{seed}-{scene.motion}",
@@ -97,18 +124,19 @@ def size_kept(path: Path) -> bool:
 
 def cmd_motion(args) -> list[str]:
     rows, motion_ok, colour_ok, shape_ok, took = [], 0, 0, 0, []
-    for seed, scene in heldout_scenes(args.prompts):
+    for i, (seed, scene) in enumerate(heldout_scenes(args.prompts, start=args.start)):
+        prompt = prompt_of(scene, i, args.captions)
         video, seconds = run_video(
-            args.model, args.out / "motion", seed, scene, args.seconds, args.size, args.cfg
+            args.model, args.out / "motion", seed, scene, args.seconds, args.size, args.cfg, prompt=prompt
         )
-        report = evaluate_video(video, scene.caption)
+        report = evaluate_video(video, prompt)
         kept = size_kept(video)
         motion_ok += bool(report.motion_ok)
         colour_ok += bool(report.colour_kept)
         shape_ok += kept
         took.append(seconds)
         print(
-            f"{scene.caption:55s} moved {report.measured_motion!s:6s} "
+            f"{prompt:55s} at ({scene.x:.2f}, {scene.y:.2f}) moved {report.measured_motion!s:6s} "
             f"colour {report.start_colour}->{report.end_colour} size {'kept' if kept else 'LOST'} "
             f"({seconds:.0f} s)",
             flush=True,
@@ -124,8 +152,13 @@ def cmd_motion(args) -> list[str]:
     from framepack.pipeline.manifest import Manifest
 
     cfg = args.cfg if args.cfg is not None else Manifest.load(Path(args.model) / "framepack.json").cfg
+    scenes = (
+        ""
+        if (args.start, args.captions) == ("anywhere", "full")
+        else f", {args.start} starts, {args.captions} captions"
+    )
     rows.append(
-        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} (cfg {cfg:g}) | {n} x {args.seconds:g} s | "
+        f"| {time.strftime('%Y-%m-%d')} | {Path(args.model).name} (cfg {cfg:g}) | {n} x {args.seconds:g} s{scenes} | "
         f"{motion_ok}/{n} (**{100 * motion_ok / n:.0f}%**) | {colour_ok}/{n} | {shape_ok}/{n} | "
         f"{np.mean(took):.0f} | `{command}` |"
     )
@@ -134,11 +167,11 @@ def cmd_motion(args) -> list[str]:
 
 def cmd_prompts(args) -> list[str]:
     ok, n, took = 0, 0, []
-    for seed, scene in heldout_scenes(args.prompts):
+    for i, (seed, scene) in enumerate(heldout_scenes(args.prompts, start=args.start)):
         row = []
         for direction in DIRECTIONS:
-            prompt = caption_moving(scene, direction)
-            asked = scene_from_caption(prompt, seed)  # the same scene, another direction
+            asked = scene_from_caption(caption_moving(scene, direction), seed)  # another direction
+            prompt = prompt_of(asked, i, args.captions)
             video, seconds = run_video(
                 args.model,
                 args.out / "prompts",
@@ -148,12 +181,13 @@ def cmd_prompts(args) -> list[str]:
                 args.size,
                 args.cfg,
                 first_frame(scene, args.size),
+                prompt,
             )
             took.append(seconds)
             moved = evaluate_video(video, prompt).measured_motion
             ok, n = ok + (moved == direction), n + 1
             row.append(f"{direction}->{moved}")
-        print(f"{scene.caption:55s} {' '.join(row)}", flush=True)
+        print(f"{prompt_of(scene, i, args.captions):55s} {' '.join(row)}", flush=True)
     summary = f"{ok}/{n} videos move as their prompt says ({100 * ok / n:.0f}%; 25% by chance)"
     print(summary)
     command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
@@ -248,6 +282,11 @@ def main() -> int:
         s.add_argument("--cfg", type=float, help="real CFG scale (default: each model's manifest)")
     for name in ("motion", "prompts", "sensitivity"):
         sub.choices[name].add_argument("--model", default=str(ROOT / "framepack" / "demo_model"))
+    for name in ("motion", "prompts"):
+        sub.choices[name].add_argument("--start", choices=STARTS, default="anywhere", help="how scenes start")
+        sub.choices[name].add_argument(
+            "--captions", choices=CAPTIONS, default="full", help="prompts with/without the background phrase"
+        )
     sub.choices["drift"].add_argument("--run", action="append", required=True, help="NAME=BUNDLE_DIR")
     args = p.parse_args()
     commands = {

@@ -69,6 +69,26 @@ def test_folder_source(prepared, source):
     )
 
 
+def test_plain_caption_cache(prepared, bundle, tmp_path):
+    from framepack.pipeline.conditioning import encode_prompt
+    from framepack.training.demo import plain_caption_cache
+
+    out, _, _ = prepared
+    plain = LatentCache(plain_caption_cache(out, bundle, tmp_path / "plain"))
+    full = LatentCache(out)
+    assert len(plain) == len(full) and plain.settings == full.settings
+    for i, (entry, before) in enumerate(zip(plain.entries, full.entries, strict=True)):
+        caption = before["caption"].split(" on a ")[0]
+        assert entry == {**before, "caption": caption}
+        got, old = plain[i], full[i]
+        assert torch.equal(got["latents"], old["latents"]) and torch.equal(
+            got["image_embeds"], old["image_embeds"]
+        )
+        assert torch.equal(got["text"], encode_prompt(bundle, caption).text[0])
+        assert not torch.equal(got["text"], old["text"])
+    assert torch.equal(plain.empty_prompt()["text"], full.empty_prompt()["text"])
+
+
 def test_empty_caption_is_stored_for_caption_dropout(prepared, bundle):
     from framepack.pipeline.conditioning import encode_prompt
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,44 @@ def test_write_dataset_round_trip(tmp_path):
         assert np.array_equal(frames, read_video(other)[0])
         assert np.abs(frames.astype(int) - render(scene, 24, 48)).mean() < 3  # H.264 at crf 16
         assert classify_motion(measure(frames)) == scene.motion
+
+
+def test_free_starts_say_next_to_nothing_about_the_direction():
+    from framepack.training.world import FREE_ROOM
+
+    scenes = [sample_scene(s, 145, start="free") for s in range(400)]
+    moving = [s for s in scenes if s.motion in ("left", "right", "up", "down")]
+    assert sample_scene(7, 145, start="free") == scenes[7]  # the same seed, the same scene
+    for motion in ("left", "right", "up", "down"):  # starts spread over the frame, off centre too
+        xs = [s.x for s in moving if s.motion == motion]
+        ys = [s.y for s in moving if s.motion == motion]
+        assert len(xs) > 30 and np.ptp(xs) > 0.5 and np.ptp(ys) > 0.5
+        along = np.array(xs if motion in ("left", "right") else ys)  # about as often in either half
+        assert 0.3 < np.mean(along < 0.5) < 0.7
+    for scene in moving[:20]:  # a visible motion the right way, never leaving the frame
+        x, y, half = scene.path(145).T
+        assert np.hypot(x[-1] - x[0], y[-1] - y[0]) >= FREE_ROOM - 1e-9
+        m = measure(render(scene, 145, 32))
+        assert classify_motion(m) == scene.motion and (m["area"] > 0).all()
+
+
+def test_captions_with_and_without_the_background(tmp_path):
+    from framepack.training.world import caption_for
+
+    scene = sample_scene(11)
+    assert scene.caption == f"{scene.plain_caption} on a {scene.background} background"
+    assert scene_from_caption(scene.plain_caption, 11).motion == scene.motion
+    assert caption_for(scene, 11) == scene.caption and caption_for(scene, 11, "plain") == scene.plain_caption
+    mixed = [caption_for(sample_scene(s), s, "mixed") for s in range(200)]
+    assert mixed == [caption_for(sample_scene(s), s, "mixed") for s in range(200)]  # from the seed alone
+    plain = sum(not c.endswith(" background") for c in mixed)
+    assert 70 < plain < 130
+    with pytest.raises(ValueError, match="captions"):
+        caption_for(scene, 11, "short")
+    with pytest.raises(ValueError, match="captions"):
+        write_dataset(tmp_path, 1, captions="short", progress=False)
+    write_dataset(tmp_path, 4, frames=8, size=16, seed=5, captions="mixed", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [d["caption"] for d in lines] == [
+        caption_for(sample_scene(5 + i, 8), 5 + i, "mixed") for i in range(4)
+    ]

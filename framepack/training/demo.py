@@ -15,12 +15,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEMO_TRANSFORMER", "EXAMPLES", "build_demo_bundle", "main", "write_examples"]
+__all__ = [
+    "DEMO_TRANSFORMER",
+    "EXAMPLES",
+    "build_demo_bundle",
+    "main",
+    "merge_caches",
+    "plain_caption_cache",
+    "write_examples",
+]
 
 # The demo transformer: the tiny encoders' widths, a few blocks of inner dim 192 (sized so that
 # training fits about an hour on a shared 2-core CPU).
@@ -121,6 +130,44 @@ def merge_caches(out: Path, caches: list[Path]) -> Path:
     if empty.is_file():
         shutil.copyfile(empty, out / empty.name)
     write_json_atomic({"format": CACHE_FORMAT, "settings": settings, "clips": entries}, out / "index.json")
+    return out
+
+
+BACKGROUND_PHRASE = re.compile(r" on an? \w+ background$")
+
+
+def plain_caption_cache(cache: Path, bundle, out: Path) -> Path:
+    """A copy of the `prepare` cache `cache` whose captions lose their "on a <colour> background"
+    phrase (`world.Scene.plain_caption`), the text encoded again with `bundle` (a `Bundle` or its
+    folder: the one that made `cache`); latents and image embeddings are copied as they are, so a
+    clip costs one text encode, not a VAE pass. Clips without the phrase are left out. Returns
+    `out`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..io import write_json_atomic
+    from ..pipeline.bundle import Bundle, load_bundle
+    from ..pipeline.conditioning import encode_prompt
+    from .data import LatentCache
+
+    data = LatentCache(cache)
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, entry in enumerate(data.entries):
+        caption = BACKGROUND_PHRASE.sub("", entry["caption"])
+        if caption == entry["caption"]:
+            continue
+        tensors = data[i]
+        prompt = encode_prompt(bundle, caption)
+        tensors.update(text=prompt.text[0], text_mask=prompt.mask[0], pooled=prompt.pooled[0])
+        with safe_open(str(cache / entry["file"]), framework="pt") as f:
+            meta = {**(f.metadata() or {}), "caption": caption}
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out / entry["file"]), meta)
+        entries.append({**entry, "caption": caption})
+    shutil.copyfile(cache / "empty_prompt.safetensors", out / "empty_prompt.safetensors")
+    index = {"format": json.loads((cache / "index.json").read_text())["format"], "settings": data.settings}
+    write_json_atomic({**index, "clips": entries}, out / "index.json")
     return out
 
 

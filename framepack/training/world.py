@@ -37,7 +37,9 @@ __all__ = [
     "FPS",
     "MOTIONS",
     "SHAPES",
+    "CAPTIONS",
     "Scene",
+    "caption_for",
     "classify_motion",
     "first_frame",
     "measure",
@@ -86,7 +88,14 @@ TRAVEL = (0.3, 0.55)  # distance a moving centre covers over the clip, fraction 
 # says nothing about where it goes (every direction fits) and only the caption tells.
 CENTRE_START = (0.38, 0.62)
 CENTRE_TRAVEL = (0.15, 0.3)
-STARTS = ("anywhere", "centre")
+# `start="free"`: the centre starts anywhere the shape fits (as a newcomer's drawing might), redrawn
+# only if it has less than `FREE_ROOM` to move its way, and moves `CENTRE_TRAVEL` (less if the edge
+# comes first): the position says next to nothing about the direction.
+FREE_ROOM = 0.1
+STARTS = ("anywhere", "centre", "free")
+# `write_dataset(captions=...)`: the caption with its background phrase, without it, or either,
+# drawn per clip from its seed (`caption_for`).
+CAPTIONS = ("full", "plain", "mixed")
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,12 @@ class Scene:
     @property
     def caption(self) -> str:
         """`a <colour> <shape> <motion phrase> on a <background> background`."""
-        return f"a {self.colour} {self.shape} {MOTIONS[self.motion][0]} on a {self.background} background"
+        return f"{self.plain_caption} on a {self.background} background"
+
+    @property
+    def plain_caption(self) -> str:
+        """`a <colour> <shape> <motion phrase>`: the caption without its background phrase."""
+        return f"a {self.colour} {self.shape} {MOTIONS[self.motion][0]}"
 
     def path(self, frames: int) -> npt.NDArray[np.float64]:
         """(frames, 3) centre x, y and half-size per frame; the shape stops at the frame's edge."""
@@ -179,6 +193,14 @@ def _geometry(
     if start == "centre" and not grow:
         x, y = rng.uniform(*CENTRE_START), rng.uniform(*CENTRE_START)
         return x, y, small, rng.uniform(*CENTRE_TRAVEL) / steps
+    if start == "free" and not grow:
+        lo, hi = small + MARGIN, 1 - small - MARGIN
+        travel = rng.uniform(*CENTRE_TRAVEL)
+        while True:  # room ahead: between the centre and where the margin begins
+            x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            ahead = {(-1, 0): x - lo, (1, 0): hi - x, (0, -1): y - lo, (0, 1): hi - y}[(dx, dy)]
+            if ahead >= FREE_ROOM:
+                return x, y, small, min(travel, ahead) / steps
     if grow:  # between `small` and `big`, centred where the big shape fits
         big = rng.uniform(small + 0.08, GROWN_HALF)
         lo, hi = big + MARGIN, 1 - big - MARGIN
@@ -201,11 +223,23 @@ def _check_start(start: object) -> str:
     return str(start)
 
 
+def caption_for(scene: Scene, seed: int, captions: str = "full") -> str:
+    """The caption a clip of `scene` (drawn from `seed`) gets: `scene.caption` ("full"),
+    `scene.plain_caption` ("plain"), or either with even odds ("mixed"), drawn from the seed alone
+    (not from the scene's own draws, so the choice says nothing about the scene)."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {', '.join(CAPTIONS)}, got {captions!r}.")
+    if captions == "mixed":
+        captions = "plain" if random.Random(f"caption:{seed}").random() < 0.5 else "full"
+    return scene.plain_caption if captions == "plain" else scene.caption
+
+
 def sample_scene(seed: int, frames: int = DEFAULT_FRAMES, start: str = "anywhere") -> Scene:
     """A random scene, the same for the same seed, whose shape stays inside the frame for `frames`.
 
     `start="anywhere"` places the shape wherever its whole path fits (so a shape moving right
-    tends to start on the left); `start="centre"` starts it near the middle, whatever its motion.
+    tends to start on the left); `start="centre"` starts it near the middle, whatever its motion;
+    `start="free"` anywhere, whatever its motion, with at least `FREE_ROOM` to move its way.
     """
     seed = _check_int("seed", seed, low=-(2**63))
     frames = _check_int("frames", frames, low=1)
@@ -298,9 +332,11 @@ def write_dataset(
     seed: int = 0,
     progress: bool = True,
     start: str = "anywhere",
+    captions: str = "full",
 ) -> list[Path]:
     """Write `count` demo clips `clip_00000.mp4` ... (30 fps) with a caption `clip_00000.txt` beside
-    each, and `manifest.jsonl` listing them; clip i is `sample_scene(seed + i, frames, start)`.
+    each, and `manifest.jsonl` listing them; clip i is `sample_scene(seed + i, frames, start)`,
+    captioned by `caption_for(scene, seed + i, captions)`.
 
     Returns the video paths. The same arguments give the same frames and captions.
     """
@@ -308,6 +344,7 @@ def write_dataset(
     frames = _check_int("frames", frames, low=1)
     size = _check_int("size", size, low=8, high=MAX_SIZE)
     start = _check_start(start)
+    caption_for(sample_scene(seed, 1), seed, captions)  # refuses an unknown `captions` up front
     if size % 2:
         raise ValueError(f"size must be even for H.264 video, got {size}.")
     folder = Path(directory)
@@ -315,10 +352,11 @@ def write_dataset(
     paths, lines = [], []
     for i in tqdm(range(count), desc="demo clips", unit="clip", disable=not progress):
         scene = sample_scene(seed + i, frames, start)
+        caption = caption_for(scene, seed + i, captions)
         video = folder / f"clip_{i:05d}.mp4"
-        write_mp4(render(scene, frames, size), video, fps=FPS, metadata={"caption": scene.caption})
-        write_bytes_atomic((scene.caption + "\n").encode("utf-8"), video.with_suffix(".txt"))
-        lines.append(json.dumps({"video": video.name, "caption": scene.caption, "seed": seed + i}))
+        write_mp4(render(scene, frames, size), video, fps=FPS, metadata={"caption": caption})
+        write_bytes_atomic((caption + "\n").encode("utf-8"), video.with_suffix(".txt"))
+        lines.append(json.dumps({"video": video.name, "caption": caption, "seed": seed + i}))
         paths.append(video)
     write_bytes_atomic(("\n".join(lines) + "\n").encode("utf-8"), folder / "manifest.jsonl")
     return paths
