@@ -2,12 +2,16 @@
 they answer with, which `/resume` shares.
 
 `/generate` submits a job and returns when it has ended, with the video as a file, so
-`gradio_client` scripts drive the same queue as the page.
+`gradio_client` scripts drive the same queue as the page. The Generate button first checks the
+form (`form_checker`): a form that cannot be queued says why beside the button and makes no job;
+`/generate` itself still turns bad input into a failed job with its one sentence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import gradio as gr
 
 from .form import DEFAULT_COLOUR, FIELDS, ONE_FRAME_GROUPS, FormValues, request_from_form
 from .jobs import FAILED, JobQueue, describe_error
+from .timeline import section_prompts
 from .view import progress_text
 
 __all__ = [
@@ -25,6 +30,9 @@ __all__ = [
     "generate_handler",
     "cancel_handler",
     "add_generate",
+    "form_checker",
+    "form_problem",
+    "note_html",
 ]
 
 
@@ -150,9 +158,77 @@ def cancel_handler(queue: JobQueue):
     return cancel
 
 
-def add_generate(button: gr.Button, inputs: list, generate, results: Results) -> None:
-    """The Generate button, which is also the `/generate` endpoint."""
+def note_html(text: str, kind: str = "error") -> str:
+    """A one-line message on the page (`kind`: error, info or ok); empty text clears it."""
+    if not text:
+        return ""
+    return f'<div class="fp-note" data-kind="{kind}">{html.escape(text)}</div>'
+
+
+def form_problem(form: FormValues, outputs: Path, manifest, loras_dir: Path | None) -> str | None:
+    """Why the form cannot be queued (one sentence, capitalised), or None.
+
+    The form's own checks (`request_from_form`, which also stores its uploads as `/generate` would)
+    and the timed prompt against the planned sections (`timeline.section_prompts`).
+    """
+    try:
+        request = request_from_form(form, outputs, loras_dir)
+        if request.one_frame is None:
+            s = request.settings
+            section_prompts(s.prompt, s.seconds, s.window or manifest.window, manifest.fps)
+    except ValueError as e:
+        text = describe_error(e)
+        return text[:1].upper() + text[1:]
+    return None
+
+
+def form_checker(outputs: Path, manifest, loras_dir: Path | None):
+    """`check(random_seed, *fields)`: (message, seed box update, ok) for the Generate button.
+
+    With `random_seed` a fresh seed is drawn and put in the seed box, so the job uses (and the
+    sidecar records) the number shown.
+    """
+
+    async def check(random_seed, *values):
+        form = FormValues(**dict(zip(FIELDS, values, strict=True)))
+        if random_seed:
+            form.seed = str(secrets.randbelow(2**31))
+        problem = await asyncio.to_thread(form_problem, form, outputs, manifest, loras_dir)
+        seed = gr.update(value=form.seed) if random_seed and problem is None else gr.update()
+        return note_html(problem or ""), seed, problem is None
+
+    return check
+
+
+def _stop_unless(ok: bool) -> None:
+    """Ends the button's chain quietly when the check failed (its message is already shown)."""
+    if not ok:
+        raise gr.Error("the form was not queued.", visible=False, print_exception=False)
+
+
+def add_generate(
+    button: gr.Button, inputs: list, generate, results: Results, check, random_seed, message, seed
+) -> None:
+    """The Generate button: `check` the form (the message goes to `message`, a drawn seed to
+    `seed`), then, if it passed, `generate`, which is also the `/generate` endpoint."""
+    ok = gr.State(False)
     button.click(
+        check,
+        inputs=[random_seed, *inputs],
+        outputs=[message, seed, ok],
+        show_progress="hidden",
+        trigger_mode="multiple",
+        concurrency_limit=None,
+        api_visibility="private",
+    ).success(
+        _stop_unless,
+        inputs=[ok],
+        outputs=None,
+        show_progress="hidden",
+        trigger_mode="multiple",
+        concurrency_limit=None,
+        api_visibility="private",
+    ).success(  # every step "multiple": a job still running must not swallow the next click
         generate,
         inputs=inputs,
         outputs=results.outputs,
