@@ -336,6 +336,9 @@ def test_the_queue_tab_reorders_removes_cancels_and_clears(page, image_file):
         " && document.querySelector('#fp-queue-preview img')?.naturalWidth > 0"
     )
     wait_run_order(page, [first, second, third])
+    # Each job has the prompt of the moment its Generate was pressed, though the next was typed at once.
+    assert "the second job" in page.locator(f"#fp-queue tr[data-job='{second}']").inner_text()
+    assert "the third job" in page.locator(f"#fp-queue tr[data-job='{third}']").inner_text()
     pick_option(page, "fp-queue-pick", f"#{third} ")
     page.locator("#fp-queue-up").click()
     wait_note(page, "fp-queue-message", "ok", f"Moved job #{third} up.")
@@ -446,10 +449,10 @@ def test_screenshots_of_each_tab(browser, server, image_file):
     fill_form(page, image_file, "The cat sits down and looks around.", seconds=2.4, steps=3)
     page.locator("#fp-generate").click()
     done, _ = wait_progress(page, "done")
-    type_number(page, "fp-seconds", 6)
+    type_number(page, "fp-seconds", 20)  # 17 sections: it runs until cancelled
     type_number(page, "fp-steps", 30)
     page.get_by_text("More settings").click()  # closed again, for a shorter page
-    page.locator("#fp-prompt textarea").fill("[0s: The cat sits.] [3s: The cat walks away.]")
+    page.locator("#fp-prompt textarea").fill("[0s: The cat sits.] [8s: The cat walks away.]")
     page.locator("#fp-generate").click()
     page.locator("#fp-prompt textarea").fill("A dog runs along the beach.")
     page.locator("#fp-generate").click()
@@ -462,7 +465,7 @@ def test_screenshots_of_each_tab(browser, server, image_file):
         " && document.querySelector('#fp-preview img')?.naturalWidth > 0"
         " && document.querySelector('#fp-progress span').textContent.includes('so far')"
     )
-    page.locator("#fp-prompt textarea").fill("[0s: The cat sits.] [3s: The cat walks away.]")
+    page.locator("#fp-prompt textarea").fill("[0s: The cat sits.] [8s: The cat walks away.]")
     page.wait_for_timeout(800)
     _docs_shot(page, "generate")
     show_tab(page, "Queue")

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from .endpoints import add_generate, add_results, cancel_handler, follower, form_checker, generate_handler
+from .endpoints import (
+    add_generate,
+    add_results,
+    cancel_handler,
+    follower,
+    generate_handler,
+    page_generate_handler,
+)
 from .form import demo_examples
 from .gallery import add_gallery, wire_gallery
 from .inputs import add_action_row, add_form_inputs
@@ -56,7 +63,7 @@ tr[data-state="done"] .fp-state { color: #2e7d32; }
 .fp-section span { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .fp-timeline-summary { opacity: 0.75; margin-top: 2px; }
 .fp-timeline-error { color: #c62828; }
-.fp-order ol { display: flex; flex-wrap: wrap; gap: 4px 18px; margin: 4px 0 0 0; padding-left: 1.4em; }
+.fp-order ol { margin: 4px 0 0 0; padding-left: 1.6em; }
 .fp-order li[data-state="running"] { font-weight: 600; }
 .fp-server th { text-align: left; padding-right: 16px; font-weight: 600; }
 """
@@ -117,7 +124,7 @@ def build_app(
             form.inputs,
             generate_handler(queue, outputs, m, loras_dir, follow),
             results,
-            form_checker(outputs, m, loras_dir),
+            page_generate_handler(queue, outputs, m, loras_dir, follow, actions.message, form.fields["seed"]),
             form.random_seed,
             actions.message,
             form.fields["seed"],

@@ -2,9 +2,9 @@
 they answer with, which `/resume` shares.
 
 `/generate` submits a job and returns when it has ended, with the video as a file, so
-`gradio_client` scripts drive the same queue as the page. The Generate button first checks the
-form (`form_checker`): a form that cannot be queued says why beside the button and makes no job;
-`/generate` itself still turns bad input into a failed job with its one sentence.
+`gradio_client` scripts drive the same queue as the page. The Generate button checks the form first
+(`page_generate_handler`): a form that cannot be queued says why beside the button and makes no
+job; `/generate` itself still turns bad input into a failed job with its one sentence.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .form import DEFAULT_COLOUR, FIELDS, ONE_FRAME_GROUPS, FormValues, request_from_form
+from .form import DEFAULT_COLOUR, FIELDS, ONE_FRAME_GROUPS, FormValues, Request, request_from_form
 from .jobs import FAILED, JobQueue, describe_error
 from .timeline import section_prompts
 from .view import progress_text
@@ -30,8 +30,9 @@ __all__ = [
     "generate_handler",
     "cancel_handler",
     "add_generate",
-    "form_checker",
+    "checked_request",
     "form_problem",
+    "page_generate_handler",
     "note_html",
 ]
 
@@ -165,75 +166,72 @@ def note_html(text: str, kind: str = "error") -> str:
     return f'<div class="fp-note" data-kind="{kind}">{html.escape(text)}</div>'
 
 
-def form_problem(form: FormValues, outputs: Path, manifest, loras_dir: Path | None) -> str | None:
-    """Why the form cannot be queued (one sentence, capitalised), or None.
+def checked_request(form: FormValues, outputs: Path, manifest, loras_dir: Path | None) -> Request:
+    """The form's request, checked as far as it can be without the model: the form's own checks
+    (`request_from_form`, which stores its uploads) and the timed prompt against the planned
+    sections (`timeline.section_prompts`); raises ValueError."""
+    request = request_from_form(form, outputs, loras_dir)
+    if request.one_frame is None:
+        s = request.settings
+        section_prompts(s.prompt, s.seconds, s.window or manifest.window, manifest.fps)
+    return request
 
-    The form's own checks (`request_from_form`, which also stores its uploads as `/generate` would)
-    and the timed prompt against the planned sections (`timeline.section_prompts`).
-    """
+
+def form_problem(form: FormValues, outputs: Path, manifest, loras_dir: Path | None) -> str | None:
+    """Why the form cannot be queued (one sentence, capitalised; see `checked_request`), or None."""
     try:
-        request = request_from_form(form, outputs, loras_dir)
-        if request.one_frame is None:
-            s = request.settings
-            section_prompts(s.prompt, s.seconds, s.window or manifest.window, manifest.fps)
+        checked_request(form, outputs, manifest, loras_dir)
     except ValueError as e:
-        text = describe_error(e)
-        return text[:1].upper() + text[1:]
+        return _sentence(e)
     return None
 
 
-def form_checker(outputs: Path, manifest, loras_dir: Path | None):
-    """`check(random_seed, *fields)`: (message, seed box update, ok) for the Generate button.
+def _sentence(e: BaseException) -> str:
+    text = describe_error(e)
+    return text[:1].upper() + text[1:]
 
-    With `random_seed` a fresh seed is drawn and put in the seed box, so the job uses (and the
-    sidecar records) the number shown.
-    """
 
-    async def check(random_seed, *values):
+def page_generate_handler(queue: JobQueue, outputs: Path, manifest, loras_dir, follow, message, seed):
+    """The Generate button's function: `(random_seed, *fields)`, the values of the moment it was
+    pressed. A form that cannot be queued says why in `message` and makes no job; else the job is
+    queued (with a drawn seed, shown in `seed`, when `random_seed`) and followed as `/generate`
+    does, but a failed job is told in `message` (and a toast), not raised: a raised error would mark
+    the seed box as failed."""
+
+    async def page_generate(random_seed, *values):
         form = FormValues(**dict(zip(FIELDS, values, strict=True)))
         if random_seed:
             form.seed = str(secrets.randbelow(2**31))
-        problem = await asyncio.to_thread(form_problem, form, outputs, manifest, loras_dir)
-        seed = gr.update(value=form.seed) if random_seed and problem is None else gr.update()
-        return note_html(problem or ""), seed, problem is None
+        try:
+            request = await asyncio.to_thread(checked_request, form, outputs, manifest, loras_dir)
+        except ValueError as e:
+            yield {message: note_html(_sentence(e))}
+            return
+        yield {message: "", seed: gr.update(value=form.seed) if random_seed else gr.update()}
+        job = await asyncio.to_thread(queue.submit, request.settings, **request.submit_kwargs())
+        try:
+            async for update in follow(job):
+                yield update
+        except gr.Error as e:
+            gr.Warning(e.message)
+            yield {message: note_html(e.message)}
 
-    return check
-
-
-def _stop_unless(ok: bool) -> None:
-    """Ends the button's chain quietly when the check failed (its message is already shown)."""
-    if not ok:
-        raise gr.Error("the form was not queued.", visible=False, print_exception=False)
+    return page_generate
 
 
 def add_generate(
-    button: gr.Button, inputs: list, generate, results: Results, check, random_seed, message, seed
+    button: gr.Button, inputs: list, generate, results: Results, page_generate, random_seed, message, seed
 ) -> None:
-    """The Generate button: `check` the form (the message goes to `message`, a drawn seed to
-    `seed`), then, if it passed, `generate`, which is also the `/generate` endpoint."""
-    ok = gr.State(False)
+    """The Generate button (`page_generate`, which writes to `message` and `seed` too), and the
+    `/generate` endpoint (`generate`, on a hidden button: its parameters are the form's fields).
+    Both "multiple": a job still running must not swallow the next press."""
+    common = dict(show_progress="hidden", trigger_mode="multiple", concurrency_limit=None)
     button.click(
-        check,
+        page_generate,
         inputs=[random_seed, *inputs],
-        outputs=[message, seed, ok],
-        show_progress="hidden",
-        trigger_mode="multiple",
-        concurrency_limit=None,
+        outputs=[message, seed, *results.outputs],
         api_visibility="private",
-    ).success(
-        _stop_unless,
-        inputs=[ok],
-        outputs=None,
-        show_progress="hidden",
-        trigger_mode="multiple",
-        concurrency_limit=None,
-        api_visibility="private",
-    ).success(  # every step "multiple": a job still running must not swallow the next click
-        generate,
-        inputs=inputs,
-        outputs=results.outputs,
-        api_name="generate",
-        show_progress="hidden",
-        trigger_mode="multiple",
-        concurrency_limit=None,
+        **common,
     )
+    api = gr.Button(visible=False, elem_id="fp-generate-api")
+    api.click(generate, inputs=inputs, outputs=results.outputs, api_name="generate", **common)

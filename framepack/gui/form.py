@@ -387,7 +387,8 @@ def form_from_settings(
     """
     for key, what in (("loras", "[path, scale]"), ("keyframes", "[seconds, image]")):
         pairs = settings.get(key) or []
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        pair = (list, tuple)  # JSON gives lists, `GenerationSettings.to_dict` tuples
+        if not isinstance(pairs, pair) or not all(isinstance(p, pair) and len(p) == 2 for p in pairs):
             raise ValueError(f"the settings' {key} are not a list of {what} pairs, so they cannot be loaded.")
     try:
         return _form_values(settings, Path(outputs), manifest, loras_dir)
