@@ -2,19 +2,24 @@
 they answer with, which `/resume` shares.
 
 `/generate` submits a job and returns when it has ended, with the video as a file, so
-`gradio_client` scripts drive the same queue as the page.
+`gradio_client` scripts drive the same queue as the page. The Generate button checks the form first
+(`page_generate_handler`): a form that cannot be queued says why beside the button and makes no
+job; `/generate` itself still turns bad input into a failed job with its one sentence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from .form import DEFAULT_COLOUR, FIELDS, ONE_FRAME_GROUPS, FormValues, request_from_form
+from .form import DEFAULT_COLOUR, FIELDS, ONE_FRAME_GROUPS, FormValues, Request, request_from_form
 from .jobs import FAILED, JobQueue, describe_error
+from .timeline import section_prompts
 from .view import progress_text
 
 __all__ = [
@@ -25,6 +30,10 @@ __all__ = [
     "generate_handler",
     "cancel_handler",
     "add_generate",
+    "checked_request",
+    "form_problem",
+    "page_generate_handler",
+    "note_html",
 ]
 
 
@@ -150,14 +159,79 @@ def cancel_handler(queue: JobQueue):
     return cancel
 
 
-def add_generate(button: gr.Button, inputs: list, generate, results: Results) -> None:
-    """The Generate button, which is also the `/generate` endpoint."""
+def note_html(text: str, kind: str = "error") -> str:
+    """A one-line message on the page (`kind`: error, info or ok); empty text clears it."""
+    if not text:
+        return ""
+    return f'<div class="fp-note" data-kind="{kind}">{html.escape(text)}</div>'
+
+
+def checked_request(form: FormValues, outputs: Path, manifest, loras_dir: Path | None) -> Request:
+    """The form's request, checked as far as it can be without the model: the form's own checks
+    (`request_from_form`, which stores its uploads) and the timed prompt against the planned
+    sections (`timeline.section_prompts`); raises ValueError."""
+    request = request_from_form(form, outputs, loras_dir)
+    if request.one_frame is None:
+        s = request.settings
+        section_prompts(s.prompt, s.seconds, s.window or manifest.window, manifest.fps)
+    return request
+
+
+def form_problem(form: FormValues, outputs: Path, manifest, loras_dir: Path | None) -> str | None:
+    """Why the form cannot be queued (one sentence, capitalised; see `checked_request`), or None."""
+    try:
+        checked_request(form, outputs, manifest, loras_dir)
+    except ValueError as e:
+        return _sentence(e)
+    return None
+
+
+def _sentence(e: BaseException) -> str:
+    text = describe_error(e)
+    return text[:1].upper() + text[1:]
+
+
+def page_generate_handler(queue: JobQueue, outputs: Path, manifest, loras_dir, follow, message, seed):
+    """The Generate button's function: `(random_seed, *fields)`, the values of the moment it was
+    pressed. A form that cannot be queued says why in `message` and makes no job; else the job is
+    queued (with a drawn seed, shown in `seed`, when `random_seed`) and followed as `/generate`
+    does, but a failed job is told in `message` (and a toast), not raised: a raised error would mark
+    the seed box as failed."""
+
+    async def page_generate(random_seed, *values):
+        form = FormValues(**dict(zip(FIELDS, values, strict=True)))
+        if random_seed:
+            form.seed = str(secrets.randbelow(2**31))
+        try:
+            request = await asyncio.to_thread(checked_request, form, outputs, manifest, loras_dir)
+        except ValueError as e:
+            yield {message: note_html(_sentence(e))}
+            return
+        yield {message: "", seed: gr.update(value=form.seed) if random_seed else gr.update()}
+        job = await asyncio.to_thread(queue.submit, request.settings, **request.submit_kwargs())
+        try:
+            async for update in follow(job):
+                yield update
+        except gr.Error as e:
+            gr.Warning(e.message)
+            yield {message: note_html(e.message)}
+
+    return page_generate
+
+
+def add_generate(
+    button: gr.Button, inputs: list, generate, results: Results, page_generate, random_seed, message, seed
+) -> None:
+    """The Generate button (`page_generate`, which writes to `message` and `seed` too), and the
+    `/generate` endpoint (`generate`, on a hidden button: its parameters are the form's fields).
+    Both "multiple": a job still running must not swallow the next press."""
+    common = dict(show_progress="hidden", trigger_mode="multiple", concurrency_limit=None)
     button.click(
-        generate,
-        inputs=inputs,
-        outputs=results.outputs,
-        api_name="generate",
-        show_progress="hidden",
-        trigger_mode="multiple",
-        concurrency_limit=None,
+        page_generate,
+        inputs=[random_seed, *inputs],
+        outputs=[message, seed, *results.outputs],
+        api_visibility="private",
+        **common,
     )
+    api = gr.Button(visible=False, elem_id="fp-generate-api")
+    api.click(generate, inputs=inputs, outputs=results.outputs, api_name="generate", **common)

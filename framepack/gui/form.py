@@ -382,11 +382,23 @@ def form_from_settings(
     """Form values (by field name) from a sidecar's settings; missing values take the model's defaults.
 
     Files are loaded only from inside `outputs` (LoRAs also from `loras_dir`); a file that is gone
-    (or elsewhere) comes back as None or is left out of its list.
+    (or elsewhere) comes back as None or is left out of its list. Settings of the wrong shape raise
+    ValueError with one sentence.
     """
+    for key, what in (("loras", "[path, scale]"), ("keyframes", "[seconds, image]")):
+        pairs = settings.get(key) or []
+        pair = (list, tuple)  # JSON gives lists, `GenerationSettings.to_dict` tuples
+        if not isinstance(pairs, pair) or not all(isinstance(p, pair) and len(p) == 2 for p in pairs):
+            raise ValueError(f"the settings' {key} are not a list of {what} pairs, so they cannot be loaded.")
+    try:
+        return _form_values(settings, Path(outputs), manifest, loras_dir)
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError("the settings hold values of the wrong kind, so they cannot be loaded.") from None
+
+
+def _form_values(settings: dict, outputs: Path, manifest, loras_dir: str | Path | None) -> dict:
     from ..io import load_image
 
-    outputs = Path(outputs)
     images = {}
     for key in ("image", "end_image"):
         p = _inside(settings.get(key), outputs)

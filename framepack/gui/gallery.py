@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .load_settings import add_sidecar_upload
 from .view import finished_videos
 
 __all__ = ["Gallery", "add_gallery", "gallery_refresher", "select_video", "wire_gallery"]
@@ -22,15 +23,17 @@ class Gallery:
     files: gr.File
     reuse: gr.Button
     selected: gr.State
+    upload: gr.File  # a sidecar (or mp4) to load the settings of
+    message: gr.HTML  # what loading said
 
 
 def add_gallery() -> Gallery:
-    """The Finished videos heading, the gallery, the selected video's files and its Load button."""
-    gr.Markdown("### Finished videos")
+    """The gallery, the selected video's files, its Load button, the upload of a sidecar to load
+    and the line that says what loading did."""
     gallery = gr.Gallery(
-        label="Finished videos",
-        columns=6,
-        height=260,
+        label="Finished videos (newest first; click one to select it)",
+        columns=5,
+        height=460,
         preview=False,
         object_fit="contain",
         fit_columns=False,
@@ -38,9 +41,12 @@ def add_gallery() -> Gallery:
         interactive=False,
     )
     with gr.Row():
-        files = gr.File(label="Selected video's files", file_count="multiple", interactive=False)
-        reuse = gr.Button("Load the selected video's settings")
-    return Gallery(gallery, files, reuse, gr.State(None))
+        files = gr.File(label="Selected video's files", file_count="multiple", interactive=False, height=200)
+        with gr.Column():
+            reuse = gr.Button("Load the selected video's settings", elem_id="fp-reuse", variant="primary")
+            upload = add_sidecar_upload()
+            message = gr.HTML("", elem_id="fp-load-message", padding=False)
+    return Gallery(gallery, files, reuse, gr.State(None), upload, message)
 
 
 def gallery_refresher(outputs: Path):

@@ -1,9 +1,10 @@
-"""The form's input components: start and end image, prompt, the settings, the modes, and the
-Generate button.
+"""The form's input components: start and end image, prompt (with its timeline of sections), the
+settings, the modes; and the action row with the Generate button.
 
 Only the layout: `form` turns the values these send into settings. `FormInputs.fields` holds the
 components by their `form.FIELDS` name, so `FormInputs.inputs` is in the order of `/generate`'s
-parameters.
+parameters. The random-seed checkbox is not one of them: the page draws the seed before it calls
+`/generate` (an API caller sends the seed "random" instead).
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import gradio as gr
 from ..caching import CACHES
 from .form import DEFAULT_COLOUR, FIELDS, ONE_FRAME_GROUPS, list_loras, orders_for
 
-__all__ = ["FormInputs", "add_form_inputs"]
+__all__ = ["ActionRow", "FormInputs", "add_action_row", "add_form_inputs"]
 
 
 @dataclass
 class FormInputs:
-    """The form's components by field name, and its Generate button."""
+    """The form's components by field name, the random-seed checkbox and the prompt's timeline."""
 
     fields: dict[str, gr.components.Component]
-    generate: gr.Button
+    random_seed: gr.Checkbox
+    timeline: gr.HTML
 
     @property
     def inputs(self) -> list[gr.components.Component]:
@@ -57,10 +59,27 @@ def _uploads(label: str, types: list[str], elem_id: str) -> gr.File:
     return gr.File(label=label, file_count="multiple", file_types=types, elem_id=elem_id, scale=2)
 
 
+@dataclass
+class ActionRow:
+    """The Generate button and the line beside it where a form that cannot be queued says why."""
+
+    generate: gr.Button
+    message: gr.HTML
+
+
+def add_action_row() -> ActionRow:
+    """The Generate button and its message line, in a row of their own (above the live panel, so
+    opening the form's accordions never moves the button)."""
+    with gr.Row(elem_id="fp-actions", equal_height=True):
+        generate = gr.Button("Generate", variant="primary", elem_id="fp-generate", scale=1, min_width=160)
+        message = gr.HTML("", elem_id="fp-form-message", padding=False)
+    return ActionRow(generate, message)
+
+
 def add_form_inputs(manifest, loras_dir: Path | None, examples: list[tuple[str | None, str]]) -> FormInputs:
     """The form inside the current column: `manifest` gives the defaults, `loras_dir` the LoRAs to
     pick from, `examples` the (start image or None, prompt) pairs to fill in."""
-    fields = _main_inputs(examples)
+    fields, random_seed, timeline = _main_inputs(examples)
     with gr.Accordion("More settings", open=False):
         fields |= _more_settings(manifest)
     with gr.Accordion(
@@ -70,12 +89,12 @@ def add_form_inputs(manifest, loras_dir: Path | None, examples: list[tuple[str |
     ):
         fields |= _mode_inputs(manifest)
         fields |= _lora_inputs(loras_dir)
-    generate = gr.Button("Generate", variant="primary", elem_id="fp-generate")
-    return FormInputs(fields, generate)
+    return FormInputs(fields, random_seed, timeline)
 
 
-def _main_inputs(examples: list[tuple[str | None, str]]) -> dict:
-    """The images, the prompt (and its examples), the negative prompt, the length and the seed."""
+def _main_inputs(examples: list[tuple[str | None, str]]) -> tuple[dict, gr.Checkbox, gr.HTML]:
+    """The images, the prompt (its timeline, its examples), the negative prompt, the length and the
+    seed; returns the fields, the random-seed checkbox and the timeline."""
     fields = {}
     with gr.Row():
         fields["image"] = _readable_image(
@@ -90,6 +109,7 @@ def _main_inputs(examples: list[tuple[str | None, str]]) -> dict:
         elem_id="fp-prompt",
         info="One prompt, or timed ones: [0s-2s: the cat sits] [2s: the cat walks away]",
     )
+    timeline = gr.HTML("", elem_id="fp-timeline", padding=False)
     if examples and all(img is not None for img, _ in examples):
         gr.Examples(
             [[img, p] for img, p in examples], inputs=[fields["image"], fields["prompt"]], label="Examples"
@@ -100,7 +120,13 @@ def _main_inputs(examples: list[tuple[str | None, str]]) -> dict:
     with gr.Row():
         fields["seconds"] = gr.Slider(1, 120, value=5, step=0.1, label="Seconds", elem_id="fp-seconds")
         fields["seed"] = gr.Textbox(value="31337", label="Seed (a number, or 'random')", elem_id="fp-seed")
-    return fields
+        random_seed = gr.Checkbox(
+            False,
+            label="Random seed for each job",
+            info="The seed used is shown here and kept in the video's sidecar.",
+            elem_id="fp-random-seed",
+        )
+    return fields, random_seed, timeline
 
 
 def _more_settings(m) -> dict:

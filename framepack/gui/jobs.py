@@ -433,3 +433,45 @@ class JobQueue:
             elif isinstance(event, Stage):
                 job.stage = event.name
             self._touch(job)
+
+    # ----------------------------------------------------------- page-18 stand-ins (MERGE: keep theirs)
+    # Minimal versions of the queue engineer's `remove`, `move` and `clear_finished`, added only so
+    # the Queue tab works on this branch; at the merge their versions replace these three methods.
+    def remove(self, job_id: int) -> bool:
+        """Drop a queued job or forget an ended one; False for a running or unknown job."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state == RUNNING:
+                return False
+            if job.state == QUEUED:
+                self._pending.remove(job_id)
+                job.cancel_requested.set()
+            del self._jobs[job_id]
+            self._version += 1
+            self._cond.notify_all()
+            return True
+
+    def move(self, job_id: int, offset: int) -> bool:
+        """Move a queued job `offset` places later in the run order (negative: earlier)."""
+        with self._cond:
+            if job_id not in self._pending:
+                return False
+            i = self._pending.index(job_id)
+            j = max(0, min(len(self._pending) - 1, i + int(offset)))
+            if i == j:
+                return False
+            del self._pending[i]
+            self._pending.insert(j, job_id)
+            self._touch(self._jobs[job_id])
+            return True
+
+    def clear_finished(self) -> int:
+        """Forget every ended job; returns how many."""
+        with self._cond:
+            ended = [i for i, j in self._jobs.items() if j.ended_state]
+            for i in ended:
+                del self._jobs[i]
+            if ended:
+                self._version += 1
+                self._cond.notify_all()
+            return len(ended)

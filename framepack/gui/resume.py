@@ -18,7 +18,7 @@ from ..pipeline.joblock import JobLock
 from ..pipeline.jobs import JOB_SUFFIX
 from ..pipeline.plan import sections_for
 
-__all__ = ["Unfinished", "unfinished_jobs", "add_resume_section"]
+__all__ = ["ResumePicker", "Unfinished", "add_resume_picker", "unfinished_jobs", "wire_resume"]
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,16 @@ def unfinished_jobs(outputs: str | Path, manifest=None, exclude: set[Path] = fro
     return sorted(found, key=lambda u: u.modified, reverse=True)
 
 
-def add_resume_section(
-    app, queue, outputs: Path, follow, results: list, refresh_seconds: float = 2.0
-) -> None:
-    """The Resume accordion inside `app`'s layout, and the `/resume` API (a job directory's path).
+@dataclass
+class ResumePicker:
+    """The unfinished job to resume and its Resume button."""
 
-    `follow(job)` is the async generator of updates to `results` that `/generate` answers with:
-    the job's id at once (so the tab watches it), then its video and info once it has ended.
-    """
-    import asyncio
+    pick: object  # gr.Dropdown
+    button: object  # gr.Button
 
+
+def add_resume_picker() -> ResumePicker:
+    """The Unfinished jobs accordion, inside the current column."""
     import gradio as gr
 
     with gr.Accordion("Unfinished jobs: resume one", open=True, elem_id="fp-resume"):
@@ -94,6 +94,22 @@ def add_resume_section(
                 allow_custom_value=True,  # /resume takes any path; JobQueue.resume checks it
             )
             button = gr.Button("Resume", elem_id="fp-resume-button", scale=1)
+    return ResumePicker(pick, button)
+
+
+def wire_resume(
+    app, picker: ResumePicker, queue, outputs: Path, follow, results: list, refresh_seconds: float = 2.0
+) -> None:
+    """The list's refresh (on load and by a timer, which must sit outside the page's tabs), and the
+    Resume button, which is also the `/resume` API (a job directory's path).
+
+    `follow(job)` is the async generator of updates to `results` that `/generate` answers with:
+    the job's id at once (so the tab watches it), then its video and info once it has ended.
+    """
+    import asyncio
+
+    import gradio as gr
+
     listed = gr.State(None)
 
     def refresh(current, seen):
@@ -108,8 +124,8 @@ def add_resume_section(
     gr.on(
         [app.load, timer.tick],
         refresh,
-        inputs=[pick, listed],
-        outputs=[pick, listed],
+        inputs=[picker.pick, listed],
+        outputs=[picker.pick, listed],
         show_progress="hidden",
         api_visibility="private",
     )
@@ -123,9 +139,9 @@ def add_resume_section(
         async for update in follow(job):
             yield update
 
-    button.click(
+    picker.button.click(
         resume,
-        inputs=[pick],
+        inputs=[picker.pick],
         outputs=results,
         api_name="resume",
         show_progress="hidden",
