@@ -75,49 +75,36 @@ def test_settings_of_the_wrong_shape_are_one_sentence(tmp_path, settings, needle
         form_from_settings(json.loads(json.dumps(settings)), tmp_path, MANIFEST)
 
 
-class FakeQueue:
-    """The JobQueue calls the Queue tab makes, over jobs given as (id, state)."""
+def test_the_queue_buttons_say_what_they_did(tmp_path):
+    """On a real queue whose worker is not started, so its jobs stay queued."""
+    from framepack.gui.jobs import JobQueue
+    from framepack.pipeline.settings import GenerationSettings
+    from framepack.testing import tiny_bundle
 
-    def __init__(self, jobs):
-        self.states = dict(jobs)
-        self.pending = [i for i, s in jobs if s == "queued"]
-
-    def get(self, job_id):
-        state = self.states.get(job_id)
-        return None if state is None else SimpleNamespace(id=job_id, state=state, prompt=f"job {job_id}")
-
-    def cancel(self, job_id):
-        return self.states[job_id] in ("queued", "running")
-
-    def remove(self, job_id):
-        return self.states[job_id] != "running"
-
-    def move(self, job_id, offset):
-        if job_id not in self.pending:
-            return False
-        i = self.pending.index(job_id)
-        return 0 <= i + offset < len(self.pending)
-
-    def clear_finished(self):
-        return sum(s in ("done", "failed", "cancelled") for s in self.states.values())
-
-
-def test_the_queue_buttons_say_what_they_did():
-    q = FakeQueue([(1, "running"), (2, "queued"), (3, "queued"), (4, "done")])
-    assert queue_action(q, "up", 3) == ("ok", "Moved job #3 up.")
-    assert queue_action(q, "up", 2) == ("error", "Job #2 is already next in line.")
-    assert queue_action(q, "down", 3) == ("error", "Job #3 is already last in line.")
-    assert queue_action(q, "down", 4) == ("error", "Job #4 is done; only queued jobs can be moved.")
-    assert queue_action(q, "remove", 1) == ("error", "Job #1 is running; cancel it first.")
-    assert queue_action(q, "cancel", 4) == ("error", "Job #4 is done; there is nothing to cancel.")
-    assert queue_action(q, "cancel", None) == ("error", "Pick a job first.")
-    assert queue_action(q, "remove", 9) == ("error", "Job #9 is no longer listed.")
-    assert queue_action(q, "clear", None) == ("ok", "Cleared 1 finished job.")
+    q = JobQueue(tiny_bundle(), tmp_path, start=False)
+    try:
+        for prompt in ("one", "two", "three"):  # jobs 1-3, queued in this order
+            q.submit(GenerationSettings(prompt=prompt, sections=1, steps=1))
+        q.reject("four", "a bad form.")  # job 4, failed
+        assert queue_action(q, "up", 2) == ("ok", "Moved job #2 up.")
+        assert queue_action(q, "up", 2) == ("error", "Job #2 is already next in line.")
+        assert queue_action(q, "down", 3) == ("error", "Job #3 is already last in line.")
+        assert queue_action(q, "down", 4) == ("error", "Job #4 is failed; only queued jobs can be moved.")
+        assert queue_action(q, "cancel", 4) == ("error", "Job #4 is failed; there is nothing to cancel.")
+        assert queue_action(q, "cancel", None) == ("error", "Pick a job first.")
+        assert queue_action(q, "remove", 9) == ("error", "Job #9 is no longer listed.")
+        assert queue_action(q, "clear", None) == ("ok", "Cleared 1 finished job.")
+        assert queue_action(q, "remove", 1) == ("ok", "Removed job #1.")
+        assert [j.id for j in q.jobs()] == [2, 3]
+    finally:
+        q.close()
 
 
 def test_the_run_order_lists_the_running_job_then_the_queue_in_order():
+    from framepack.gui.jobs import QueuedJob
+
     jobs = [
-        SimpleNamespace(id=i, state=s, prompt=f"job {i}")
+        QueuedJob(id=i, prompt=f"job {i}", settings=None, state=s)
         for i, s in [(1, "done"), (2, "queued"), (3, "running"), (4, "queued")]
     ]
     order = run_order_html(jobs, {4: 1, 2: 2})

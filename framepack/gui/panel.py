@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from .view import job_label, preview_grid, progress_html
+from .view import job_label, live_preview, progress_html
 
 __all__ = [
     "JobPanel",
@@ -114,7 +114,7 @@ def panel_updates(queue, panel: JobPanel, jobs: list, job_id, memo: dict) -> dic
         if job.image is not None and job.image.is_file():  # a one-frame job's result
             out[panel.preview] = str(job.image)
         else:
-            out[panel.preview] = preview_grid(job.preview) if job.preview is not None else None
+            out[panel.preview] = live_preview(job)
     key = (job.id, job.video_version)
     if memo.get("video") != key:
         memo["video"] = key

@@ -16,7 +16,7 @@ import gradio as gr
 from .endpoints import note_html
 from .jobs import QUEUED, RUNNING
 from .panel import job_choices, preview_image
-from .view import job_label, preview_grid, progress_html, queue_html
+from .view import job_label, live_preview, progress_html, queue_html
 
 __all__ = [
     "ACTIONS",
@@ -108,11 +108,12 @@ def queue_action(queue, action: str, job_id) -> tuple[str, str]:
             return "ok", f"Removed job #{job_id}."
         return "error", f"Job #{job_id} is running; cancel it first."
     up = action == "up"
-    if queue.move(job_id, -1 if up else 1):
-        return "ok", f"Moved job #{job_id} {'up' if up else 'down'}."
-    if job.state != QUEUED:
+    before = queue.position(job_id)
+    if not queue.move(job_id, -1 if up else 1):
         return "error", f"Job #{job_id} is {job.state}; only queued jobs can be moved."
-    return "error", f"Job #{job_id} is already {'next' if up else 'last'} in line."
+    if queue.position(job_id) == before:
+        return "error", f"Job #{job_id} is already {'next' if up else 'last'} in line."
+    return "ok", f"Moved job #{job_id} {'up' if up else 'down'}."
 
 
 def queue_tab_updates(queue, tab: QueueTab, jobs: list, picked, memo: dict) -> dict:
@@ -139,7 +140,7 @@ def queue_tab_updates(queue, tab: QueueTab, jobs: list, picked, memo: dict) -> d
     key = (running.id, running.steps_done) if running and running.preview is not None else None
     if memo.get("running_preview") != key:
         memo["running_preview"] = key
-        out[tab.preview] = preview_grid(running.preview) if key else None
+        out[tab.preview] = live_preview(running) if key else None
     return out
 
 
