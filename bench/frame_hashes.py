@@ -44,6 +44,10 @@ BASE = ["--image", str(START), "--prompt", CAPTION, "--sections", "2", "--steps"
 # tight_budget, rounded up): the blocks stream, the encoders and the VAE visit the device.
 TIGHT = "0.061"
 
+# A forward extension of the source video: no start image, its own prompt and length.
+FORWARD_EXTENSION = ["!", "--video", "{source}", "--order", "forward", "--prompt", CAPTION, "--sections", "1",
+                     "--steps", "3", "--png"]  # fmt: skip
+
 # name -> the arguments after `framepack generate` (BASE first unless the mode starts with "!")
 CLI_MODES = {
     "image-to-video": [],
@@ -120,36 +124,8 @@ CLI_MODES = {
         "release",
     ],  # fmt: skip
     "extension (inverted)": ["--video", "{source}", "--order", "inverted", "--sections", "1"],
-    "extension (forward)": [
-        "!",
-        "--video",
-        "{source}",
-        "--order",
-        "forward",
-        "--prompt",
-        CAPTION,
-        "--sections",
-        "1",
-        "--steps",
-        "3",
-        "--png",
-    ],  # fmt: skip
-    "extension (forward), release dtypes": [
-        "!",
-        "--video",
-        "{source}",
-        "--order",
-        "forward",
-        "--prompt",
-        CAPTION,
-        "--sections",
-        "1",
-        "--steps",
-        "3",
-        "--png",
-        "--dtype",
-        "release",
-    ],  # fmt: skip
+    "extension (forward)": FORWARD_EXTENSION,
+    "extension (forward), release dtypes": [*FORWARD_EXTENSION, "--dtype", "release"],
 }
 
 
