@@ -237,8 +237,9 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     """Check `request` against `bundle` (images, plan, LoRAs; ValueError, one sentence) into a
     `Run`; nothing is written. `checked` is `check_request`'s result for the same request."""
     if request.resume is not None:
-        prepared, source = resume_job(bundle, request.resume)
-        return Run(bundle, prepared, source, job_dir=find_job(request.resume))
+        root = find_job(request.resume)
+        prepared, source = resume_job(bundle, root)
+        return Run(bundle, prepared, source, job_dir=root)
     _check_kind(request)
     source = None
     if request.video is not None:
