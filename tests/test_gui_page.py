@@ -105,9 +105,9 @@ def test_the_run_order_lists_the_running_job_then_the_queue_in_order():
 
     jobs = [
         QueuedJob(id=i, prompt=f"job {i}", settings=None, state=s)
-        for i, s in [(1, "done"), (2, "queued"), (3, "running"), (4, "queued")]
+        for i, s in [(1, "done"), (3, "running"), (4, "queued"), (2, "queued")]  # as JobQueue.jobs lists them
     ]
-    order = run_order_html(jobs, {4: 1, 2: 2})
+    order = run_order_html(jobs)
     assert [order.index(f'data-job="{i}"') for i in (3, 4, 2)] == sorted(
         order.index(f'data-job="{i}"') for i in (3, 4, 2)
     )

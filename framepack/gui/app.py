@@ -164,18 +164,18 @@ def _wire_live(queue: JobQueue, panel, queue_tab, seen: gr.State, tick_seconds: 
     """One timer per browser tab updates the watched job's panel and the Queue tab, sending only
     what changed (`seen`: what this browser tab was sent)."""
 
-    def tick(job_id, picked, memo):
+    def tick(job_id, memo):
         memo = dict(memo or {})
         jobs = queue.jobs()
         out = panel_updates(queue, panel, jobs, job_id, memo)
-        out |= queue_tab_updates(queue, queue_tab, jobs, picked, memo)
+        out |= queue_tab_updates(queue_tab, jobs, memo)
         return {**out, seen: memo}
 
     q = queue_tab
     timer = gr.Timer(tick_seconds)
     timer.tick(
         tick,
-        inputs=[panel.watch, q.pick, seen],
+        inputs=[panel.watch, seen],
         outputs=[seen, panel.watch, panel.progress, panel.preview, panel.video, panel.files]
         + [q.pick, q.table, q.order, q.running, q.preview],
         show_progress="hidden",

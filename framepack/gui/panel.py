@@ -47,7 +47,10 @@ def add_job_panel() -> JobPanel:
     preview = preview_image("Latent preview (current step), or the one-frame result", 240, "fp-preview")
     # Below the preview: error toasts (top right) never cover the Cancel button.
     with gr.Row():
-        watch = gr.Dropdown(choices=[], value=None, label="Watched job", elem_id="fp-watch", scale=3)
+        # Custom values pass: a watched job that "Clear finished" took off is simply not shown.
+        watch = gr.Dropdown(
+            choices=[], value=None, label="Watched job", elem_id="fp-watch", scale=3, allow_custom_value=True
+        )
         cancel = gr.Button("Cancel job", variant="stop", elem_id="fp-cancel", scale=1)
     video = gr.Video(label="Video so far", interactive=False, elem_id="fp-video")
     files = gr.File(

@@ -50,10 +50,13 @@ def add_queue_tab() -> QueueTab:
     with gr.Row():
         with gr.Column(scale=3):
             running = gr.HTML(NOTHING_RUNS, elem_id="fp-queue-running", label="Running")
-            order = gr.HTML(run_order_html([], {}), elem_id="fp-queue-order")
+            order = gr.HTML(run_order_html([]), elem_id="fp-queue-order")
         preview = preview_image("Running job: latent preview", 180, "fp-queue-preview", scale=2)
     with gr.Row(equal_height=True):
-        pick = gr.Dropdown(choices=[], value=None, label="Job", elem_id="fp-queue-pick", scale=3)
+        # Custom values pass: a picked job another tab removed is answered by `queue_action`.
+        pick = gr.Dropdown(
+            choices=[], value=None, label="Job", elem_id="fp-queue-pick", scale=3, allow_custom_value=True
+        )
         labels = {
             "cancel": ("Cancel", "stop"),
             "remove": ("Remove", "secondary"),
@@ -70,11 +73,11 @@ def add_queue_tab() -> QueueTab:
     return QueueTab(running, preview, order, table, pick, buttons, message)
 
 
-def run_order_html(jobs: list, positions: dict[int, int]) -> str:
-    """The running job, then the queued ones in the order they will run (`positions`: job id ->
-    `JobQueue.position`)."""
+def run_order_html(jobs: list) -> str:
+    """The running job, then the queued ones in the order they will run (`jobs`: a
+    `JobQueue.jobs` snapshot, whose queued jobs come in that order)."""
     running = [j for j in jobs if j.state == RUNNING]
-    queued = sorted((j for j in jobs if j.state == QUEUED), key=lambda j: positions.get(j.id, 1 << 30))
+    queued = [j for j in jobs if j.state == QUEUED]
     if not running and not queued:
         return '<div class="fp-order" data-empty="1">Run order: nothing is queued.</div>'
     items = [
@@ -116,23 +119,26 @@ def queue_action(queue, action: str, job_id) -> tuple[str, str]:
     return "ok", f"Moved job #{job_id} {'up' if up else 'down'}."
 
 
-def queue_tab_updates(queue, tab: QueueTab, jobs: list, picked, memo: dict) -> dict:
+def queue_tab_updates(tab: QueueTab, jobs: list, memo: dict) -> dict:
     """The tab's components that changed since this browser tab's last tick (`memo`, updated in
-    place); `picked` is the job picked in the tab."""
+    place), from `jobs` (one `JobQueue.jobs` snapshot).
+
+    The tick is the only writer of the table, the run order and the running job, and every key
+    comes from the snapshot itself, so what a tab was sent always matches its memo. The job picker
+    gets new choices only: its value is the user's.
+    """
     out = {}
     ids = [j.id for j in jobs]
     if memo.get("queue_ids") != ids:
         memo["queue_ids"] = ids
-        keep = picked if picked in ids else None
-        out[tab.pick] = gr.update(choices=job_choices(jobs), value=keep)
+        out[tab.pick] = gr.update(choices=job_choices(jobs))
     running = next((j for j in jobs if j.state == RUNNING), None)
     # A running job's row shows its ETA: refresh the table once a second while one runs.
-    table_key = (queue.version, int(time.time()) if running else 0)
+    table_key = (tuple((j.id, j.version) for j in jobs), int(time.time()) if running else 0)
     if memo.get("table") != table_key:
         memo["table"] = table_key
         out[tab.table] = queue_html(jobs)
-        positions = {j.id: queue.position(j.id) for j in jobs if j.state == QUEUED}
-        out[tab.order] = run_order_html(jobs, positions)
+        out[tab.order] = run_order_html(jobs)
     key = (running.id, running.version) if running else None
     if memo.get("running") != key:
         memo["running"] = key
@@ -145,14 +151,13 @@ def queue_tab_updates(queue, tab: QueueTab, jobs: list, picked, memo: dict) -> d
 
 
 def wire_queue_tab(queue, tab: QueueTab) -> None:
-    """Each button acts on the picked job (`queue_action`) and shows what it did."""
+    """Each button acts on the picked job (`queue_action`) and says what it did; the table and
+    the run order follow on the next tick (`queue_tab_updates`)."""
 
     def handler(action):
         def act(job_id):
             kind, text = queue_action(queue, action, job_id)
-            jobs = queue.jobs()
-            positions = {j.id: queue.position(j.id) for j in jobs if j.state == QUEUED}
-            return note_html(text, kind), queue_html(jobs), run_order_html(jobs, positions)
+            return note_html(text, kind)
 
         return act
 
@@ -160,7 +165,7 @@ def wire_queue_tab(queue, tab: QueueTab) -> None:
         button.click(
             handler(action),
             inputs=[tab.pick],
-            outputs=[tab.message, tab.table, tab.order],
+            outputs=[tab.message],
             show_progress="hidden",
             api_visibility="private",
             concurrency_limit=None,
