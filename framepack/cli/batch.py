@@ -72,11 +72,16 @@ def cmd_batch(args: argparse.Namespace) -> None:
         print(f"running {job.name} (line {job.line}, rank {rank})", flush=True)
         try:
             model = model_or_default(job.model or args.model)  # as generate: the demo model
-            if loaded is None or loaded[0] != model:
+            key = (model, job.settings.ram_budget)  # under a RAM budget the weights wait in their files
+            if loaded is None or loaded[0] != key:
                 loaded = None
                 # With a budget the weights wait on the host (load_bundle); a later job of the same
                 # model without one moves them onto the device, one with one plans them there.
-                loaded = (model, load_bundle(model, device=device, vram_budget=job.settings.vram_budget))
+                s = job.settings
+                loaded = (
+                    key,
+                    load_bundle(model, device=device, vram_budget=s.vram_budget, ram_budget=s.ram_budget),
+                )
             open_run(loaded[1], job.request()).run(args.out)
         except ValueError as e:
             failed.append(job.name)

@@ -192,6 +192,12 @@ def _device_options(p) -> None:
         "only what fits visits the device; transformer blocks beyond it stream",
     )
     p.add_argument(
+        "--ram-budget",
+        metavar="GB|auto",
+        help="host memory for weights: a bundle larger than this is read from its files as it runs "
+        "(on a CPU it bounds all weights; auto: the memory available now, less room for the system)",
+    )
+    p.add_argument(
         "--fp8-weights",
         action="store_true",
         help="fp8 copies of streamed blocks: half the transfers, but more host RAM (the originals stay)",
@@ -252,6 +258,10 @@ def _plan_line(run, args: argparse.Namespace) -> str:
         from ..pipeline.budget import bundle_need
 
         line += f"; besides weights the device holds {bundle_need(run.bundle, prepared).describe()}"
+    if prepared.settings.vram_budget is not None or prepared.settings.ram_budget is not None:
+        from ..pipeline.tiers import tier_plan
+
+        line += f"; {tier_plan(run.bundle, prepared).describe()}"
     return line + "."
 
 
@@ -314,6 +324,7 @@ def _settings(args: argparse.Namespace):
         cache_coefficients=cache_coefficients,
         vram_budget=args.vram_budget,
         fp8_weights=args.fp8_weights,
+        ram_budget=args.ram_budget,
     )
 
 
@@ -347,8 +358,14 @@ def _open(args: argparse.Namespace, job):
         check_out_folder(args.out)
     check_events_file(args.events)
     _quiet_loaders()
-    budget = request.settings.vram_budget if job is None else job.vram_budget  # a job's own budget
-    bundle = load_bundle(args.model, device=device, vram_budget=budget, dtypes=dtypes)
+    settings = request.settings if job is None else job  # a resumed job's own budgets
+    bundle = load_bundle(
+        args.model,
+        device=device,
+        vram_budget=settings.vram_budget,
+        dtypes=dtypes,
+        ram_budget=settings.ram_budget,
+    )
     stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     return open_run(bundle, request, checked)
 

@@ -91,6 +91,35 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
     ms = (time.perf_counter() - start) * 1000
     print(f"smoke test: one packed section (tiny random model) -> velocity {tuple(v.shape)} in {ms:.0f} ms")
+    if args.model or args.vram_budget or args.ram_budget:
+        print(_memory_plan(args))
+
+
+def _memory_plan(args: argparse.Namespace) -> str:
+    """The tiers of a `--seconds` run of `--model` at its resolution under the given budgets, from
+    the files' headers alone (`framepack.pipeline.tiers`); a budget too small is a UserError."""
+    import numpy as np
+
+    from ..pipeline.bundle import load_bundle
+    from ..pipeline.settings import GenerationSettings, prepare
+    from ..pipeline.tiers import tier_plan
+    from .common import cli_device, cli_model
+
+    model, device = cli_model(args.model), cli_device(args.device)
+    settings = GenerationSettings(
+        prompt="a plan", seconds=args.seconds, vram_budget=args.vram_budget, ram_budget=args.ram_budget
+    )
+    try:
+        bundle = load_bundle(
+            model, device, vram_budget=args.vram_budget, ram_budget=args.ram_budget, lazy=True
+        )
+        side = bundle.manifest.resolution
+        prepared = prepare(bundle, settings, np.full((side, side, 3), 127, np.uint8))
+        tiers = tier_plan(bundle, prepared)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    size = f"{prepared.image.shape[1]}x{prepared.image.shape[0]}"
+    return f"memory plan of a {args.seconds:g} s {size} run of {model} on {device}: {tiers.describe()}"
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -117,7 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="framepack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="versions, model specs and a smoke run on this machine")
+    p = sub.add_parser(
+        "info", help="versions, model specs, a smoke run, and a model's memory plan under budgets"
+    )
+    p.add_argument(
+        "--model", help="also state where this bundle's weights would live (read from headers only)"
+    )
+    p.add_argument("--device", default="auto", help="the device of that plan (default: CUDA if available)")
+    p.add_argument("--vram-budget", metavar="GB|auto", help="the plan under this device budget")
+    p.add_argument("--ram-budget", metavar="GB|auto", help="the plan under this host memory budget")
+    p.add_argument("--seconds", type=float, default=5.0, help="the planned video's length (default 5)")
     p.set_defaults(func=cmd_info)
 
     from .batch import add_parser as add_batch

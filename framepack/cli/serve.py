@@ -35,6 +35,12 @@ def add_parser(sub) -> None:
         help="device memory for all weights: they load onto the host, and it is the budget of jobs "
         "that give none ('none' in the form: everything on the device)",
     )
+    p.add_argument(
+        "--ram-budget",
+        metavar="GB|auto",
+        help="host memory for weights: a bundle larger than this is read from its files as jobs run "
+        "(on a CPU it bounds all weights)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -100,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         auth = parse_auth(args.auth)
         device = resolve_device(args.device)
         parse_budget(args.vram_budget)
+        parse_budget(args.ram_budget, "RAM")
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.host not in LOOPBACK:
@@ -129,11 +136,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         library.disable_progress_bar()
         library.set_verbosity_error()
     try:
-        bundle = load_bundle(args.model, device=device, vram_budget=args.vram_budget)
+        bundle = load_bundle(
+            args.model, device=device, vram_budget=args.vram_budget, ram_budget=args.ram_budget
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
-    queue = JobQueue(bundle, outputs, vram_budget=args.vram_budget)
+    queue = JobQueue(bundle, outputs, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:
         launch(app, outputs, host=args.host, port=args.port, auth=auth)

@@ -83,14 +83,21 @@ class JobQueue:
     `vram_budget` (the server's `--vram-budget`, for a bundle loaded onto the host with it) is the
     budget of new jobs that give none; a job's own budget wins, and "none" runs it with every
     weight on the device (the bundle moves there, which works when it fits). Resumed jobs keep
-    the budget they were started with.
+    the budget they were started with. `ram_budget` (the server's `--ram-budget`, for a bundle
+    loaded with it) is every job's RAM budget: the bundle's weights wait where it put them.
     """
 
     def __init__(
-        self, bundle, out_dir: str | Path, start: bool = True, vram_budget: str | float | None = None
+        self,
+        bundle,
+        out_dir: str | Path,
+        start: bool = True,
+        vram_budget: str | float | None = None,
+        ram_budget: str | float | None = None,
     ):
         self.bundle = bundle
         self.vram_budget = vram_budget
+        self.ram_budget = ram_budget
         self.out_dir = Path(out_dir)
         self._cond = threading.Condition()
         self._jobs: dict[int, QueuedJob] = {}
@@ -139,6 +146,8 @@ class JobQueue:
         """
         if settings.vram_budget is None and self.vram_budget is not None:  # the server's budget
             settings = dataclasses.replace(settings, vram_budget=self.vram_budget)
+        if self.ram_budget is not None:
+            settings = dataclasses.replace(settings, ram_budget=self.ram_budget)
         request = Request(settings, image, video, one_frame, tuple(one_frame_groups))
         try:
             run = open_run(self.bundle, request)

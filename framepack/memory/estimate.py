@@ -155,6 +155,7 @@ class DeviceNeed:
     vae_decode: int = 0
     overhead: int = 0  # CUDA context and workspaces
     margin: float = 0.0  # fraction of the budget (less `overhead`) for the allocator
+    memory: str = "VRAM"  # the budget's name in a refusal: VRAM, or RAM on a CPU under --ram-budget
 
     @property
     def working(self) -> int:
@@ -196,7 +197,7 @@ class DeviceNeed:
         step = 10 if need >= GIB else 1000  # GiB to one decimal, or to the MiB below 1 GiB
         gib = math.ceil(need / GIB * step) / step
         raise ValueError(
-            f"a VRAM budget of {total / GIB:.3g} GiB cannot hold this run at {size} (it needs at least "
-            f"{format_bytes(need)}: {format_bytes(weights)} of weights, {self.describe()}); "
-            f"give --vram-budget {gib:g} or more."
+            f"a {self.memory} budget of {total / GIB:.3g} GiB cannot hold this run at {size} (it needs "
+            f"at least {format_bytes(need)}: {format_bytes(weights)} of weights, {self.describe()}); "
+            f"give --{self.memory.lower()}-budget {gib:g} or more."
         )

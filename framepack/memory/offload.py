@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..io.weights import DiskSource, disk_source, on_disk, placeholder
+from .disk import move_module, read_source
 from .estimate import DeviceNeed
 from .hooks import release
 from .streaming import (
@@ -49,6 +51,7 @@ __all__ = [
     "on_device",
     "pin_host",
     "plan_offload",
+    "plan_visits",
     "vae_decode_bytes",
     "vae_tiles",
 ]
@@ -73,11 +76,26 @@ def layers_of(module: nn.Module) -> list[nn.Module]:
 
 @dataclass
 class _Parked:
-    """One parked tensor: its host copy and the empty placeholder it holds meanwhile."""
+    """One parked tensor: its host copy (or its place in a weight file: a disk-backed module) and
+    the empty placeholder it holds meanwhile."""
 
     tensor: torch.Tensor  # the parameter / buffer whose `.data` is swapped
-    host: torch.Tensor
+    host: torch.Tensor | DiskSource
     empty: torch.Tensor
+
+    def on_host(self) -> torch.Tensor:
+        """What the tensor holds between runs: its host copy, or its memory-free disk placeholder."""
+        return placeholder(self.host, self.empty.dtype) if isinstance(self.host, DiskSource) else self.host
+
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        """A new copy on `device` (read from the file for the disk tier)."""
+        if isinstance(self.host, DiskSource):
+            return read_source(self.host, self.empty.dtype, device)
+        return self.host.to(device, non_blocking=True, copy=True)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.nbytes if isinstance(self.host, DiskSource) else tensor_bytes([self.host])
 
 
 @dataclass
@@ -107,9 +125,13 @@ class Offloader:
         entries = []
         for t in module_tensors(module):
             data = t.data
-            host = data if data.device.type == "cpu" else data.to("cpu")
-            if pin and module in self.managed:  # visitors come back often: pinned copies are fast
-                host = host.pin_memory()
+            source = disk_source(t)
+            if source is not None:  # disk-backed: it visits from its file, no host copy is kept
+                host = source
+            else:
+                host = data if data.device.type == "cpu" else data.to("cpu")
+                if pin and module in self.managed:  # visitors come back often: pinned copies are fast
+                    host = host.pin_memory()
             entries.append(_Parked(t, host, torch.empty(0, dtype=data.dtype, device=self.device)))
             t.data = entries[-1].empty
         self.parked[id(module)] = entries
@@ -117,7 +139,7 @@ class Offloader:
     def unpark(self, module: nn.Module) -> None:
         """Give `module` its host weights back (no copy to the device)."""
         for e in self.parked.pop(id(module), ()):
-            e.tensor.data = e.host
+            e.tensor.data = e.on_host()
 
     @contextmanager
     def use(self, module: nn.Module) -> Iterator[int | None]:
@@ -137,10 +159,10 @@ class Offloader:
         name = type(module).__name__
         plan = self.streamed.get(id(module))
         if plan is None:
-            size = tensor_bytes([e.host for e in entries])
+            size = sum(e.nbytes for e in entries)
             self.ledger.add(size, name)
             for e in entries:
-                e.tensor.data = e.host.to(self.device, non_blocking=True, copy=True)
+                e.tensor.data = e.on_device(self.device)
             try:
                 yield self.room()
             finally:
@@ -149,7 +171,7 @@ class Offloader:
                 self.ledger.remove(size, name)
             return
         for e in entries:  # too big to visit whole: its layers stream, the rest comes in
-            e.tensor.data = e.host
+            e.tensor.data = e.on_host()
         streamer = WeightStreamer(module, plan, self.device, self.ledger, layers_of(module)).attach()
         try:
             yield self.room()
@@ -218,7 +240,7 @@ def pin_host(module: nn.Module) -> None:
     """Page-lock `module`'s host weights one tensor at a time, the copies CUDA streams from (never a
     second copy of the module; the planner's own `pin_memory` calls then copy nothing)."""
     for t in module_tensors(module):
-        if t.device.type == "cpu" and not t.is_pinned():
+        if t.device.type == "cpu" and not t.is_pinned() and not on_disk(t):  # placeholders hold nothing
             t.data = t.data.pin_memory()
 
 
@@ -234,15 +256,11 @@ def plan_offload(
     visitors: Sequence[nn.Module],
     device: torch.device | str,
     vram_budget: str | float | None,
-    reserve: int | None = None,
-    beside: nn.Module | None = None,
-    fp8: bool = False,
-    need: DeviceNeed | None = None,
-    run_size: str = "this size",
+    **options,
 ) -> Offloader:
     """Plan the encoders' and the VAE's visits for `vram_budget` (GiB, "auto" or None) and park them.
 
-    `beside` is the visitor used while the transformer holds the device (the VAE, for decoding
+    The `options` (`reserve`, `beside`, `fp8`, `need`, `run_size`) are `plan_visits`'s. `beside` is the visitor used while the transformer holds the device (the VAE, for decoding
     between sections); the transformer's budget leaves room for it (its plan checked with `fp8` host
     copies when asked, so a too small budget fails before any work). `reserve` bytes are kept for
     activations (default: `streaming.default_reserve`); `need` (`estimate.DeviceNeed`, the run's
@@ -250,18 +268,49 @@ def plan_offload(
     replaces it, and also counts on a CPU. On a CPU, where activations share the host's
     memory with everything else, the budget bounds the weights only, unless `reserve` is given
     (then `Offloader.room` also picks the VAE's decode tile there). Raises ValueError when a module
-    cannot fit.
+    cannot fit. `plan_visits` is the same plan with nothing moved.
     """
     device = torch.device(device)
     held = nn.ModuleList([transformer, *visitors])  # "auto": what they hold counts as free
-    total = budget_bytes(parse_budget(vram_budget), device, held)
-    if total is None:  # no budget: modules an earlier budget left on the host come back
-        for m in visitors:
+    if budget_bytes(parse_budget(vram_budget), device, held) is None:
+        for m in visitors:  # no budget: modules an earlier budget left on the host come back
             away = m.__dict__.pop(_AWAY, None)
             if away is not None:
-                m.to(away)
+                move_module(m, away)
         return Offloader(device, None, None)
     release(transformer)  # an earlier run's streaming comes off, so its bytes count (`place_weights` would)
+    off = plan_visits(transformer, visitors, device, vram_budget, **options)
+    for m in visitors:
+        off.managed.append(m)
+        m.__dict__[_MANAGED] = off
+        m.__dict__.pop(_AWAY, None)
+        if off.resident:  # everything fits: it all stays on the device
+            move_module(m, device)
+        else:
+            off.park(m)
+    if off.resident:
+        off.ledger.add(sum(module_bytes(m) for m in visitors), "encoders and VAE")
+    return off
+
+
+def plan_visits(
+    transformer: nn.Module,
+    visitors: Sequence[nn.Module],
+    device: torch.device | str,
+    vram_budget: str | float | None,
+    reserve: int | None = None,
+    beside: nn.Module | None = None,
+    fp8: bool = False,
+    need: DeviceNeed | None = None,
+    run_size: str = "this size",
+) -> Offloader:
+    """`plan_offload`'s plan (the budget's shares, which visitors stream their layers), with
+    nothing registered, parked or moved; ValueError (one sentence) when a module cannot fit."""
+    device = torch.device(device)
+    held = nn.ModuleList([transformer, *visitors])
+    total = budget_bytes(parse_budget(vram_budget), device, held)
+    if total is None:
+        return Offloader(device, None, None)
     if need is not None:
         reserve = need.reserve(total)
     weights = total - (default_reserve(total, device) if reserve is None else reserve)
@@ -269,40 +318,30 @@ def plan_offload(
     off = Offloader(
         device, total, weights, activations=device.type != "cpu" or reserve is not None, need=need
     )
-    fits = module_bytes(transformer) + sum(sizes) <= weights
-    if not fits:  # every check before anything is registered or moved
-        off.resident = False
-        off.transformer_budget = weights - (0 if beside is None else module_bytes(beside))
-        least = plan_memory(transformer, None, fp8=fp8).least_bytes  # non-block weights and one block
-        if need is not None:  # too small: one sentence, before any work
-            need.check(total, least + (0 if beside is None else module_bytes(beside)), run_size)
-        elif off.transformer_budget < least:  # the same test, with the old reserve
-            kept = total - off.transformer_budget
-            raise ValueError(
-                f"a VRAM budget of {format_bytes(total)} is too small: the transformer needs at least "
-                f"{format_bytes(least)} (its non-block weights and one block) beside the "
-                f"{format_bytes(kept)} kept for the VAE and activations."
-            )
-        for m, size in zip(visitors, sizes, strict=True):
-            if size > weights:  # too big to visit whole: its layers stream
-                layers = layers_of(m)
-                if not layers:
-                    raise ValueError(
-                        f"the {type(m).__name__} needs {format_bytes(size)}, more than the budget's "
-                        f"{format_bytes(weights)} of weights."
-                    )
-                off.streamed[id(m)] = plan_memory(m, weights, blocks=layers)
-    for m in visitors:
-        off.managed.append(m)
-        m.__dict__[_MANAGED] = off
-        m.__dict__.pop(_AWAY, None)
-        if fits:  # everything fits: it all stays on the device
-            m.to(device)
-        else:
-            off.park(m)
-    if fits:
-        off.ledger.add(sum(sizes), "encoders and VAE")
+    if module_bytes(transformer) + sum(sizes) <= weights:
         off.transformer_budget = weights - sum(sizes)
+        return off
+    off.resident = False
+    off.transformer_budget = weights - (0 if beside is None else module_bytes(beside))
+    least = plan_memory(transformer, None, fp8=fp8).least_bytes  # non-block weights and one block
+    if need is not None:  # too small: one sentence, before any work
+        need.check(total, least + (0 if beside is None else module_bytes(beside)), run_size)
+    elif off.transformer_budget < least:  # the same test, with the old reserve
+        kept = total - off.transformer_budget
+        raise ValueError(
+            f"a VRAM budget of {format_bytes(total)} is too small: the transformer needs at least "
+            f"{format_bytes(least)} (its non-block weights and one block) beside the "
+            f"{format_bytes(kept)} kept for the VAE and activations."
+        )
+    for m, size in zip(visitors, sizes, strict=True):
+        if size > weights:  # too big to visit whole: its layers stream
+            layers = layers_of(m)
+            if not layers:
+                raise ValueError(
+                    f"the {type(m).__name__} needs {format_bytes(size)}, more than the budget's "
+                    f"{format_bytes(weights)} of weights."
+                )
+            off.streamed[id(m)] = plan_memory(m, weights, blocks=layers)
     return off
 
 

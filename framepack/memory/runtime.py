@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .disk import move_module
 from .hooks import release
 from .offload import Offloader, module_bytes
 from .streaming import (
@@ -104,7 +105,7 @@ def place_weights(
             placed.ledger = placed.ledger if placed.ledger is not None else ByteLedger(keep_events=False)
             placed.streamer = WeightStreamer(model, plan, device, placed.ledger).attach()
     if placed.streamer is None:
-        model.to(device)
+        move_module(model, device)
         if placed.ledger is not None:
             placed.counted = module_bytes(model)
             placed.ledger.add(placed.counted, "transformer")

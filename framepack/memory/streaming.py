@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..io.weights import DiskSource, disk_source, placeholder
+from .disk import DiskReader, aligned, available_ram, materialise
 from .hooks import HookHandle, add_hook
 
 __all__ = [
@@ -41,9 +43,11 @@ __all__ = [
     "format_bytes",
     "parse_budget",
     "plan_memory",
+    "ram_budget_bytes",
 ]
 
 GIB = 1024**3
+RAM_MARGIN = 2 * GIB  # host memory "auto" leaves to the OS and the runtime (torch, Python)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 
@@ -72,8 +76,9 @@ def _quantizable(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2
 
 
-def parse_budget(value: str | float | None) -> str | float | None:
-    """Validate a budget given by a person: None, "auto" or a positive number of GiB."""
+def parse_budget(value: str | float | None, what: str = "VRAM") -> str | float | None:
+    """Validate a budget given by a person: None, "auto" or a positive number of GiB (`what`
+    names the memory in the error: VRAM or RAM)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -83,14 +88,14 @@ def parse_budget(value: str | float | None) -> str | float | None:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"the VRAM budget {value!r} is not a number of GB or 'auto'.") from None
+            raise ValueError(f"the {what} budget {value!r} is not a number of GB or 'auto'.") from None
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(f"the VRAM budget must be a positive number of GB or 'auto', got {value!r}.")
+        raise ValueError(f"the {what} budget must be a positive number of GB or 'auto', got {value!r}.")
     return float(value)
 
 
@@ -113,6 +118,18 @@ def budget_bytes(
         on = torch.device("cuda", index)
         held = 0 if model is None else tensor_bytes([t for t in module_tensors(model) if t.device == on])
         return int(free + held)
+    return round(float(budget) * GIB)
+
+
+def ram_budget_bytes(budget: str | float | None) -> int | None:
+    """Bytes of a RAM budget given by a person (GiB or "auto"); None: no limit. "auto" is the
+    memory available now less what the OS and the Python runtime keep (`RAM_MARGIN` or a tenth)."""
+    budget = parse_budget(budget, "RAM")
+    if budget is None:
+        return None
+    if budget == "auto":
+        free = available_ram()
+        return int(free - max(RAM_MARGIN, free // 10))
     return round(float(budget) * GIB)
 
 
@@ -251,10 +268,11 @@ class ByteLedger:
 
 @dataclass
 class _Entry:
-    """One streamed tensor: its host copy (maybe fp8 with row scales) and its device version."""
+    """One streamed tensor: its host copy (maybe fp8 with row scales) or its place in a weight
+    file (the disk tier), and its device version."""
 
     tensor: torch.Tensor  # the parameter / buffer whose `.data` is swapped
-    host: torch.Tensor  # what is copied to the device
+    host: torch.Tensor | DiskSource  # what is copied (read) to the device
     empty: torch.Tensor  # the placeholder while the block is not on the device
     original: torch.Tensor  # what `detach` gives back: the data itself, or its host copy (see `home`)
     home: torch.device  # where the data was before `attach`
@@ -264,6 +282,15 @@ class _Entry:
     def restore(self) -> None:
         """Give the tensor back its data from before `attach` (copied back to a device it came from)."""
         self.tensor.data = self.original if self.original.device == self.home else self.original.to(self.home)
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.host, DiskSource)
+
+    def new_staged(self, device: torch.device) -> torch.Tensor:
+        """An uninitialised device tensor the host copy (or the file's bytes) goes into."""
+        dtype = self.empty.dtype if self.on_disk else self.host.dtype
+        return torch.empty(self.host.shape, dtype=dtype, device=device)
 
 
 class WeightStreamer:
@@ -292,6 +319,9 @@ class WeightStreamer:
         self.transfers = 0  # bytes copied host -> device
         self.resident_bytes = 0  # what `attach` put on the ledger
         self.kept: list[tuple[nn.Module, str, torch.Tensor]] = []  # the rest's data before `attach`
+        self.reader: DiskReader | None = None  # reads the blocks that stream from their files
+        self.reads: dict[int, object] = {}  # block -> the Future of its read from disk
+        self.disk_bytes = 0  # bytes read from weight files for the streamed blocks
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> WeightStreamer:
@@ -302,6 +332,7 @@ class WeightStreamer:
                 entries.append(self._offload(t))
             self.entries[i] = entries
         streamed = {id(e.tensor) for entries in self.entries.values() for e in entries}
+        self._start_reader()
         for module in self.model.modules():  # `to` replaces buffers: they are put back by name
             for name, p in module._parameters.items():
                 if p is not None and id(p) not in streamed:
@@ -309,7 +340,10 @@ class WeightStreamer:
             for name, b in module._buffers.items():
                 if b is not None and id(b) not in streamed:
                     self.kept.append((module, name, b))
-        self.model.to(self.device)  # the placeholders are empty: this moves base + resident blocks
+        # The streamed tensors hold empty placeholders: this reads in (a disk-backed model) and
+        # moves the base and the resident blocks.
+        materialise(self.model, self.device)
+        self.model.to(self.device)
         self.resident_bytes = self.plan.base_bytes + sum(
             b for b, r in zip(self.plan.block_bytes, self.plan.resident, strict=True) if r
         )
@@ -320,7 +354,23 @@ class WeightStreamer:
             self.handles.append(add_hook(self.blocks[i], _BlockHook(self, k)))
         return self
 
+    def _start_reader(self) -> None:
+        """A `DiskReader` when some streamed block lives in its files, with a staging slot per
+        device slot (each the largest such block, every tensor 64-byte aligned)."""
+        sizes = [
+            sum(aligned(math.prod(e.host.shape) * e.empty.element_size()) for e in entries if e.on_disk)
+            for entries in self.entries.values()
+        ]
+        if max(sizes, default=0):
+            self.reader = DiskReader(self.device, max(self.plan.slots, 1), max(sizes))
+
     def _offload(self, t: torch.Tensor) -> _Entry:
+        source = disk_source(t)
+        if source is not None:  # the disk tier: the block is read from its file whenever it runs
+            empty = torch.empty(0, dtype=t.dtype, device=self.device)
+            entry = _Entry(t, source, empty, placeholder(source, t.dtype), torch.device("cpu"))
+            t.data = empty  # any copy read in before (a resident run) is given back
+            return entry
         data = t.data
         original = data if data.device.type == "cpu" else data.to("cpu")  # the full-precision host copy
         scale = None
@@ -361,6 +411,9 @@ class WeightStreamer:
         self.kept.clear()
         self.ledger.remove(self.resident_bytes, "resident")  # the ledger may be shared (offload.py)
         self.resident_bytes = 0
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     # ------------------------------------------------------------------ loads and drops
     def _load(self, i: int) -> None:
@@ -368,7 +421,12 @@ class WeightStreamer:
         entries = self.entries[i]
         self.ledger.add(self.plan.load_bytes[i], f"block {i}")
         for e in entries:  # allocated in the compute stream's order: the memory of dropped blocks is reused
-            e.staged = torch.empty(e.host.shape, dtype=e.host.dtype, device=self.device)
+            e.staged = e.new_staged(self.device)
+        from_disk = [(e.host, e.staged) for e in entries if e.on_disk]
+        if from_disk:  # read (and on CUDA copied) by the reader's thread while the current block computes
+            self.reads[i] = self.reader.submit(from_disk)
+            self.disk_bytes += sum(source.nbytes for source, _ in from_disk)
+            entries = [e for e in entries if not e.on_disk]
         if self.cuda:
             ready = torch.cuda.current_stream(self.device).record_event()
             with torch.cuda.stream(self.side):
@@ -380,14 +438,12 @@ class WeightStreamer:
             for e in entries:
                 e.staged.copy_(e.host)
             done = None
-        self.transfers += sum(e.host.numel() * e.host.element_size() for e in entries)
+        self.transfers += sum(e.host.numel() * e.host.element_size() for e in entries)  # from host memory
         self.loaded[i] = done
 
     def _install(self, i: int) -> None:
         """Wait for block `i`'s copy and put its weights in place (upcasting fp8 tensor by tensor)."""
-        done = self.loaded[i]
-        if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
+        self._wait(i)
         for e in self.entries[i]:
             if e.scale is None:
                 e.tensor.data = e.staged
@@ -396,10 +452,20 @@ class WeightStreamer:
             e.staged = None
         self.installed.add(i)
 
-    def _drop(self, i: int) -> None:
+    def _wait(self, i: int) -> None:
+        """The compute stream waits until block `i`'s copies (and reads from disk) are done."""
         done = self.loaded[i]
-        if done is not None and i not in self.installed:  # a copy may still be writing into it
+        if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
+        read = self.reads.pop(i, None)
+        if read is not None:
+            copied = read.result()  # re-raises a failed read here
+            if copied is not None:
+                torch.cuda.current_stream(self.device).wait_event(copied)
+
+    def _drop(self, i: int) -> None:
+        if i not in self.installed:  # a copy or a read may still be writing into it
+            self._wait(i)
         for e in self.entries[i]:
             e.staged = None
             e.tensor.data = e.empty

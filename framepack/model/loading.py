@@ -17,29 +17,32 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..io.weights import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    disk_source,
+    file_sources,
+    read_header,
+    set_disk_source,
+)
 from ..packing.schedule import Kernel
 from .config import RELEASE_CLASS_NAMES, TransformerConfig, default_rope_axes
 from .transformer import PackedTransformer
 
-__all__ = ["CheckpointError", "load_transformer", "save_transformer", "infer_config"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "CheckpointError",
+    "infer_config",
+    "load_transformer",
+    "read_header",
+    "save_transformer",
+]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Prefixes that community single-file checkpoints put before the diffusers names.
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
-_FLOAT_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one sentence for the user."""
 
 
 def _pickle_refusal(path: Path) -> CheckpointError:
@@ -56,47 +59,9 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _read_header(path: Path) -> tuple[dict, dict, int]:
-    """Tensor entries, metadata and data offset of a safetensors file, read from its header alone."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path.name} is empty or truncated (no safetensors header).")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > min(size - 8, 100_000_000):
-                if head.startswith(b"version "):
-                    raise CheckpointError(
-                        f"{path.name} is not a safetensors file but a git-lfs pointer; run `git lfs pull` to fetch the weights."
-                    )
-                raise CheckpointError(f"{path.name} is not a safetensors file (bad header length).")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file ({e}).") from None
-    malformed = CheckpointError(f"{path.name} is not a safetensors file (malformed header).")
-    if not isinstance(header, dict):
-        raise malformed
-    meta = header.pop("__metadata__", None) or {}
-    end = 0
-    for entry in header.values():
-        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list)
-        offsets = entry.get("data_offsets") if ok else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise malformed
-        if not 0 <= offsets[0] <= offsets[1]:
-            raise malformed
-        end = max(end, offsets[1])
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path.name} is truncated: its header promises {8 + n + end} bytes, it has {size}."
-        )
-    return header, meta, 8 + n
-
-
 def _read_tensor(f, entry: dict, data_start: int, name: str) -> torch.Tensor:
     """Read one tensor into a fresh (aligned, owned) buffer: no mapping of the whole file."""
-    stored = _FLOAT_DTYPES[entry["dtype"]]
+    stored = FLOAT_DTYPES[entry["dtype"]]
     tensor = torch.empty(entry["shape"], dtype=stored)
     start, stop = entry["data_offsets"]
     if stop - start != tensor.numel() * tensor.element_size():
@@ -198,14 +163,18 @@ def _shards_of(directory: Path) -> list[Path]:
 
 
 def _materialise(
-    config: TransformerConfig, shards: list[Path], dtype: torch.dtype | None, device: torch.device | str
+    config: TransformerConfig,
+    shards: list[Path],
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    lazy: bool = False,
 ) -> PackedTransformer:
     with torch.device("meta"):
         model = PackedTransformer(config)
     expected = dict(model.named_parameters())
     seen: set[str] = set()
     for shard in shards:
-        header, _, data_start = _read_header(shard)
+        header, _, data_start = read_header(shard)
         names = {}
         for key, entry in header.items():  # check everything before reading any tensor
             name = _strip_prefix(key)
@@ -215,7 +184,7 @@ def _materialise(
                 )
             if name in seen or name in names.values():
                 raise CheckpointError(f"{shard.name} repeats the key {key!r}.")
-            if entry.get("dtype") not in _FLOAT_DTYPES:
+            if entry.get("dtype") not in FLOAT_DTYPES:
                 raise CheckpointError(
                     f"{key} in {shard.name} has dtype {entry.get('dtype')}, not a float type."
                 )
@@ -225,6 +194,15 @@ def _materialise(
                     f"{key} in {shard.name} has shape {tuple(entry['shape'])}, the model expects {want}."
                 )
             names[key] = name
+        if lazy:  # every weight stays in its file until a run reads it (`framepack.memory.disk`)
+            sources = file_sources(shard)
+            for key, name in names.items():
+                stored = sources[key].stored
+                target = dtype or (torch.bfloat16 if stored.itemsize == 1 else stored)
+                module_name, _, attr = name.rpartition(".")
+                set_disk_source(model.get_submodule(module_name), attr, sources[key], target)
+                seen.add(name)
+            continue
         try:
             with open(shard, "rb") as f:
                 for key, name in names.items():
@@ -244,7 +222,12 @@ def _materialise(
     dtypes = {p.dtype for p in model.parameters()}
     if dtype is None and len(dtypes) > 1:  # mixed storage: unify on the most common dtype
         common = max(dtypes, key=lambda d: sum(p.numel() for p in model.parameters() if p.dtype == d))
-        model.to(common)
+        if lazy:
+            for name, p in list(model.named_parameters()):
+                module_name, _, attr = name.rpartition(".")
+                set_disk_source(model.get_submodule(module_name), attr, disk_source(p), common)
+        else:
+            model.to(common)
     return model.eval().requires_grad_(False)
 
 
@@ -279,11 +262,14 @@ def load_transformer(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    lazy: bool = False,
 ) -> PackedTransformer:
     """Load a packed transformer from a directory, a `.safetensors` file or a hub repo id.
 
     `dtype=None` keeps the stored dtype (fp8 storage becomes bf16). Hub ids may name a subfolder
-    as `owner/name:subfolder`. Raises `CheckpointError` with one sentence on a bad checkpoint.
+    as `owner/name:subfolder`. `lazy`: every weight is checked but stays in its file, a
+    `meta` placeholder with its `DiskSource` (`framepack.io.weights`) until a run reads it.
+    Raises `CheckpointError` with one sentence on a bad checkpoint.
     """
     p = Path(path)
     looks_like_file = p.suffix in (".safetensors", ".json", ".gguf", *PICKLE_SUFFIXES)
@@ -295,13 +281,13 @@ def load_transformer(
             if any(q.suffix in PICKLE_SUFFIXES for q in p.iterdir()):
                 raise _pickle_refusal(next(q for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES))
             raise CheckpointError(f"{p} has no config.json; it is not a model directory.")
-        return _materialise(_config_from_json(config_path), _shards_of(p), dtype, device)
+        return _materialise(_config_from_json(config_path), _shards_of(p), dtype, device, lazy)
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             raise _pickle_refusal(p)
         if p.suffix != ".safetensors":
             raise CheckpointError(f"{p.name} is not a .safetensors checkpoint.")
-        header, meta, _ = _read_header(p)
+        header, meta, _ = read_header(p)
         if "config" in meta:
             try:
                 config = TransformerConfig.from_dict(json.loads(meta["config"]))
@@ -309,7 +295,7 @@ def load_transformer(
                 raise CheckpointError(f"{p.name} carries a bad config in its metadata ({e}).") from None
         else:
             config = infer_config({_strip_prefix(k): tuple(v["shape"]) for k, v in header.items()})
-        return _materialise(config, [p], dtype, device)
+        return _materialise(config, [p], dtype, device, lazy)
     raise CheckpointError(f"{path} does not exist.")
 
 

@@ -22,13 +22,14 @@ LOADED_BUNDLES: OrderedDict[tuple[str, str, str], object] = OrderedDict()  # (mo
 _KEEP = 2  # bundles kept loaded
 
 
-def loaded_bundle(model: str, device: str, vram_budget=None):
+def loaded_bundle(model: str, device: str, vram_budget=None, ram_budget=None):
     """The bundle `model` for runs on `device`, loaded once per place its weights wait (`home`):
-    on the device, or on the host for a run with a VRAM budget (`bundle.weights_home`). Loading it
-    one way drops a cached copy loaded the other way, so one model never holds the device twice."""
+    on the device, on the host for a run with a VRAM budget (`bundle.weights_home`), or in their
+    files under a RAM budget. Loading it one way drops a cached copy loaded another way, so one
+    model never holds the device (or the host) twice."""
     from .bundle import load_bundle, weights_home
 
-    home = str(weights_home(device, vram_budget))
+    home = str(weights_home(device, vram_budget)) + ("" if ram_budget is None else f", RAM {ram_budget}")
     key = (model, device, home)
     if key in LOADED_BUNDLES:
         LOADED_BUNDLES.move_to_end(key)
@@ -38,7 +39,7 @@ def loaded_bundle(model: str, device: str, vram_budget=None):
     while len(LOADED_BUNDLES) >= _KEEP:
         LOADED_BUNDLES.popitem(last=False)
     gc.collect()  # the dropped weights go before the new ones arrive
-    LOADED_BUNDLES[key] = load_bundle(model, device=device, vram_budget=vram_budget)
+    LOADED_BUNDLES[key] = load_bundle(model, device=device, vram_budget=vram_budget, ram_budget=ram_budget)
     return LOADED_BUNDLES[key]
 
 
@@ -92,11 +93,14 @@ def generate_iter(
         job = job_to_resume(resume)
         if model is None and job.model is None:
             raise ValueError(f"the job {job.root} does not record its model directory; pass model=.")
-        bundle = loaded_bundle(str(model or job.model), device, job.vram_budget)  # the job's own budget
+        bundle = loaded_bundle(
+            str(model or job.model), device, job.vram_budget, job.ram_budget
+        )  # its own budgets
         yield from open_run(bundle, Request(resume=job.root)).events(job.root.parent, cancel)
         return
     request = _request(settings, image)
-    bundle = loaded_bundle(model_or_default(model), device, request.settings.vram_budget)
+    s = request.settings
+    bundle = loaded_bundle(model_or_default(model), device, s.vram_budget, s.ram_budget)
     yield from open_run(bundle, request).events("outputs" if out_dir is None else out_dir, cancel)
 
 

@@ -22,11 +22,31 @@ from ..memory.estimate import (
     section_tokens,
 )
 from ..memory.offload import TILES, module_bytes, vae_decode_bytes
-from ..memory.streaming import budget_bytes, parse_budget, plan_memory
+from ..memory.streaming import GIB, budget_bytes, parse_budget, plan_memory, ram_budget_bytes
 
-__all__ = ["bundle_need", "check_budget", "context_tokens", "decode_shape", "run_need", "run_size"]
+__all__ = [
+    "bundle_need",
+    "check_budget",
+    "context_tokens",
+    "decode_shape",
+    "device_budget",
+    "run_need",
+    "run_size",
+]
 
 SIGLIP_TOKENS = 729  # the release's image encoder (384 px, 14 px patches), when its config says nothing
+
+
+def device_budget(settings, device) -> str | float | None:
+    """The budget (GiB or "auto") for the weights on the device a run computes on: its VRAM
+    budget, or on a CPU, whose memory is the host's, its RAM budget (the smaller of the two when
+    both are numbers). A RAM budget on a GPU bounds what waits on the host instead: the bundle
+    is then loaded disk-backed (`load_bundle(..., ram_budget=...)`)."""
+    vram = parse_budget(settings.vram_budget)
+    if torch.device(device).type != "cpu" or settings.ram_budget is None:
+        return vram
+    ram = ram_budget_bytes(settings.ram_budget) / GIB
+    return ram if vram in (None, "auto") else min(ram, vram)
 
 
 def run_size(prepared) -> str:
@@ -63,6 +83,7 @@ def run_need(cfg, vae: nn.Module, dtype: torch.dtype, prepared, device, text_tok
         ),  # the tile shrinks to the room left
         overhead=device_overhead(device),
         margin=ALLOCATOR_MARGIN if cuda else 0.0,
+        memory="RAM" if not cuda and s.ram_budget is not None else "VRAM",
     )
 
 
@@ -94,7 +115,7 @@ def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None
     from .named import read_component_config, read_manifest
 
     s = prepared.settings
-    total = budget_bytes(parse_budget(s.vram_budget), device)
+    total = budget_bytes(parse_budget(device_budget(s, device)), device)
     if total is None:
         return
     manifest = read_manifest(model)

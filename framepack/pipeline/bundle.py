@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..io.weights import empty_parameters, file_sources, set_disk_source
+from ..memory.streaming import ram_budget_bytes
 from .manifest import COMPONENTS, BundleError, Manifest, read_config
 from .named import locate
 
@@ -47,6 +49,7 @@ class Bundle:
     transformer: nn.Module  # framepack.model.PackedTransformer
     root: Path | None = None  # the bundle directory (None for a named bundle)
     target: torch.device | None = None  # where runs compute, when the weights were loaded elsewhere
+    from_files: bool = False  # its RAM budget keeps weights in their files (`load_bundle`)
 
     def modules(self) -> dict[str, nn.Module]:
         """The components with weights, by name."""
@@ -122,18 +125,31 @@ def _expect(component: str, found: Any, wanted: tuple[str, ...], what: str) -> N
 _UNUSED_WEIGHTS = ("head.",)
 
 
-def _load_transformers_model(component: str, directory: Path, model_types: tuple[str, ...], dtype):
+def _transformers_class(component: str):
     import transformers
 
-    classes = {
+    return {
         "text_encoder": transformers.LlamaModel,
         "text_encoder_2": transformers.CLIPTextModel,
         "image_encoder": transformers.SiglipVisionModel,
-    }
+    }[component]
+
+
+def _load_transformers_model(
+    component: str, directory: Path, model_types: tuple[str, ...], dtype, lazy: bool = False
+):
     _check_weights(component, directory)
     _expect(component, read_config(component, directory).get("model_type"), model_types, "model")
+    cls = _transformers_class(component)
+    if lazy:
+        with _loading(component, directory):
+            config = cls.config_class.from_pretrained(directory)
+            config._attn_implementation = "sdpa"  # what from_pretrained picks on torch >= 2.1.1
+            with empty_parameters():
+                model = cls(config)
+        return _disk_backed(component, model, directory, dtype)
     with _loading(component, directory):
-        model, info = classes[component].from_pretrained(
+        model, info = cls.from_pretrained(
             directory,
             dtype=dtype,
             use_safetensors=True,
@@ -143,6 +159,31 @@ def _load_transformers_model(component: str, directory: Path, model_types: tuple
         )
     _check_complete(component, info)
     return model
+
+
+def _disk_backed(component: str, model: nn.Module, directory: Path, dtype: torch.dtype) -> nn.Module:
+    """`model` (built by `empty_parameters`) with every parameter a placeholder read from the
+    component's safetensors files (`framepack.io.weights`); checked as `_check_complete` checks."""
+    sources = {}
+    with _loading(component, directory):
+        for path in sorted(directory.glob("*.safetensors")):
+            sources |= file_sources(path)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    for name, param in list(model.named_parameters()):
+        source = sources.get(name, sources.get(prefix + name))
+        if source is None:
+            if name.startswith(_UNUSED_WEIGHTS):
+                continue
+            raise BundleError(
+                f"the {component} component's checkpoint lacks the weight {name!r}; is it the right model?"
+            )
+        if source.shape != tuple(param.shape):
+            raise BundleError(
+                f"the {component} component's {name} has shape {source.shape}, the model expects {tuple(param.shape)}."
+            )
+        module_name, _, attr = name.rpartition(".")
+        set_disk_source(model.get_submodule(module_name), attr, source, dtype or source.stored)
+    return model.eval().requires_grad_(False)
 
 
 def _check_complete(component: str, info: dict) -> None:
@@ -155,7 +196,9 @@ def _check_complete(component: str, info: dict) -> None:
         )
 
 
-def _load_component(component: str, directory: Path, dtype: torch.dtype | None, device: torch.device | str):
+def _load_component(
+    component: str, directory: Path, dtype: torch.dtype | None, device: torch.device | str, lazy: bool = False
+):
     if not directory.is_dir():
         raise BundleError(f"the bundle lacks its {component} component (no folder {directory}).")
     if component in ("tokenizer", "tokenizer_2"):
@@ -175,17 +218,21 @@ def _load_component(component: str, directory: Path, dtype: torch.dtype | None, 
         )
         return processor
     if component == "text_encoder":
-        return _load_transformers_model(component, directory, ("llama",), dtype)
+        return _load_transformers_model(component, directory, ("llama",), dtype, lazy)
     if component == "text_encoder_2":
-        return _load_transformers_model(component, directory, ("clip_text_model",), dtype)
+        return _load_transformers_model(component, directory, ("clip_text_model",), dtype, lazy)
     if component == "image_encoder":
-        return _load_transformers_model(component, directory, ("siglip_vision_model",), dtype)
+        return _load_transformers_model(component, directory, ("siglip_vision_model",), dtype, lazy)
     if component == "vae":
         from diffusers import AutoencoderKLHunyuanVideo
 
         _check_weights(component, directory)
         found = read_config(component, directory).get("_class_name")
         _expect(component, found, ("AutoencoderKLHunyuanVideo",), "model")
+        if lazy:
+            with _loading(component, directory), empty_parameters():
+                vae = AutoencoderKLHunyuanVideo.from_config(AutoencoderKLHunyuanVideo.load_config(directory))
+            return _disk_backed(component, vae, directory, dtype)
         with _loading(component, directory):
             vae, info = AutoencoderKLHunyuanVideo.from_pretrained(
                 directory,
@@ -201,8 +248,19 @@ def _load_component(component: str, directory: Path, dtype: torch.dtype | None, 
 
         _check_weights(component, directory)
         with _loading(component, directory):
-            return load_transformer(directory, dtype=dtype, device=device)
+            return load_transformer(directory, dtype=dtype, device=device, lazy=lazy)
     raise AssertionError(component)
+
+
+def weight_bytes(dirs: Mapping[str, Path], dtypes: Mapping[str, torch.dtype | None]) -> int:
+    """Bytes the components' weights take in `dtypes` (None: as stored), from the files' headers."""
+    total = 0
+    for c, dtype in dtypes.items():
+        for path in sorted(Path(dirs[c]).glob("*.safetensors")):
+            with _loading(c, Path(dirs[c])):
+                sources = file_sources(path).values()
+            total += sum(s.numel * (dtype.itemsize if dtype else s.stored.itemsize) for s in sources)
+    return total
 
 
 def weights_home(device: torch.device | str, vram_budget: str | float | None) -> torch.device:
@@ -221,6 +279,8 @@ def load_bundle(
     cache_dir: str | os.PathLike | None = None,
     vram_budget: str | float | None = None,
     dtypes: Mapping[str, torch.dtype] | None = None,
+    ram_budget: str | float | None = None,
+    lazy: bool = False,
 ) -> Bundle:
     """Load a bundle directory or a named bundle (`NAMED_BUNDLES`, from the local hub cache).
 
@@ -231,10 +291,14 @@ def load_bundle(
     With a `vram_budget` (GiB or "auto") the weights load onto the host (`weights_home`; pinned
     for CUDA), shard by shard, and only a run's memory planner moves them onto `device`
     (`Bundle.device` stays `device`); a run without a budget moves them all there.
+    With a `ram_budget` (GiB or "auto") smaller than the weights, or any on a CPU, nothing is read: every weight
+    stays in its file (`framepack.io.weights`), and each run reads what its plan keeps, block by
+    block (`framepack.memory.disk`); `lazy=True` does so whatever the budget (`framepack info`).
     Raises `BundleError` (a ValueError) with one sentence naming the failing component.
     """
     try:
         home = weights_home(device, vram_budget)
+        ram = ram_budget_bytes(ram_budget)
     except ValueError as e:
         raise BundleError(str(e)) from None
     defaults = component_dtypes(device, dtype)  # the target's dtypes, wherever the weights wait
@@ -248,12 +312,18 @@ def load_bundle(
     dtypes = {**defaults, **(dtypes or {})}
     manifest, dirs = locate(name_or_path, cache_dir)
     root = Path(name_or_path) if Path(name_or_path).is_dir() else None
+    # On a CPU the run's plan under the RAM budget reads in what stays (all of it when it fits).
+    on_cpu = torch.device(device).type == "cpu"
+    from_files = ram is not None and (on_cpu or weight_bytes(dirs, dtypes) > ram)
+    lazy = lazy or from_files
+    if lazy:  # the weights wait in their files; placeholders live on the host
+        home = torch.device("cpu")
     from ..memory.offload import belongs_on, pin_host
 
     pin = home != torch.device(device) and torch.device(device).type == "cuda"
     loaded = {}
     for c in COMPONENTS:
-        loaded[c] = _load_component(c, dirs[c], dtypes.get(c), home)
+        loaded[c] = _load_component(c, dirs[c], dtypes.get(c), home, lazy)
         if c in dtypes:
             loaded[c] = loaded[c].to(home).eval().requires_grad_(False)
             if pin:
@@ -265,4 +335,4 @@ def load_bundle(
     if target is not None:
         for c in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
             belongs_on(loaded[c], target)  # a run without a budget takes them there
-    return Bundle(manifest=manifest, root=root, target=target, **loaded)
+    return Bundle(manifest=manifest, root=root, target=target, from_files=from_files, **loaded)

@@ -23,6 +23,8 @@ import numpy as np
 
 from ..io import load_image
 from ..lora import applied_loras, merge_loras
+from ..memory.disk import disk_backed
+from .budget import device_budget
 from .events import Event, Finished, FrameDone
 from .extend import ExtensionHistory, Source, check_extension, prepare_extension, resume_extension
 from .jobs import JobDir, JobError, check_free, find_job, open_job
@@ -71,11 +73,12 @@ class Request:
 
 @dataclass(frozen=True)
 class JobTarget:
-    """A stopped job to resume: its directory, and the model and VRAM budget it was started with."""
+    """A stopped job to resume: its directory, and the model and budgets it was started with."""
 
     root: Path
     model: str | None  # None: a named bundle, which records no directory
     vram_budget: str | float | None
+    ram_budget: str | float | None = None
 
 
 def job_to_resume(path: str | Path) -> JobTarget:
@@ -85,7 +88,8 @@ def job_to_resume(path: str | Path) -> JobTarget:
     check_free(root)
     data = JobDir(root).read()
     model = data.get("bundle") or None
-    return JobTarget(root, None if model == "None" else model, data["settings"].get("vram_budget"))
+    s = data["settings"]
+    return JobTarget(root, None if model == "None" else model, s.get("vram_budget"), s.get("ram_budget"))
 
 
 def check_request(model: str | Path, request: Request, device, dtypes: dict | None = None) -> Prepared | None:
@@ -163,7 +167,7 @@ class Run:
         s = prepared.settings
         with (  # the memory plan first: a budget too small fails before the job directory exists
             applied_loras(bundle.transformer, prepared.loras),
-            offloaded(bundle, s.vram_budget, s.fp8_weights, prepared) as memory,
+            offloaded(bundle, device_budget(s, bundle.device), s.fp8_weights, prepared) as memory,
         ):
             if self.one_frame is not None:
                 history = OneFrameHistory(prepared, *self.one_frame)
@@ -251,6 +255,11 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     one_frame = _one_frame(prepared, request)
     run = Run(bundle, prepared, source, one_frame=one_frame)  # checked before any weight changes
     if request.lora_merge and prepared.loras:  # folded into the weights: no per-step cost
+        if disk_backed(bundle.transformer):
+            raise ValueError(
+                "a LoRA cannot be merged into weights that stay in their files under a RAM budget; "
+                "drop --lora-merge (the LoRA then applies on the fly) or the RAM budget."
+            )
         merge_loras(bundle.transformer, prepared.loras)
         prepared.loras = []
     return run

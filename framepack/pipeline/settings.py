@@ -69,6 +69,7 @@ class GenerationSettings:
     cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.training.calibrate`
     vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
     fp8_weights: bool = False  # fp8 copies of the streamed blocks: half the transfers, +half their RAM
+    ram_budget: str | float | None = None  # GiB of host memory for weights, or "auto"; None: no limit
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,7 +123,11 @@ def _check_values(settings: GenerationSettings) -> None:
     if not settings.prompt or not settings.prompt.strip():
         raise ValueError("the prompt is empty.")
     check_speed_settings(
-        settings.cache, settings.cache_threshold, settings.vram_budget, settings.cache_coefficients
+        settings.cache,
+        settings.cache_threshold,
+        settings.vram_budget,
+        settings.cache_coefficients,
+        settings.ram_budget,
     )
 
 

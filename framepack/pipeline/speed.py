@@ -26,14 +26,16 @@ from ..memory.hooks import forget_attached, record_attached
 from ..memory.offload import Offloader, plan_offload
 from ..memory.runtime import Placement, place_weights
 from ..memory.streaming import WeightStreamer, parse_budget
-from .budget import bundle_need, run_size
+from .budget import bundle_need, device_budget, run_size
 from .bundle import Bundle
 
 __all__ = ["Accelerated", "accelerate", "accelerate_run", "check_speed_settings", "offloaded"]
 
 
-def check_speed_settings(cache: str | None, threshold: float, vram_budget, coefficients=None) -> None:
-    """Raise ValueError (one sentence) for a bad cache name, threshold, coefficients or VRAM budget."""
+def check_speed_settings(
+    cache: str | None, threshold: float, vram_budget, coefficients=None, ram_budget=None
+) -> None:
+    """Raise ValueError (one sentence) for a bad cache name, threshold, coefficients or budget."""
     if coefficients is not None:
         try:
             ok = len(coefficients) > 0 and all(math.isfinite(float(c)) for c in coefficients)
@@ -49,6 +51,7 @@ def check_speed_settings(cache: str | None, threshold: float, vram_budget, coeff
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 10:
         raise ValueError(f"the cache threshold must be a number from 0 to 10, got {threshold!r}.")
     parse_budget(vram_budget)
+    parse_budget(ram_budget, "RAM")
 
 
 @contextmanager
@@ -146,7 +149,7 @@ def accelerate_run(model: nn.Module, device, settings, memory: Offloader | None 
     return accelerate(
         model,
         device,
-        settings.vram_budget,
+        device_budget(settings, device),
         settings.cache,
         settings.cache_threshold,
         settings.cache_coefficients,

@@ -1,0 +1,206 @@
+"""The disk tier (issue 19): weights that stay in their safetensors files until a run reads them.
+
+Under a RAM budget a bundle loads as placeholders (nothing read), the transformer's streamed blocks
+are read from their files at every model call, and the encoders and the VAE visit from their
+files; every video is bit-identical to the run that holds everything in memory, in the release's
+GPU dtypes (bf16 transformer, fp16 encoders and VAE) and in fp32, and the ledger of weight bytes
+in memory never passes the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from framepack.io import read_video
+from framepack.io.weights import DiskSource, disk_source, on_disk
+from framepack.memory import ByteLedger, WeightStreamer, blocks_of, plan_memory
+from framepack.memory.disk import STATS, disk_backed
+from framepack.memory.hooks import release
+from framepack.memory.streaming import GIB
+from framepack.model import PackedTransformer, get_spec, load_transformer, save_transformer
+from framepack.pipeline.budget import bundle_need
+from framepack.pipeline.bundle import component_dtypes, load_bundle
+from framepack.pipeline.run import Request, open_run
+from framepack.pipeline.settings import GenerationSettings, prepare
+from framepack.pipeline.tiers import tier_plan
+from framepack.testing import random_packed_inputs, tight_budget, tiny_bundle_dir
+
+RELEASE = component_dtypes("cuda")
+CFG = get_spec("tiny").replace(num_layers=2, num_single_layers=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny transformer saved in bf16 in small shards (several blocks per shard and across them)."""
+    torch.manual_seed(0)
+    model = PackedTransformer(CFG).eval().to(torch.bfloat16)
+    return save_transformer(model, tmp_path_factory.mktemp("ckpt"), max_shard_bytes=200_000)
+
+
+def _inputs(dtype):
+    inputs = random_packed_inputs(CFG, 4, 6, seed=1)
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def test_a_lazy_transformer_reads_nothing_and_reads_back_every_weight(checkpoint):
+    for dtype in (torch.bfloat16, torch.float32):
+        eager = dict(load_transformer(checkpoint, dtype=dtype).named_parameters())
+        lazy = load_transformer(checkpoint, dtype=dtype, lazy=True)
+        params = dict(lazy.named_parameters())
+        assert params.keys() == eager.keys()
+        for name, p in params.items():
+            assert on_disk(p) and p.dtype == dtype and p.shape == eager[name].shape
+            assert p.untyped_storage().nbytes() <= p.element_size()  # a placeholder holds one value
+            assert torch.isnan(p.float()).all()  # used by mistake, it gives NaN
+            got = disk_source(p).read(torch.empty(p.shape, dtype=dtype))
+            assert torch.equal(got, eager[name])
+
+
+def test_a_source_refuses_a_tensor_of_another_shape(checkpoint):
+    source = next(iter(disk_source(p) for p in load_transformer(checkpoint, lazy=True).parameters()))
+    assert isinstance(source, DiskSource)
+    with pytest.raises(ValueError, match="cannot read a tensor of shape"):
+        source.read(torch.empty(source.numel + 1))
+
+
+@pytest.mark.parametrize("which", ["one block", "two blocks", "half"])
+def test_blocks_streamed_from_their_files_are_bit_identical_and_within_budget(checkpoint, which):
+    eager = load_transformer(checkpoint, dtype=torch.bfloat16)
+    inputs = _inputs(torch.bfloat16)
+    with torch.no_grad():
+        expected = eager.forward_packed(**inputs)
+    full = plan_memory(eager, None)
+    budget = {
+        "one block": full.base_bytes + max(full.block_bytes),
+        "two blocks": full.base_bytes + 2 * max(full.block_bytes),
+        "half": full.base_bytes + sum(full.block_bytes) // 2,
+    }[which]
+    model = load_transformer(checkpoint, dtype=torch.bfloat16, lazy=True)
+    plan = plan_memory(model, budget)
+    ledger = ByteLedger()
+    streamer = WeightStreamer(model, plan, "cpu", ledger).attach()
+    before = STATS.bytes_read
+    with torch.no_grad():
+        got = [model.forward_packed(**inputs) for _ in range(2)]
+    assert all(torch.equal(g, expected) for g in got)
+    assert 0 < ledger.peak <= budget
+    streamed = sum(plan.block_bytes[i] for i in plan.streamed)
+    assert streamer.disk_bytes >= 2 * streamed - 2 * max(plan.block_bytes)  # every call reads them again
+    streamer.detach()  # waits for the read of the next call's first block, started ahead
+    assert STATS.bytes_read - before == streamer.disk_bytes
+    assert all(on_disk(p) for p in model.parameters() if p.numel() > 1)  # the memory is given back
+    assert ledger.current == 0
+
+
+def _settings(**kw) -> GenerationSettings:
+    return GenerationSettings(prompt="an orange square", seconds=1.0, steps=3, seed=5, **kw)
+
+
+def _frames(path) -> np.ndarray:
+    video = read_video(path)
+    return np.asarray(video[0] if isinstance(video, tuple) else video)
+
+
+@pytest.mark.parametrize("precision", ["gpu dtypes", "fp32"])
+def test_a_run_under_a_ram_budget_below_the_bundle_is_bit_identical(image, tmp_path, precision):
+    dtypes = RELEASE if precision == "gpu dtypes" else None
+    eager = load_bundle(tiny_bundle_dir(), dtypes=dtypes)
+    expected = open_run(eager, Request(_settings(), image=image)).run(tmp_path / "a")
+    # The smallest budget that changes no output: every block streams from its file.
+    budget_gib = tight_budget(eager, prepare(eager, _settings(), image)) / GIB
+    assert (
+        budget_gib * GIB
+        < _bundle_bytes(eager) + bundle_need(eager, prepare(eager, _settings(), image)).working
+    )
+    lazy = load_bundle(tiny_bundle_dir(), dtypes=dtypes, ram_budget=budget_gib)
+    assert all(disk_backed(m) for m in lazy.modules().values())
+    assert all(on_disk(p) for m in lazy.modules().values() for p in m.parameters() if p.numel() > 1)
+    settings = _settings(ram_budget=budget_gib)
+    tiers = tier_plan(lazy, prepare(lazy, settings, image))
+    assert tiers.on_cpu and tiers.disk > 0 and tiers.step_read > 0
+    before = STATS.bytes_read
+    got = open_run(lazy, Request(settings, image=image)).run(tmp_path / "b")
+    assert np.array_equal(_frames(got.video), _frames(expected.video))
+    assert 0 < got.info["device_weights_peak_bytes"] <= budget_gib * GIB
+    assert STATS.bytes_read - before >= tiers.step_read  # the streamed blocks came from the files
+    # The encoders and the VAE are back in their files; the transformer's plan stays attached for
+    # the next run, and once released every weight is back in its file.
+    for module in (lazy.text_encoder, lazy.text_encoder_2, lazy.image_encoder, lazy.vae):
+        assert all(on_disk(p) for p in module.parameters() if p.numel() > 1)
+    release(lazy.transformer)
+    assert all(on_disk(p) for p in lazy.transformer.parameters() if p.numel() > 1)
+
+
+def test_a_ram_budget_that_fits_keeps_everything_resident(image, tmp_path):
+    lazy = load_bundle(tiny_bundle_dir(), dtypes=RELEASE, ram_budget=1.0)  # on a CPU: read at the run
+    tiers = tier_plan(lazy, prepare(lazy, _settings(ram_budget=1.0), image))
+    assert tiers.disk == 0 and tiers.step_read == 0 and tiers.job_read > 0
+    assert "0/" not in tiers.blocks and "0 streamed" in tiers.blocks
+
+
+def test_cli_refuses_a_ram_budget_too_small_before_loading(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "framepack", "generate", "--model", str(tiny_bundle_dir()), "--prompt", "x",
+         "--seconds", "1", "--ram-budget", "0.0001", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("framepack: a RAM budget of 0.0001 GiB cannot hold this run at ")
+    assert lines[-1].endswith("or more.") and "--ram-budget" in lines[-1]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_cli_states_the_tiers_and_the_sidecar_records_the_budget(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "framepack", "generate", "--model", str(tiny_bundle_dir()), "--prompt", "x",
+         "--seconds", "1", "--steps", "2", "--ram-budget", "0.015", "--out", str(out), "--name", "v"],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.strip().splitlines()[0]  # the plan goes to stderr, the path to stdout
+    assert "weights: RAM " in first and "read from disk: " in first and " per sampling step" in first
+    sidecar = json.loads((out / "v.json").read_text())
+    assert sidecar["settings"]["ram_budget"] == "0.015"
+
+
+def _bundle_bytes(bundle) -> int:
+    return sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in bundle.modules().values())
+
+
+def test_a_lora_is_not_merged_into_weights_on_disk(image, tmp_path):
+    from safetensors.torch import save_file
+
+    lazy = load_bundle(tiny_bundle_dir(), ram_budget=0.001)
+    layer = lazy.transformer.single_transformer_blocks[0].proj_out
+    down, up = torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2)
+    name = "transformer.single_transformer_blocks.0.proj_out"
+    path = tmp_path / "l.safetensors"
+    save_file({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}, str(path))
+    request = Request(_settings(ram_budget=0.001, loras=((str(path), 1.0),)), image=image, lora_merge=True)
+    with pytest.raises(ValueError, match="cannot be merged into weights that stay in their files"):
+        open_run(lazy, request)
+
+
+def test_offloaded_modules_come_from_their_files_and_leave_after(image, tmp_path):
+    lazy = load_bundle(tiny_bundle_dir(), dtypes=RELEASE, ram_budget=0.001)
+    eager = load_bundle(tiny_bundle_dir(), dtypes=RELEASE)
+    settings = _settings(ram_budget=tight_budget(eager, prepare(eager, _settings(), image)) / GIB)
+    open_run(lazy, Request(settings, image=image)).run(tmp_path / "c")
+    modules = [
+        lazy.text_encoder,
+        lazy.text_encoder_2,
+        lazy.image_encoder,
+        lazy.vae,
+        *blocks_of(lazy.transformer),
+    ]
+    for module in modules:
+        assert all(on_disk(p) for p in module.parameters() if p.numel() > 1)
