@@ -35,41 +35,45 @@ SHARD = 2 * 1024**3  # bytes per safetensors shard
 
 
 def _write_random(module: torch.nn.Module, directory: Path, dtype: torch.dtype, stem: str, seed: int) -> None:
-    """Random weights (std 0.02; norms 1) for every parameter of a meta-built `module`, in shards
-    of `SHARD` bytes with their index, as `save_pretrained` lays them out."""
+    """Random weights (std 0.02; 1-d weights 1) for every parameter of a meta-built `module`, in
+    shards of about `SHARD` bytes written as they fill (one shard in memory at a time), with their
+    index, as `save_pretrained` lays them out."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    shards, current, size = [], {}, 0
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, list[str]]] = []
+    current: dict[str, torch.Tensor] = {}
+    total = 0
+
+    def flush() -> None:
+        part = directory / f"part-{len(written):05d}.tmp"
+        save_file(current, str(part), metadata={"format": "pt"})
+        written.append((part, list(current)))
+        print(
+            f"  {directory.name}: shard {len(written)}, {sum(t.numel() for t in current.values()) / 1e9:.2f} B weights",
+            flush=True,
+        )
+        current.clear()
+
+    size = 0
     for name, p in module.named_parameters():
-        if not p.is_floating_point():
-            continue
-        if p.dim() == 1 and ("norm" in name or name.endswith("weight")):
+        if p.dim() == 1 and name.endswith("weight"):
             t = torch.ones(p.shape, dtype=dtype)
         else:
             t = (torch.randn(p.shape, generator=g) * 0.02).to(dtype)
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > SHARD:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = t, size + nbytes
-        if size > SHARD:
-            shards.append(current)
-            current, size = {}, 0
+            flush()
+            size = 0
+        current[name], size, total = t, size + nbytes, total + nbytes
     if current:
-        shards.append(current)
-    directory.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, file)
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-        print(
-            f"  {directory.name}/{file}: {sum(t.numel() for t in shard.values()) / 1e9:.2f} B weights",
-            flush=True,
-        )
-        shard.clear()
+        flush()
+    weight_map = {}
+    for i, (part, names) in enumerate(written, 1):
+        file = f"{stem}-{i:05d}-of-{len(written):05d}.safetensors"
+        part.rename(directory / file)
+        weight_map |= dict.fromkeys(names, file)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))
 

@@ -13,7 +13,7 @@ from .common import Interrupted, UserError, add_device_argument, add_model_argum
 from .interrupts import stop_if_interrupted
 from .outputs import check_events_file, check_out_folder, event_json
 
-__all__ = ["add_parser", "timed_prompt_text"]
+__all__ = ["add_parser", "dtypes_of", "timed_prompt_text"]
 
 ONE_FRAME_GROUPS = "post,k2,k4"
 
@@ -53,7 +53,7 @@ def _keyframes(items: list[str]) -> tuple[tuple[float, str], ...]:
     return tuple(out)
 
 
-def _dtypes(name: str) -> dict | None:
+def dtypes_of(name: str) -> dict | None:
     """The per-component weight dtypes of `--dtype` (None: `load_bundle`'s defaults)."""
     import torch
 
@@ -351,7 +351,7 @@ def _open(args: argparse.Namespace, job):
     from ..pipeline.run import check_request, open_run
 
     request = _request(args, job)
-    device, dtypes = resolve_device(args.device), _dtypes(args.dtype)
+    device, dtypes = resolve_device(args.device), dtypes_of(args.dtype)
     checked = None
     if job is None:
         checked = check_request(args.model, request, device, dtypes)

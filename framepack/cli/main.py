@@ -104,6 +104,7 @@ def _memory_plan(args: argparse.Namespace) -> str:
     from ..pipeline.settings import GenerationSettings, prepare
     from ..pipeline.tiers import tier_plan
     from .common import cli_device, cli_model
+    from .generate import dtypes_of
 
     model, device = cli_model(args.model), cli_device(args.device)
     settings = GenerationSettings(
@@ -111,7 +112,12 @@ def _memory_plan(args: argparse.Namespace) -> str:
     )
     try:
         bundle = load_bundle(
-            model, device, vram_budget=args.vram_budget, ram_budget=args.ram_budget, lazy=True
+            model,
+            device,
+            vram_budget=args.vram_budget,
+            ram_budget=args.ram_budget,
+            lazy=True,
+            dtypes=dtypes_of(args.dtype),
         )
         side = bundle.manifest.resolution
         prepared = prepare(bundle, settings, np.full((side, side, 3), 127, np.uint8))
@@ -156,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-budget", metavar="GB|auto", help="the plan under this device budget")
     p.add_argument("--ram-budget", metavar="GB|auto", help="the plan under this host memory budget")
     p.add_argument("--seconds", type=float, default=5.0, help="the planned video's length (default 5)")
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "release"], default="auto", help="weight dtypes, as in generate"
+    )
     p.set_defaults(func=cmd_info)
 
     from .batch import add_parser as add_batch

@@ -80,6 +80,7 @@ def place_weights(
     fp8: bool = False,
     reserve: int | None = None,
     memory: Offloader | None = None,
+    host_budget: int = 0,
 ) -> Placement:
     """Stream `model`'s weights under `vram_budget` (GiB or "auto"), else (move it back to) `device`.
 
@@ -103,7 +104,9 @@ def place_weights(
         plan = plan_memory(model, weights, fp8=fp8)
         if plan.streamed:
             placed.ledger = placed.ledger if placed.ledger is not None else ByteLedger(keep_events=False)
-            placed.streamer = WeightStreamer(model, plan, device, placed.ledger).attach()
+            placed.streamer = WeightStreamer(
+                model, plan, device, placed.ledger, host_budget=host_budget
+            ).attach()
     if placed.streamer is None:
         move_module(model, device)
         if placed.ledger is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..io.weights import DiskSource, disk_source, placeholder
-from .disk import DiskReader, aligned, available_ram, materialise
+from .disk import DiskReader, aligned, available_ram, materialise, read_source
 from .hooks import HookHandle, add_hook
 
 __all__ = [
@@ -305,8 +305,11 @@ class WeightStreamer:
         device: torch.device | str,
         ledger: ByteLedger | None = None,
         blocks: Sequence[nn.Module] | None = None,
+        host_budget: int = 0,
     ) -> None:
         self.model, self.plan, self.device = model, plan, torch.device(device)
+        self.host_budget = host_budget  # host bytes the streamed blocks of a disk-backed model may keep
+        self.host_tier = 0  # bytes of streamed blocks read once into host memory (`_keep_on_host`)
         self.ledger = ledger if ledger is not None else ByteLedger()
         self.blocks = blocks_of(model) if blocks is None else list(blocks)
         self.order = plan.streamed  # block indices, execution order
@@ -332,6 +335,7 @@ class WeightStreamer:
                 entries.append(self._offload(t))
             self.entries[i] = entries
         streamed = {id(e.tensor) for entries in self.entries.values() for e in entries}
+        self._keep_on_host()
         self._start_reader()
         for module in self.model.modules():  # `to` replaces buffers: they are put back by name
             for name, p in module._parameters.items():
@@ -353,6 +357,20 @@ class WeightStreamer:
         for k, i in enumerate(self.order):
             self.handles.append(add_hook(self.blocks[i], _BlockHook(self, k)))
         return self
+
+    def _keep_on_host(self) -> None:
+        """The host tier: streamed blocks that live in their files are read once into host memory
+        (pinned for CUDA), in execution order while `host_budget` lasts; the rest are read from
+        their files at every call. Their placeholders come back on `detach`."""
+        for i in self.order:
+            disk = [e for e in self.entries[i] if e.on_disk]
+            size = sum(e.host.numel * e.empty.element_size() for e in disk)
+            if not disk or self.host_tier + size > self.host_budget:
+                continue
+            for e in disk:
+                host = read_source(e.host, e.empty.dtype)
+                e.host = host.pin_memory() if self.cuda else host
+            self.host_tier += size
 
     def _start_reader(self) -> None:
         """A `DiskReader` when some streamed block lives in its files, with a staging slot per

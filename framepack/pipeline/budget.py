@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..memory.disk import disk_backed
 from ..memory.estimate import (
     ALLOCATOR_MARGIN,
     DeviceNeed,
@@ -22,7 +23,7 @@ from ..memory.estimate import (
     section_tokens,
 )
 from ..memory.offload import TILES, module_bytes, vae_decode_bytes
-from ..memory.streaming import GIB, budget_bytes, parse_budget, plan_memory, ram_budget_bytes
+from ..memory.streaming import GIB, blocks_of, budget_bytes, parse_budget, plan_memory, ram_budget_bytes
 
 __all__ = [
     "bundle_need",
@@ -30,6 +31,7 @@ __all__ = [
     "context_tokens",
     "decode_shape",
     "device_budget",
+    "host_tier_budget",
     "run_need",
     "run_size",
 ]
@@ -47,6 +49,16 @@ def device_budget(settings, device) -> str | float | None:
         return vram
     ram = ram_budget_bytes(settings.ram_budget) / GIB
     return ram if vram in (None, "auto") else min(ram, vram)
+
+
+def host_tier_budget(settings, bundle) -> int:
+    """Host bytes the transformer's streamed blocks may keep in a GPU run whose bundle waits in its
+    files (the host tier): the RAM budget less two staging slots of the largest block and the VAE,
+    which visits beside them. 0 on a CPU, whose memory is the device's, or without a RAM budget."""
+    if bundle.device.type == "cpu" or settings.ram_budget is None or not disk_backed(bundle.transformer):
+        return 0
+    block = max(module_bytes(b) for b in blocks_of(bundle.transformer))
+    return max(ram_budget_bytes(settings.ram_budget) - 2 * block - module_bytes(bundle.vae), 0)
 
 
 def run_size(prepared) -> str:

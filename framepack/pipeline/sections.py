@@ -30,6 +30,7 @@ import torch
 
 from ..packing.layout import gather_history
 from ..sampling import get_sampler, noisy_tokens, sigma_schedule
+from .budget import host_tier_budget
 from .events import Event, Stage, StepEvent
 from .section import encode_inputs, make_denoiser, pack, prompt_embeds, sample_live
 from .settings import Prepared
@@ -56,7 +57,8 @@ def run_sections(
             return history.encode(bundle, prepared)
 
     inputs = output.inputs(prepared, encode)  # a resumed run reads it back from its job
-    speed = accelerate_run(model, device, s, memory)  # weight streaming and the step cache, as hooks
+    # Weight streaming (from host memory and the weights' files) and the step cache, as hooks.
+    speed = accelerate_run(model, device, s, memory, host_tier_budget(s, bundle))
     prompts, negative = prompt_embeds(inputs, prepared, device)
     siglip = inputs["siglip"].to(device)
     c, h, w = history.begin(inputs)

@@ -125,6 +125,7 @@ def accelerate(
     fp8: bool = False,
     reserve: int | None = None,
     memory: Offloader | None = None,
+    host_budget: int = 0,
 ) -> Accelerated:
     """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`.
 
@@ -134,7 +135,7 @@ def accelerate(
     (`offload.plan_offload` for the same budget) the transformer gets the weight bytes the encoders
     and the VAE leave it, and its bytes go on `memory`'s ledger.
     """
-    run = Accelerated(place_weights(model, device, vram_budget, fp8, reserve, memory))
+    run = Accelerated(place_weights(model, device, vram_budget, fp8, reserve, memory, host_budget))
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
     if run.weights.attached or run.cache is not None:
@@ -142,10 +143,13 @@ def accelerate(
     return run
 
 
-def accelerate_run(model: nn.Module, device, settings, memory: Offloader | None = None) -> Accelerated:
+def accelerate_run(
+    model: nn.Module, device, settings, memory: Offloader | None = None, host_budget: int = 0
+) -> Accelerated:
     """`accelerate` with a run's speed settings (a `GenerationSettings`): weight streaming under
     `settings.vram_budget` (beside `memory`'s encoders and VAE, `framepack.memory.offload`), in fp8
-    with `settings.fp8_weights`, and the step cache `settings.cache`."""
+    with `settings.fp8_weights`, and the step cache `settings.cache`; `host_budget` host bytes for
+    the streamed blocks of a disk-backed model (`budget.host_tier_budget`)."""
     return accelerate(
         model,
         device,
@@ -155,4 +159,5 @@ def accelerate_run(model: nn.Module, device, settings, memory: Offloader | None 
         settings.cache_coefficients,
         settings.fp8_weights,
         memory=memory,
+        host_budget=host_budget,
     )

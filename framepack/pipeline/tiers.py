@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..memory.disk import disk_backed
 from ..memory.offload import module_bytes, plan_visits
 from ..memory.streaming import format_bytes, plan_memory
-from .budget import bundle_need, device_budget, run_size
+from .budget import bundle_need, device_budget, host_tier_budget, run_size
 
 __all__ = ["Tiers", "tier_plan"]
 
@@ -45,6 +45,29 @@ class Tiers:
         return f"weights: {where}{host}, disk {format_bytes(self.disk)} ({self.blocks}){reads}"
 
 
+def _device_peak(off, plan, visitors, vae) -> int:
+    """Weight bytes on the device at most: everything when it fits, else the larger of a visit
+    (the transformer is away while the encoders run; a visitor too big streams its layers) and
+    the transformer's plan with the VAE beside it."""
+    if off.resident:
+        return plan.peak_bytes + sum(module_bytes(m) for m in visitors)
+
+    def visit(m) -> int:
+        streamed = off.streamed.get(id(m))
+        return module_bytes(m) if streamed is None else streamed.peak_bytes
+
+    return max(max(visit(m) for m in visitors), plan.peak_bytes + visit(vae))
+
+
+def _host_tier(plan, budget: int) -> int:
+    """Bytes of streamed blocks kept in host memory, as `WeightStreamer` picks them."""
+    kept = 0
+    for i in plan.streamed:
+        if kept + plan.block_bytes[i] <= budget:
+            kept += plan.block_bytes[i]
+    return kept
+
+
 def tier_plan(bundle, prepared) -> Tiers:
     """The tiers of running `prepared` with `bundle` (see the module docstring); ValueError (one
     sentence) when its budgets cannot hold it."""
@@ -66,18 +89,21 @@ def tier_plan(bundle, prepared) -> Tiers:
     plan = plan_memory(model, off.transformer_budget if off.total is not None else None, fp8=s.fp8_weights)
     streamed = sum(plan.block_bytes[i] for i in plan.streamed)
     total, seen = module_bytes(model), sum(module_bytes(m) for m in visitors)
-    on_device = plan.peak_bytes + (seen if off.resident else max(module_bytes(m) for m in visitors))
+    on_device = _device_peak(off, plan, visitors, bundle.vae)
     lazy = bundle.from_files and disk_backed(model)
     branches = 1 if prepared.cfg == 1 else 2
     on_cpu = device.type == "cpu"
     if lazy:  # the VAE visits once per section's decode when it does not stay
-        disk = streamed + (0 if off.resident else seen)
+        kept = _host_tier(plan, host_tier_budget(s, bundle))
+        disk = streamed - kept + (0 if off.resident else seen)
         staging = (
             0 if on_cpu or not streamed else plan.slots * max(plan.block_bytes[i] for i in plan.streamed)
         )
         decodes = 0 if off.resident else (len(prepared.plan.sections) - 1) * module_bytes(bundle.vae)
-        job = seen + total - streamed + decodes
-        return Tiers(on_cpu, on_device, staging, disk, streamed * branches, job, plan.describe())
+        job = seen + total - streamed + kept + decodes
+        return Tiers(
+            on_cpu, on_device, staging + kept, disk, (streamed - kept) * branches, job, plan.describe()
+        )
     if on_cpu:  # every weight is in RAM, whatever visits
         return Tiers(True, total + seen, 0, 0, 0, 0, plan.describe())
     host = total - (total - streamed) + (0 if off.resident else seen)  # the streamed blocks, the visitors
