@@ -277,3 +277,42 @@ def test_a_host_tier_keeps_some_streamed_blocks_in_memory(checkpoint):
     assert streamer.disk_bytes <= streamed - streamer.host_tier + max(plan.block_bytes)  # + the read ahead
     streamer.detach()
     assert all(on_disk(p) for p in model.parameters() if p.numel() > 1)
+
+
+def test_a_gpu_ram_budget_below_its_staging_and_fp8_under_a_cpu_ram_budget_are_refused(image):
+    from framepack.pipeline.budget import check_budget
+    from framepack.pipeline.named import read_manifest
+    from framepack.pipeline.settings import check_settings
+
+    model = tiny_bundle_dir()
+    prepared = check_settings(read_manifest(model), _settings(ram_budget=1e-6), image)
+    with pytest.raises(ValueError, match=r"^a RAM budget of .* cannot hold this run's staging on the host"):
+        check_budget(model, prepared, "meta")  # any device but the CPU: the host holds the staging
+    check_budget(model, check_settings(read_manifest(model), _settings(ram_budget=1.0), image), "meta")
+    fp8 = check_settings(read_manifest(model), _settings(ram_budget=1.0, fp8_weights=True), image)
+    with pytest.raises(ValueError, match="on a CPU the RAM budget bounds the memory fp8 host copies"):
+        check_budget(model, fp8, "cpu")
+    check_budget(model, fp8, "meta")  # on a GPU the host keeps fp8 copies of the streamed blocks
+
+
+def test_fp8_host_copies_made_from_the_files_equal_those_made_in_memory(checkpoint):
+    """On a GPU with a RAM budget the host tier keeps fp8 copies made one tensor at a time from the
+    files (the bf16 model is never whole in memory); they are the copies the in-memory path makes."""
+    eager = load_transformer(checkpoint, dtype=torch.bfloat16)
+    inputs = _inputs(torch.bfloat16)
+    full = plan_memory(eager, None, fp8=True)
+    budget = full.base_bytes + max(full.load_bytes)  # every block streams
+    plan = plan_memory(eager, budget, fp8=True)
+    streamer = WeightStreamer(eager, plan, "cpu").attach()
+    with torch.no_grad():
+        expected = eager.forward_packed(**inputs)
+    streamer.detach()
+    lazy = load_transformer(checkpoint, dtype=torch.bfloat16, lazy=True)
+    lazy_plan = plan_memory(lazy, budget, fp8=True)
+    streamer = WeightStreamer(lazy, lazy_plan, "cpu", host_budget=2**30).attach()
+    streamed = sum(lazy_plan.block_bytes[i] for i in lazy_plan.streamed)
+    assert sum(lazy_plan.fp8_bytes[i] for i in lazy_plan.streamed) <= streamer.host_tier < 0.6 * streamed
+    with torch.no_grad():
+        got = lazy.forward_packed(**inputs)
+    assert torch.equal(got, expected) and streamer.disk_bytes == 0  # nothing read from disk per call
+    streamer.detach()

@@ -190,6 +190,16 @@ class MemoryPlan:
         )
 
 
+def _fp8_rows(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 e4m3 copy on the host, scales (rows, 1, ...) in `data`'s dtype): one power-of-two scale
+    per output row, so the upcast is an exact multiplication."""
+    rows = data.float().reshape(data.shape[0], -1)
+    amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (rows, 1)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    host = (rows / scale).to(FP8).reshape(data.shape).cpu()
+    return host, scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
+
+
 def _spread(n: int, r: int) -> list[bool]:
     """`r` of `n` positions chosen evenly spaced."""
     return [(i + 1) * r // n > i * r // n for i in range(n)]
@@ -361,16 +371,28 @@ class WeightStreamer:
     def _keep_on_host(self) -> None:
         """The host tier: streamed blocks that live in their files are read once into host memory
         (pinned for CUDA), in execution order while `host_budget` lasts; the rest are read from
-        their files at every call. Their placeholders come back on `detach`."""
+        their files at every call. With fp8 the kept copies are fp8 (read and quantised one tensor
+        at a time, so the full-precision block is never whole in memory). Their placeholders come
+        back on `detach`."""
         for i in self.order:
             disk = [e for e in self.entries[i] if e.on_disk]
-            size = sum(e.host.numel * e.empty.element_size() for e in disk)
+            size = sum(self._kept_bytes(e) for e in disk)
             if not disk or self.host_tier + size > self.host_budget:
                 continue
             for e in disk:
-                host = read_source(e.host, e.empty.dtype)
+                data = read_source(e.host, e.empty.dtype)
+                host, e.scale = _fp8_rows(data) if self.plan.fp8 and _quantizable(data) else (data, None)
                 e.host = host.pin_memory() if self.cuda else host
+                if self.cuda and e.scale is not None:
+                    e.scale = e.scale.pin_memory()
             self.host_tier += size
+
+    def _kept_bytes(self, e: _Entry) -> int:
+        """Host bytes a disk-backed tensor takes in the host tier (fp8: a byte a weight + row scales)."""
+        n = e.host.numel * e.empty.element_size()
+        if self.plan.fp8 and len(e.host.shape) >= 2:
+            return e.host.numel + e.host.shape[0] * e.empty.element_size()
+        return n
 
     def _start_reader(self) -> None:
         """A `DiskReader` when some streamed block lives in its files, with a staging slot per
@@ -393,12 +415,7 @@ class WeightStreamer:
         original = data if data.device.type == "cpu" else data.to("cpu")  # the full-precision host copy
         scale = None
         if self.plan.fp8 and _quantizable(data):
-            # One power-of-two scale per output row, so the upcast is an exact multiplication.
-            rows = data.float().reshape(data.shape[0], -1)
-            amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (rows, 1)
-            scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-            host = (rows / scale).to(FP8).reshape(data.shape).cpu()
-            scale = scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
+            host, scale = _fp8_rows(data)
         else:  # full precision: the host copy streams as it is
             host = original
         if self.cuda:

@@ -8,6 +8,7 @@ budget too small is refused with one sentence before a long load.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -45,6 +46,11 @@ def device_budget(settings, device) -> str | float | None:
     both are numbers). A RAM budget on a GPU bounds what waits on the host instead: the bundle
     is then loaded disk-backed (`load_bundle(..., ram_budget=...)`)."""
     vram = parse_budget(settings.vram_budget)
+    if torch.device(device).type == "cpu" and settings.ram_budget is not None and settings.fp8_weights:
+        raise ValueError(
+            "on a CPU the RAM budget bounds the memory fp8 host copies would take; drop --fp8-weights "
+            "(on a GPU the two combine: the host keeps fp8 copies of the streamed blocks)."
+        )
     if torch.device(device).type != "cpu" or settings.ram_budget is None:
         return vram
     ram = ram_budget_bytes(settings.ram_budget) / GIB
@@ -59,6 +65,20 @@ def host_tier_budget(settings, bundle) -> int:
         return 0
     block = max(module_bytes(b) for b in blocks_of(bundle.transformer))
     return max(ram_budget_bytes(settings.ram_budget) - 2 * block - module_bytes(bundle.vae), 0)
+
+
+def _check_host(ram_budget, transformer: nn.Module, vae: nn.Module) -> None:
+    """Refuse (one sentence) a RAM budget of a GPU run below its smallest host share: two staging
+    slots of the largest transformer block, and the VAE that visits beside them."""
+    ram = ram_budget_bytes(ram_budget)
+    need = 2 * max(module_bytes(b) for b in blocks_of(transformer)) + module_bytes(vae)
+    if ram < need:
+        gib = math.ceil(need / GIB * 10) / 10
+        raise ValueError(
+            f"a RAM budget of {ram / GIB:.3g} GiB cannot hold this run's staging on the host (it needs at "
+            f"least {need / GIB:.2f} GiB: two slots of the largest block and the VAE); give --ram-budget "
+            f"{gib:g} or more."
+        )
 
 
 def run_size(prepared) -> str:
@@ -128,7 +148,7 @@ def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None
 
     s = prepared.settings
     total = budget_bytes(parse_budget(device_budget(s, device)), device)
-    if total is None:
+    if total is None and (s.ram_budget is None or torch.device(device).type == "cpu"):
         return
     manifest = read_manifest(model)
     dtypes = {**component_dtypes(device), **(dtypes or {})}
@@ -141,6 +161,10 @@ def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None
             vae = AutoencoderKLHunyuanVideo.from_config(read_component_config(model, "vae")).to(dtypes["vae"])
     finally:
         diffusers_logging.set_verbosity(level)
+    if s.ram_budget is not None and torch.device(device).type != "cpu":
+        _check_host(s.ram_budget, transformer, vae)
+    if total is None:
+        return
     least = plan_memory(transformer, None, fp8=s.fp8_weights).least_bytes + module_bytes(vae)
     try:
         siglip = read_component_config(model, "image_encoder")

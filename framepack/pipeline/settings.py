@@ -122,6 +122,7 @@ def _check_values(settings: GenerationSettings) -> None:
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
     if not settings.prompt or not settings.prompt.strip():
         raise ValueError("the prompt is empty.")
+
     check_speed_settings(
         settings.cache,
         settings.cache_threshold,

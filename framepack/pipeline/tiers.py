@@ -60,11 +60,13 @@ def _device_peak(off, plan, visitors, vae) -> int:
 
 
 def _host_tier(plan, budget: int) -> int:
-    """Bytes of streamed blocks kept in host memory, as `WeightStreamer` picks them."""
+    """Bytes of streamed blocks kept in host memory, as `WeightStreamer` picks them (with fp8, the
+    fp8 copies of the matrices; the few vectors beside them are left out of this count)."""
     kept = 0
     for i in plan.streamed:
-        if kept + plan.block_bytes[i] <= budget:
-            kept += plan.block_bytes[i]
+        size = plan.fp8_bytes[i] if plan.fp8 else plan.block_bytes[i]
+        if kept + size <= budget:
+            kept += size
     return kept
 
 
