@@ -30,9 +30,9 @@ from _record import append_rows, command, machine, today  # noqa: E402
 
 from framepack.io import read_video  # noqa: E402
 from framepack.memory import GIB  # noqa: E402
+from framepack.memory.budgets import format_bytes  # noqa: E402
 from framepack.memory.measure import LiveBytes  # noqa: E402
 from framepack.memory.offload import module_bytes, vae_decode_bytes  # noqa: E402
-from framepack.memory.streaming import format_bytes  # noqa: E402
 from framepack.pipeline.budget import bundle_need  # noqa: E402
 from framepack.pipeline.run import Request, open_run  # noqa: E402
 from framepack.pipeline.settings import GenerationSettings, prepare  # noqa: E402

@@ -10,9 +10,9 @@ import torch
 
 from framepack.caching import reset_caches
 from framepack.cli.main import main
+from framepack.memory.budgets import GIB
 from framepack.memory.estimate import DeviceNeed, activation_bytes, cache_bytes
 from framepack.memory.measure import LiveBytes
-from framepack.memory.streaming import GIB
 from framepack.model import PackedTransformer, get_spec
 from framepack.packing.schedule import K1, K2, K4
 from framepack.pipeline.budget import bundle_need

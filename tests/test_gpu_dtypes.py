@@ -144,8 +144,8 @@ def _run(mode: Mode, bundle, out: Path, source: Path) -> tuple[np.ndarray, dict]
         unbudgeted = prepare(bundle, GenerationSettings(**{**settings, "vram_budget": None}))
         settings["vram_budget"] = tight_budget(bundle, unbudgeted, settings.get("fp8_weights", False)) / GIB
     if settings.get("ram_budget") == "tight":  # on a CPU the RAM budget is the run's whole budget
-        unbudgeted = prepare(bundle, GenerationSettings(**{**settings, "ram_budget": None}))
-        settings["ram_budget"] = tight_budget(bundle, unbudgeted) / GIB
+        some = prepare(bundle, GenerationSettings(**{**settings, "ram_budget": 1.0}))  # its need, runtime in
+        settings["ram_budget"] = tight_budget(bundle, some) / GIB
     if mode.run == "one_frame":
         settings = {k: v for k, v in settings.items() if k not in ("png", "sections")}
         prepared = prepare(bundle, GenerationSettings(**settings))

@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_flatten
 
 import framepack
 from framepack.io import read_video
+from framepack.memory.budgets import GIB
 from framepack.memory.offload import module_bytes
-from framepack.memory.streaming import GIB
 from framepack.model import load_transformer
 from framepack.model.loading import save_transformer
 from framepack.pipeline import api

@@ -300,7 +300,8 @@ def test_generation_with_loras_and_the_cli_errors(tmp_path):
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-streaming", "streaming-then-lora"])
 def test_loras_work_with_weight_streaming(tmp_path, inputs, lora_first):
-    from framepack.memory.streaming import GIB, plan_memory
+    from framepack.memory.budgets import GIB
+    from framepack.memory.streaming import plan_memory
     from framepack.pipeline.speed import accelerate
 
     model = tiny_model()
@@ -331,7 +332,8 @@ def test_generation_with_a_lora_under_a_vram_budget(tmp_path):
     import numpy as np
 
     from framepack.io import read_video
-    from framepack.memory.streaming import GIB, plan_memory
+    from framepack.memory.budgets import GIB
+    from framepack.memory.streaming import plan_memory
     from framepack.pipeline.budget import bundle_need
     from framepack.pipeline.run import Request, open_run
     from framepack.pipeline.settings import GenerationSettings, prepare

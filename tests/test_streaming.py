@@ -16,8 +16,8 @@ from framepack.memory import (
     parse_budget,
     plan_memory,
 )
+from framepack.memory.budgets import format_bytes
 from framepack.memory.hooks import release
-from framepack.memory.streaming import format_bytes
 from framepack.model import PackedTransformer, get_spec
 from framepack.pipeline.speed import accelerate
 from framepack.testing import random_packed_inputs

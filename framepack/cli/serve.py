@@ -97,7 +97,7 @@ def _port_taken(host: str, port: int) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from ..memory.streaming import parse_budget
+    from ..memory.budgets import parse_budget
 
     args.model = cli_model(args.model)
     if not 1 <= args.port <= 65535:

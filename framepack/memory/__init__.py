@@ -5,18 +5,10 @@
 with a step cache for one run is `framepack.pipeline.speed`'s (this package imports nothing above it).
 """
 
+from .budgets import GIB, budget_bytes, parse_budget
 from .hooks import HookHandle, add_hook, hooks_of
 from .offload import Offloader, on_device, plan_offload
-from .streaming import (
-    GIB,
-    ByteLedger,
-    MemoryPlan,
-    WeightStreamer,
-    blocks_of,
-    budget_bytes,
-    parse_budget,
-    plan_memory,
-)
+from .streaming import ByteLedger, MemoryPlan, WeightStreamer, blocks_of, plan_memory
 
 __all__ = [
     "GIB",

@@ -33,6 +33,7 @@ __all__ = [
     "disk_backed",
     "materialise",
     "move_module",
+    "proc_bytes",
     "to_disk",
 ]
 
@@ -88,16 +89,22 @@ def move_module(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module.to(device)
 
 
-def available_ram() -> int:
-    """Bytes of host memory available now (MemAvailable on Linux; else physical memory)."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """A `field:  N kB` line of a /proc file (Linux) in bytes, or None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def available_ram() -> int:
+    """Bytes of host memory available now (MemAvailable on Linux; else physical memory)."""
+    free = proc_bytes("/proc/meminfo", "MemAvailable")
+    return free if free is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class DiskReader:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .streaming import GIB, format_bytes
+from .budgets import GIB, format_bytes
+from .disk import proc_bytes
 
 __all__ = [
     "ALLOCATOR_MARGIN",
@@ -31,12 +32,14 @@ __all__ = [
     "activation_bytes",
     "cache_bytes",
     "device_overhead",
+    "host_overhead",
     "section_tokens",
 ]
 
 ALLOCATOR_MARGIN = 0.15  # of a CUDA budget (less the context): the caching allocator's reserve
 MLP_ROWS = 1024  # rows of `ops.chunked_mlp`'s hidden chunk
 FALLBACK_OVERHEAD = 768 * 2**20  # CUDA context + workspaces when they cannot be measured
+FALLBACK_HOST_OVERHEAD = 512 * 2**20  # the runtime's resident set when /proc cannot be read
 
 
 def activation_bytes(cfg, image_tokens: int, text_tokens: int, itemsize: int, batch: int = 1) -> int:
@@ -126,6 +129,15 @@ def device_overhead(device: torch.device | str) -> int:
         return FALLBACK_OVERHEAD
 
 
+@functools.cache
+def host_overhead() -> int:
+    """Bytes the process holds in host memory outside the weights and a run's tensors: the Python
+    runtime, torch and the other libraries, the tokenizers; the resident set the first time it is
+    asked (before a run reads any weight in), cached. What a RAM budget on a CPU keeps for them."""
+    rss = proc_bytes("/proc/self/status", "VmRSS")
+    return FALLBACK_HOST_OVERHEAD if rss is None else rss
+
+
 def section_tokens(plan, height: int, width: int) -> tuple[int, int]:
     """(image tokens, noisy tokens) of the widest section of a `SectionPlan` for latents `height x
     width`: the noisy window and the packed history (anchors and group 0 at k1, each group at its
@@ -182,7 +194,9 @@ class DeviceNeed:
             parts.append(f"step cache {format_bytes(self.cache)}")
         if self.vae_decode:
             parts.append(f"VAE decode {format_bytes(self.vae_decode)}")
-        if self.overhead or self.margin:
+        if self.memory == "RAM" and self.overhead:
+            parts.append(f"the runtime {format_bytes(self.overhead)}")
+        elif self.overhead or self.margin:
             parts.append(
                 f"CUDA context {format_bytes(self.overhead)}, allocator {self.margin:.0%} of the budget"
             )

@@ -27,21 +27,11 @@ import torch
 import torch.nn as nn
 
 from ..io.weights import DiskSource, disk_source, on_disk, placeholder
+from .budgets import budget_bytes, default_reserve, format_bytes, module_tensors, parse_budget, tensor_bytes
 from .disk import move_module, read_source
 from .estimate import DeviceNeed
 from .hooks import release
-from .streaming import (
-    ByteLedger,
-    MemoryPlan,
-    WeightStreamer,
-    budget_bytes,
-    default_reserve,
-    format_bytes,
-    module_tensors,
-    parse_budget,
-    plan_memory,
-    tensor_bytes,
-)
+from .streaming import ByteLedger, MemoryPlan, WeightStreamer, plan_memory
 
 __all__ = [
     "Offloader",

@@ -13,18 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .budgets import GIB, budget_bytes, default_reserve, parse_budget
 from .disk import move_module
 from .hooks import release
 from .offload import Offloader, module_bytes
-from .streaming import (
-    GIB,
-    ByteLedger,
-    WeightStreamer,
-    budget_bytes,
-    default_reserve,
-    parse_budget,
-    plan_memory,
-)
+from .streaming import ByteLedger, WeightStreamer, plan_memory
 
 __all__ = ["Placement", "is_out_of_memory", "place_weights"]
 

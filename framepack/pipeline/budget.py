@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..memory.budgets import GIB, budget_bytes, parse_budget, ram_budget_bytes
 from ..memory.disk import disk_backed
 from ..memory.estimate import (
     ALLOCATOR_MARGIN,
@@ -21,10 +22,11 @@ from ..memory.estimate import (
     activation_bytes,
     cache_bytes,
     device_overhead,
+    host_overhead,
     section_tokens,
 )
 from ..memory.offload import TILES, module_bytes, vae_decode_bytes
-from ..memory.streaming import GIB, blocks_of, budget_bytes, parse_budget, plan_memory, ram_budget_bytes
+from ..memory.streaming import blocks_of, plan_memory
 
 __all__ = [
     "bundle_need",
@@ -107,15 +109,17 @@ def run_need(cfg, vae: nn.Module, dtype: torch.dtype, prepared, device, text_tok
     itemsize = dtype.itemsize
     branches = 1 if prepared.cfg == 1 else 2
     cuda = device.type == "cuda"
+    ram_run = not cuda and s.ram_budget is not None
     return DeviceNeed(
         activations=activation_bytes(cfg, image, text_tokens, itemsize),
         cache=cache_bytes(cfg, s.cache, image, noisy, itemsize, branches),
         vae_decode=vae_decode_bytes(
             vae, decode_shape(vae, prepared), TILES[-1]
         ),  # the tile shrinks to the room left
-        overhead=device_overhead(device),
+        # On a CPU under a RAM budget the runtime's own memory (Python, torch, tokenizers) counts too.
+        overhead=host_overhead() if ram_run else device_overhead(device),
         margin=ALLOCATOR_MARGIN if cuda else 0.0,
-        memory="RAM" if not cuda and s.ram_budget is not None else "VRAM",
+        memory="RAM" if ram_run else "VRAM",
     )
 
 

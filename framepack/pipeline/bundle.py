@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..io.weights import empty_parameters, file_sources, set_disk_source
-from ..memory.streaming import ram_budget_bytes
+from ..memory.budgets import ram_budget_bytes
 from .manifest import COMPONENTS, BundleError, Manifest, read_config
 from .named import locate
 
@@ -266,7 +266,7 @@ def weight_bytes(dirs: Mapping[str, Path], dtypes: Mapping[str, torch.dtype | No
 def weights_home(device: torch.device | str, vram_budget: str | float | None) -> torch.device:
     """Where `load_bundle` puts the weights for runs on `device`: the host (CPU) when a VRAM budget
     is set (GiB or "auto"; the planner of `framepack.memory` then moves them), else `device`."""
-    from ..memory.streaming import parse_budget
+    from ..memory.budgets import parse_budget
 
     device = torch.device(device)
     return torch.device("cpu") if parse_budget(vram_budget) is not None else device

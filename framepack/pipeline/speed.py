@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 
 from ..caching import CACHES, StepCache, make_cache, reset_caches
+from ..memory.budgets import parse_budget
 from ..memory.hooks import forget_attached, record_attached
 from ..memory.offload import Offloader, plan_offload
 from ..memory.runtime import Placement, place_weights
-from ..memory.streaming import WeightStreamer, parse_budget
+from ..memory.streaming import WeightStreamer
 from .budget import bundle_need, device_budget, run_size
 from .bundle import Bundle
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..memory.budgets import format_bytes
 from ..memory.disk import disk_backed
 from ..memory.offload import module_bytes, plan_visits
-from ..memory.streaming import format_bytes, plan_memory
+from ..memory.streaming import plan_memory
 from .budget import bundle_need, device_budget, host_tier_budget, run_size
 
 __all__ = ["Tiers", "tier_plan"]
