@@ -16,6 +16,12 @@ DIR` loads a checkpoint that way (shard by shard) instead of random weights. `--
 cpu` runs the same code on a CPU in seconds (for checking the script, not for numbers).
 
     python bench/gpu_13b.py [--budgets 6 8 16 unlimited] [--teacache 0.15] [--steps 25] [--record]
+    python bench/gpu_13b.py --budgets 4 --ram-budget 16 --teacache 0   # weights waiting on disk
+
+With `--ram-budget GB` the weights wait in their safetensors files (random weights are written once
+to `--disk`): the streamed blocks that fit the RAM budget (less two staging slots) are kept in
+pinned host memory, the rest are read from disk at every call (`framepack.memory.disk`); the plan
+column then also gives the host tier and the peak RSS of the timed run (sampled every 50 ms).
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,7 +51,8 @@ from framepack.memory.estimate import (  # noqa: E402
     device_overhead,
 )
 from framepack.memory.offload import pin_host  # noqa: E402
-from framepack.model import PackedTransformer, get_spec, load_transformer  # noqa: E402
+from framepack.memory.streaming import blocks_of  # noqa: E402
+from framepack.model import PackedTransformer, get_spec, load_transformer, save_transformer  # noqa: E402
 from framepack.pipeline.speed import accelerate  # noqa: E402
 from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0  # noqa: E402
 from framepack.testing import random_packed_inputs  # noqa: E402
@@ -88,6 +98,43 @@ def forward_flops(cfg, image_tokens: int, noisy_tokens: int, text_tokens: int) -
     return cfg.num_layers * dual + max(cfg.num_single_layers - 1, 0) * single + last
 
 
+def disk_backed(model, transformer: str | None, dtype, scratch: Path | None) -> PackedTransformer:
+    """`model` read back disk-backed (`load_transformer(lazy=True)`): from its checkpoint, or from
+    its random weights written once to `scratch` (a temporary folder by default)."""
+    directory = transformer
+    if directory is None:
+        directory = scratch or Path(tempfile.mkdtemp(prefix="framepack-13b-"))
+        if not (Path(directory) / "config.json").exists():
+            t0 = time.perf_counter()
+            save_transformer(model, directory)
+            print(f"wrote the weights to {directory} in {time.perf_counter() - t0:.0f} s", flush=True)
+    lazy = load_transformer(directory, dtype=dtype, lazy=True)
+    lazy.fp32_head = True
+    return lazy
+
+
+class RssSampler:
+    """The peak resident set of this process, sampled every 50 ms on a thread between start and stop."""
+
+    def __init__(self) -> None:
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self.done.is_set():
+            self.peak = max(self.peak, process.memory_info().rss)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,6 +147,8 @@ def main() -> None:
     parser.add_argument("--transformer", metavar="DIR", help="a checkpoint instead of random --spec weights")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8", action="store_true", help="fp8 host copies of the streamed blocks")
+    parser.add_argument("--ram-budget", type=float, help="GiB of host memory; the weights wait on disk")
+    parser.add_argument("--disk", type=Path, help="where random weights are written for --ram-budget")
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
     parser.add_argument("--record", action="store_true", help="append the rows to bench/RESULTS.md")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (bench/gpu_check.py)")
@@ -121,6 +170,13 @@ def main() -> None:
         model.fp32_head = True
     else:
         model = random_model(args.spec, dtype, device)
+    host_budget = 0
+    if args.ram_budget:  # the weights wait in their files; the host keeps what the budget allows
+        model = disk_backed(model, args.transformer, dtype, args.disk)
+        if cuda:
+            torch.cuda.empty_cache()  # the random weights drawn on the card are gone
+        block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks_of(model))
+        host_budget = max(round(args.ram_budget * GIB) - 2 * block, 0)
     if cuda:
         pin_host(model)  # the host copies the planner streams from
     cfg = model.config
@@ -170,7 +226,9 @@ def main() -> None:
                 cache or 0.0,
                 fp8=args.fp8 and not unlimited,
                 reserve=None if unlimited else need.reserve(total),
+                host_budget=host_budget,
             )
+            rss = RssSampler().start()
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -186,6 +244,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - start
+            rss.stop()
             peak_gib = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
             # What nvidia-smi shows: the allocator's reserve plus the context and workspaces.
             held_gib = (
@@ -198,6 +257,9 @@ def main() -> None:
             mfu = flops * computed / seconds / (peak * 1e12) if peak else float("nan")
             per_frame = seconds / (4 * 9)
             plan = run.streamer.plan.describe() if run.streamer else "all resident"
+            if args.ram_budget:
+                kept = run.streamer.host_tier if run.streamer else 0
+                plan += f"; host tier {kept / GIB:.2f} GiB, peak RSS {rss.peak / GIB:.2f} GiB"
             results[(budget, cache)] = dict(per_frame=per_frame)
             label = f"TeaCache {cache}" if cache else "none"
             print(

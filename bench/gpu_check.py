@@ -87,7 +87,7 @@ def modes(sections: int) -> list[tuple[str, list[str]]]:
         ("fp8 host copies", [*i2v, "--vram-budget", "smallest", "--fp8-weights"]),
         # Below the bundle's size: every streamed block is read from its file into a pinned staging
         # slot and copied to the card (the disk tier's CUDA path), the encoders visit from their files.
-        ("RAM budget", [*i2v, "--vram-budget", "smallest", "--ram-budget", "0.01"]),
+        ("RAM budget", [*i2v, "--vram-budget", "smallest", "--ram-budget", "below-bundle"]),
         ("Euler", [*i2v, "--sampler", "euler"]),
         ("UniPC", [*i2v, "--sampler", "unipc"]),
         ("real CFG, negative prompt", [*i2v, "--cfg", "3", "--negative-prompt", "a blue square"]),
@@ -124,7 +124,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def smallest_budget(args: list[str]) -> str | None:
     """The budget the CLI names when it refuses a far too small one (before any loading)."""
     status, err, _ = run_cli([*args, "--vram-budget", "0.001"])
-    found = re.search(r"give --vram-budget ([0-9.]+) or more", err)
+    found = re.search(r"give --v?ram-budget ([0-9.]+) or more", err)  # a CPU under --ram-budget: RAM
     return found.group(1) if status == 2 and found else None
 
 
@@ -135,6 +135,8 @@ def check_mode(name: str, args: list[str], common: list[str], out: Path, cuda: b
     results = {}
     for dtype in ("fp32", "release"):
         run_args = [*args, *common, "--dtype", dtype]
+        if "below-bundle" in run_args:  # on CUDA below the demo bundle's 20-33 MB; on a CPU any
+            run_args[run_args.index("below-bundle")] = "0.01" if cuda else "2"  # keeps them on disk
         budget = None
         if "smallest" in run_args:  # the budget the CLI names for this run in this dtype
             at = run_args.index("smallest")
@@ -181,13 +183,24 @@ def with_source(args: list[str], name: str, source: Path) -> list[str]:
 
 
 def check_13b(quick: bool, device: str) -> list[list[str]]:
-    """`bench/gpu_13b.py` in a fresh process (its own CUDA context and peaks); one row per run."""
-    script = Path(__file__).with_name("gpu_13b.py")
+    """`bench/gpu_13b.py` in fresh processes (their own CUDA contexts and peaks): the VRAM budgets,
+    then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk; one row per run."""
     if quick:
         extra = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
-        extra += ["--budgets", "0.003", "0.07", "unlimited"]
+        runs = [("", [*extra, "--budgets", "0.003", "0.07", "unlimited"])]
+        runs.append((" RAM 0.002", [*extra, "--budgets", "0.07", "--ram-budget", "0.002", "--teacache", "0"]))
     else:
-        extra = ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"]
+        runs = [("", ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"])]
+        ram = ["--device", device, "--budgets", "4", "unlimited", "--ram-budget", "16", "--teacache", "0"]
+        runs.append((" RAM 16", [*ram, "--steps", "5"]))
+    rows = []
+    for label, extra in runs:
+        rows += _run_13b(label, extra)
+    return rows
+
+
+def _run_13b(label: str, extra: list[str]) -> list[list[str]]:
+    script = Path(__file__).with_name("gpu_13b.py")
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [sys.executable, str(script), *extra, "--json", f"{tmp}/rows.json"],
@@ -196,13 +209,14 @@ def check_13b(quick: bool, device: str) -> list[list[str]]:
         )
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
-            return [["13B benchmark", "FAIL", f"exited {result.returncode}: {' '.join(tail)[:300]}"]]
+            return [[f"13B{label}", "FAIL", f"exited {result.returncode}: {' '.join(tail)[:300]}"]]
         runs = json.loads(Path(f"{tmp}/rows.json").read_text())
     refused = [line for line in result.stdout.splitlines() if "refused" in line]
-    rows = [[f"13B budget {r['budget']}, {r['cache']}", "FAIL" if "NO" in r["held_gib"] else "ok",
+    host = lambda r: f", {r['plan'].split('; ', 1)[1]}" if label and "; " in r["plan"] else ""  # noqa: E731
+    rows = [[f"13B{label} budget {r['budget']}, {r['cache']}", "FAIL" if "NO" in r["held_gib"] else "ok",
              f"{r['s_per_frame']} s/frame ({r['ratio']}x unlimited), MFU {r['mfu']}, peak {r['peak_gib']} GiB, "
-             f"held {r['held_gib']}, skipped {r['skipped']}"] for r in runs]  # fmt: skip
-    rows += [["13B refused budget", "ok", line.strip()[:200]] for line in refused]
+             f"held {r['held_gib']}, skipped {r['skipped']}{host(r)}"] for r in runs]  # fmt: skip
+    rows += [[f"13B{label} refused budget", "ok", line.strip()[:200]] for line in refused]
     return rows
 
 
