@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
         help="host memory for weights: a bundle larger than this is read from its files as jobs run "
         "(on a CPU it bounds all weights)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer's blocks for every job (the first job pays the compile)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -142,7 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
-    queue = JobQueue(bundle, outputs, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
+    queue = JobQueue(
+        bundle, outputs, vram_budget=args.vram_budget, ram_budget=args.ram_budget, compile=args.compile
+    )
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:
         launch(app, outputs, host=args.host, port=args.port, auth=auth)

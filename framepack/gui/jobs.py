@@ -85,6 +85,7 @@ class JobQueue:
     weight on the device (the bundle moves there, which works when it fits). Resumed jobs keep
     the budget they were started with. `ram_budget` (the server's `--ram-budget`, for a bundle
     loaded with it) is every job's RAM budget: the bundle's weights wait where it put them.
+    `compile` (the server's `--compile`) compiles every job's blocks; the first job pays the compile.
     """
 
     def __init__(
@@ -94,10 +95,12 @@ class JobQueue:
         start: bool = True,
         vram_budget: str | float | None = None,
         ram_budget: str | float | None = None,
+        compile: bool = False,
     ):
         self.bundle = bundle
         self.vram_budget = vram_budget
         self.ram_budget = ram_budget
+        self.compile = compile  # the server's --compile: every job's blocks compiled
         self.out_dir = Path(out_dir)
         self._cond = threading.Condition()
         self._jobs: dict[int, QueuedJob] = {}
@@ -148,6 +151,8 @@ class JobQueue:
             settings = dataclasses.replace(settings, vram_budget=self.vram_budget)
         if self.ram_budget is not None:
             settings = dataclasses.replace(settings, ram_budget=self.ram_budget)
+        if self.compile:
+            settings = dataclasses.replace(settings, compile=True)
         request = Request(settings, image, video, one_frame, tuple(one_frame_groups))
         try:
             run = open_run(self.bundle, request)

@@ -70,6 +70,7 @@ class GenerationSettings:
     vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
     fp8_weights: bool = False  # fp8 copies of the streamed blocks: half the transfers, +half their RAM
     ram_budget: str | float | None = None  # GiB of host memory for weights, or "auto"; None: no limit
+    compile: bool = False  # torch.compile the transformer's blocks (`framepack.pipeline.compiled`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

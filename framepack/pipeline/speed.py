@@ -29,6 +29,7 @@ from ..memory.runtime import Placement, place_weights
 from ..memory.streaming import WeightStreamer
 from .budget import bundle_need, device_budget, run_size
 from .bundle import Bundle
+from .compiled import CompiledBlocks
 
 __all__ = ["Accelerated", "accelerate", "accelerate_run", "check_speed_settings", "offloaded"]
 
@@ -85,6 +86,7 @@ class Accelerated:
 
     weights: Placement
     cache: StepCache | None = None
+    compiled: CompiledBlocks | None = None  # `--compile`: the blocks' compiled forwards
 
     @property
     def model(self) -> nn.Module:
@@ -101,6 +103,8 @@ class Accelerated:
 
     def info(self) -> dict:
         out = self.weights.info()
+        if self.compiled is not None:
+            out["compile"] = self.compiled.info()
         if self.cache is not None:
             out["cache"] = {
                 "name": self.cache.name,
@@ -110,6 +114,8 @@ class Accelerated:
         return out
 
     def detach(self) -> None:
+        if self.compiled is not None:
+            self.compiled.detach()
         if self.cache is not None:
             self.cache.detach()
         self.weights.detach()
@@ -127,8 +133,10 @@ def accelerate(
     reserve: int | None = None,
     memory: Offloader | None = None,
     host_budget: int = 0,
+    compile: bool = False,
 ) -> Accelerated:
-    """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`.
+    """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`
+    (and with `compile`, the blocks' compiled forwards, `framepack.pipeline.compiled`).
 
     Whatever an earlier call attached to the same model is detached first. With neither a budget
     nor a cache, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
@@ -139,7 +147,9 @@ def accelerate(
     run = Accelerated(place_weights(model, device, vram_budget, fp8, reserve, memory, host_budget))
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
-    if run.weights.attached or run.cache is not None:
+    if compile:  # innermost: streaming and the step cache run around the compiled blocks
+        run.compiled = CompiledBlocks(model).attach()
+    if run.weights.attached or run.cache is not None or run.compiled is not None:
         record_attached(model, run)
     return run
 
@@ -161,4 +171,5 @@ def accelerate_run(
         settings.fp8_weights,
         memory=memory,
         host_budget=host_budget,
+        compile=settings.compile,
     )
