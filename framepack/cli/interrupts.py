@@ -1,7 +1,8 @@
 """Ctrl-C that always stops a command: SIGINT is remembered as well as raised.
 
 Python turns SIGINT into a KeyboardInterrupt wherever the main thread is, and some places lose it:
-a `__del__` method or a weakref finalizer that runs at that moment (the interpreter prints
+a `__del__` method, a weakref finalizer or any callback the garbage collector runs at that moment
+(a collection after torch.compile runs many; the interpreter prints
 "Exception ignored in ..." and goes on), a library that catches every exception and raises its
 own (a loader's error instead of the interrupt). While a command runs (`sigint_remembered`), the
 handler here notes each SIGINT; inside a finalizer it does not raise there but sends the signal
@@ -12,6 +13,7 @@ was lost all the same, and `cli.common.run_command` ends with exit status 130 wh
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -42,10 +44,14 @@ class _Handler:
 
 
 def _in_finalizer(frame) -> bool:
+    if _collecting[0]:  # a finalizer the garbage collector runs may have any name
+        return True
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "__del__" or (
-            code.co_name in ("__call__", "_exitfunc") and code.co_filename.endswith("weakref.py")
+        if (
+            code is _gc_phase.__code__
+            or code.co_name == "__del__"
+            or (code.co_name in ("__call__", "_exitfunc") and code.co_filename.endswith("weakref.py"))
         ):
             return True
         frame = frame.f_back
@@ -53,6 +59,11 @@ def _in_finalizer(frame) -> bool:
 
 
 _handler = _Handler()
+_collecting = [False]  # the garbage collector is running (and with it, finalizers)
+
+
+def _gc_phase(phase: str, info: dict) -> None:
+    _collecting[0] = phase == "start"
 
 
 @contextmanager
@@ -64,9 +75,12 @@ def sigint_remembered():
         yield
         return
     previous = signal.signal(signal.SIGINT, _handler)
+    gc.callbacks.append(_gc_phase)
     try:
         yield
     finally:
+        gc.callbacks.remove(_gc_phase)
+        _collecting[0] = False
         signal.signal(signal.SIGINT, previous)
         if _handler.retry is not None:
             _handler.retry.cancel()
