@@ -184,7 +184,16 @@ def test_resume_of_a_non_job_is_one_sentence(tmp_path, capsys):
 def _wait_for(path: Path, predicate, timeout: float, proc) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        events = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        try:  # the run probes the file before writing it (`--events` checked before loading)
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written
+                break
         if predicate(events):
             return events
         if proc.poll() is not None:
