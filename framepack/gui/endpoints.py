@@ -31,6 +31,7 @@ __all__ = [
     "cancel_handler",
     "add_generate",
     "checked_request",
+    "error_sentence",
     "form_problem",
     "page_generate_handler",
     "note_html",
@@ -182,11 +183,12 @@ def form_problem(form: FormValues, outputs: Path, manifest, loras_dir: Path | No
     try:
         checked_request(form, outputs, manifest, loras_dir)
     except ValueError as e:
-        return _sentence(e)
+        return error_sentence(e)
     return None
 
 
-def _sentence(e: BaseException) -> str:
+def error_sentence(e: BaseException) -> str:
+    """An error as one sentence for the page (`describe_error`), capitalised."""
     text = describe_error(e)
     return text[:1].upper() + text[1:]
 
@@ -205,7 +207,7 @@ def page_generate_handler(queue: JobQueue, outputs: Path, manifest, loras_dir, f
         try:
             request = await asyncio.to_thread(checked_request, form, outputs, manifest, loras_dir)
         except ValueError as e:
-            yield {message: note_html(_sentence(e))}
+            yield {message: note_html(error_sentence(e))}
             return
         yield {message: "", seed: gr.update(value=form.seed) if random_seed else gr.update()}
         job = await asyncio.to_thread(queue.submit, request.settings, **request.submit_kwargs())

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .endpoints import note_html
+from .endpoints import error_sentence, note_html
 from .form import form_from_settings, load_sidecar
-from .jobs import describe_error
 
 __all__ = ["add_sidecar_upload", "form_filler", "wire_load_settings"]
 
@@ -46,8 +45,7 @@ def form_filler(fields: dict, outputs: Path, manifest, loras_dir: Path | None, m
         try:
             values = form_from_settings(load_sidecar(path), outputs, manifest, loras_dir)
         except ValueError as e:
-            text = describe_error(e)
-            text = f"{text[:1].upper()}{text[1:]} The form is unchanged."
+            text = f"{error_sentence(e)} The form is unchanged."
             return {**untouched, message: note_html(text), tabs: gr.update()}
         if "random_seed" in fields:  # the loaded seed is the one to use
             values["random_seed"] = False

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .endpoints import note_html
-from .jobs import describe_error
+from .endpoints import error_sentence, note_html
 from .presets import PRESET_FIELDS, delete_preset, list_presets, load_preset, save_preset
 
 __all__ = ["SettingsTab", "add_settings_tab", "server_html", "wire_presets"]
@@ -94,7 +93,7 @@ def wire_presets(app, tab: SettingsTab, fields: dict, outputs: Path, tabs: gr.Ta
         try:
             path = save_preset(outputs, name, dict(zip(names, values, strict=True)))
         except (ValueError, OSError) as e:
-            return note_html(_sentence(e)), gr.update()
+            return note_html(error_sentence(e)), gr.update()
         return note_html(f"Saved the preset {path.stem!r}.", "ok"), listed(path.stem)
 
     def load(name):
@@ -104,7 +103,7 @@ def wire_presets(app, tab: SettingsTab, fields: dict, outputs: Path, tabs: gr.Ta
         try:
             values = load_preset(outputs, name)
         except ValueError as e:
-            return {**untouched, tab.message: note_html(_sentence(e)), tabs: gr.update()}
+            return {**untouched, tab.message: note_html(error_sentence(e)), tabs: gr.update()}
         for k, v in values.items():
             v = _allowed(fields[k], v)
             if v is not None:
@@ -118,7 +117,7 @@ def wire_presets(app, tab: SettingsTab, fields: dict, outputs: Path, tabs: gr.Ta
         try:
             gone = delete_preset(outputs, name)
         except (ValueError, OSError) as e:
-            return note_html(_sentence(e)), gr.update()
+            return note_html(error_sentence(e)), gr.update()
         text = f"Deleted the preset {name!r}." if gone else f"There is no preset named {name!r}."
         return note_html(text, "ok" if gone else "error"), listed()
 
@@ -127,8 +126,3 @@ def wire_presets(app, tab: SettingsTab, fields: dict, outputs: Path, tabs: gr.Ta
     tab.load.click(load, inputs=[tab.pick], outputs=[*components, tab.message, tabs], **private)
     tab.delete.click(delete, inputs=[tab.pick], outputs=[tab.message, tab.pick], **private)
     app.load(lambda: listed(), outputs=[tab.pick], **private)
-
-
-def _sentence(e: BaseException) -> str:
-    text = describe_error(e)
-    return text[:1].upper() + text[1:]

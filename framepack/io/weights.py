@@ -13,6 +13,7 @@ decides what is read when.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "disk_source",
     "empty_parameters",
     "file_sources",
+    "header_sources",
     "on_disk",
     "placeholder",
     "read_header",
@@ -98,10 +100,7 @@ class DiskSource:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -141,14 +140,20 @@ def _read_bytes(path: Path, offset: int, out: torch.Tensor) -> None:
 def file_sources(path: Path) -> dict[str, DiskSource]:
     """Every tensor of a safetensors file, by its key, read from the header alone."""
     header, _, start = read_header(path)
+    return header_sources(path, header, start)
+
+
+def header_sources(path: Path, header: dict, data_start: int) -> dict[str, DiskSource]:
+    """`file_sources` from a header `read_header` has already read."""
     out = {}
     for key, entry in header.items():
         dtype = FLOAT_DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise CheckpointError(f"{key} in {path.name} has dtype {entry.get('dtype')}, not a float type.")
-        source = DiskSource(path, start + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
-        if entry["data_offsets"][1] - entry["data_offsets"][0] != source.nbytes:
-            raise CheckpointError(f"{key} in {path.name} has the wrong number of bytes for its shape.")
+        source = DiskSource(path, data_start + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
+        start, stop = entry["data_offsets"]
+        if stop - start != source.nbytes:
+            raise CheckpointError(f"{key} in {path.name} has {stop - start} bytes for shape {source.shape}.")
         out[key] = source
     return out
 

@@ -4,8 +4,8 @@ A bundle loaded under a RAM budget (`load_bundle(..., ram_budget=...)`) holds pl
 `DiskSource`s (`framepack.io.weights`) instead of its weights. The planners treat the files as
 one more home for a tensor beside the host and the device:
 
-- `materialise(module, device)` reads every placeholder of a module in (what stays resident);
-- `to_disk(module)` gives a disk-backed module's memory back (its placeholders return);
+- `materialise(module, device)` reads every placeholder of a module in (what stays resident;
+  the streamer and the offloader put the placeholders back, which gives the memory back);
 - `DiskReader` reads the tensors of a streamed block in a thread of its own, so the read of the
   next block runs while the current one computes; on CUDA each read goes into a reused pinned
   staging buffer per slot and is copied to the device from there.
@@ -16,14 +16,13 @@ one more home for a tensor beside the host and the device:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..io.weights import DiskSource, disk_source, on_disk, placeholder
+from ..io.weights import DiskSource, disk_source, on_disk
 
 __all__ = [
     "DiskReader",
@@ -34,20 +33,17 @@ __all__ = [
     "materialise",
     "move_module",
     "proc_bytes",
-    "to_disk",
 ]
 
 
 @dataclass
 class DiskStats:
-    """Bytes read from weight files, and how many reads."""
+    """Bytes read from weight files."""
 
     bytes_read: int = 0
-    reads: int = 0
 
     def add(self, n: int) -> None:
         self.bytes_read += n
-        self.reads += 1
 
 
 STATS = DiskStats()  # every read of this process (`framepack info`, the benchmarks)
@@ -65,22 +61,11 @@ def read_source(source: DiskSource, dtype: torch.dtype, device: torch.device | s
     return out if torch.device(device).type == "cpu" else out.to(device)
 
 
-def materialise(module: nn.Module, device: torch.device | str, skip: Sequence[torch.Tensor] = ()) -> int:
-    """Read every placeholder of `module` (but those in `skip`) onto `device`; returns the bytes read."""
-    skipped = {id(t) for t in skip}
-    n = 0
+def materialise(module: nn.Module, device: torch.device | str) -> None:
+    """Read every placeholder of `module` onto `device`."""
     for p in module.parameters():
-        if id(p) not in skipped and on_disk(p):
+        if on_disk(p):
             p.data = read_source(disk_source(p), p.dtype, device)
-            n += disk_source(p).nbytes
-    return n
-
-
-def to_disk(module: nn.Module) -> None:
-    """Every disk-backed parameter of `module` gives its memory back (its placeholder returns)."""
-    for p in module.parameters():
-        if disk_source(p) is not None and not on_disk(p) and p.numel() > 1:
-            p.data = placeholder(disk_source(p), p.dtype)
 
 
 def move_module(module: nn.Module, device: torch.device | str) -> nn.Module:
@@ -128,11 +113,6 @@ class DiskReader:
                 self.staging.append(torch.empty(slot_bytes, dtype=torch.uint8).pin_memory())
                 self.pending.append(None)
         self.scratch = torch.empty(0, dtype=torch.uint8)  # dtype conversions (CPU)
-
-    @property
-    def host_bytes(self) -> int:
-        """Pinned staging bytes held on the host."""
-        return sum(s.numel() for s in self.staging)
 
     def submit(self, tensors: list[tuple[DiskSource, torch.Tensor]]) -> Future:
         slot = self.next_slot

@@ -21,7 +21,6 @@ everything streamed: 26 GB of weights + 13 GB of fp8 copies). They save transfer
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -302,16 +301,15 @@ class WeightStreamer:
 
     def _kept_bytes(self, e: _Entry) -> int:
         """Host bytes a disk-backed tensor takes in the host tier (fp8: a byte a weight + row scales)."""
-        n = e.host.numel * e.empty.element_size()
         if self.plan.fp8 and len(e.host.shape) >= 2:
             return e.host.numel + e.host.shape[0] * e.empty.element_size()
-        return n
+        return e.host.numel * e.empty.element_size()
 
     def _start_reader(self) -> None:
         """A `DiskReader` when some streamed block lives in its files, with a staging slot per
         device slot (each the largest such block, every tensor 64-byte aligned)."""
         sizes = [
-            sum(aligned(math.prod(e.host.shape) * e.empty.element_size()) for e in entries if e.on_disk)
+            sum(aligned(e.host.numel * e.empty.element_size()) for e in entries if e.on_disk)
             for entries in self.entries.values()
         ]
         if max(sizes, default=0):

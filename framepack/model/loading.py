@@ -21,7 +21,7 @@ from ..io.weights import (
     FLOAT_DTYPES,
     CheckpointError,
     disk_source,
-    file_sources,
+    header_sources,
     read_header,
     set_disk_source,
 )
@@ -57,21 +57,6 @@ def _strip_prefix(key: str) -> str:
         if key.startswith(prefix):
             return key[len(prefix) :]
     return key
-
-
-def _read_tensor(f, entry: dict, data_start: int, name: str) -> torch.Tensor:
-    """Read one tensor into a fresh (aligned, owned) buffer: no mapping of the whole file."""
-    stored = FLOAT_DTYPES[entry["dtype"]]
-    tensor = torch.empty(entry["shape"], dtype=stored)
-    start, stop = entry["data_offsets"]
-    if stop - start != tensor.numel() * tensor.element_size():
-        raise CheckpointError(f"{name} has {stop - start} bytes for shape {tuple(entry['shape'])}.")
-    if tensor.numel():
-        f.seek(data_start + start)
-        buf = tensor.view(-1).view(torch.uint8).numpy()
-        if f.readinto(buf) != buf.size:
-            raise CheckpointError(f"{name} could not be read in full; the file is truncated.")
-    return tensor
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
@@ -194,25 +179,21 @@ def _materialise(
                     f"{key} in {shard.name} has shape {tuple(entry['shape'])}, the model expects {want}."
                 )
             names[key] = name
-        if lazy:  # every weight stays in its file until a run reads it (`framepack.memory.disk`)
-            sources = file_sources(shard)
-            for key, name in names.items():
-                stored = sources[key].stored
-                target = dtype or (torch.bfloat16 if stored.itemsize == 1 else stored)
-                module_name, _, attr = name.rpartition(".")
-                set_disk_source(model.get_submodule(module_name), attr, sources[key], target)
-                seen.add(name)
-            continue
+        sources = header_sources(shard, header, data_start)
         try:
-            with open(shard, "rb") as f:
-                for key, name in names.items():
-                    tensor = _read_tensor(f, header[key], data_start, f"{key} in {shard.name}")
-                    target = dtype or (torch.bfloat16 if tensor.element_size() == 1 else tensor.dtype)
-                    module_name, _, attr = name.rpartition(".")
+            for key, name in names.items():
+                source = sources[key]
+                target = dtype or (torch.bfloat16 if source.stored.itemsize == 1 else source.stored)
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                if lazy:  # every weight stays in its file until a run reads it (`framepack.memory.disk`)
+                    set_disk_source(module, attr, source, target)
+                else:  # read into a fresh buffer, one tensor at a time: no mapping of the whole file
+                    tensor = source.read(torch.empty(source.shape, dtype=source.stored))
                     value = tensor.to(device=device, dtype=target)
-                    setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
-                    seen.add(name)
+                    setattr(module, attr, nn.Parameter(value, requires_grad=False))
                     del tensor, value
+                seen.add(name)
         except OSError as e:
             raise CheckpointError(f"{shard.name} could not be read ({e}).") from None
     missing = [n for n in expected if n not in seen]
@@ -268,7 +249,7 @@ def load_transformer(
 
     `dtype=None` keeps the stored dtype (fp8 storage becomes bf16). Hub ids may name a subfolder
     as `owner/name:subfolder`. `lazy`: every weight is checked but stays in its file, a
-    `meta` placeholder with its `DiskSource` (`framepack.io.weights`) until a run reads it.
+    memory-free placeholder with its `DiskSource` (`framepack.io.weights`) until a run reads it.
     Raises `CheckpointError` with one sentence on a bad checkpoint.
     """
     p = Path(path)

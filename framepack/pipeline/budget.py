@@ -65,15 +65,19 @@ def host_tier_budget(settings, bundle) -> int:
     which visits beside them. 0 on a CPU, whose memory is the device's, or without a RAM budget."""
     if bundle.device.type == "cpu" or settings.ram_budget is None or not disk_backed(bundle.transformer):
         return 0
-    block = max(module_bytes(b) for b in blocks_of(bundle.transformer))
-    return max(ram_budget_bytes(settings.ram_budget) - 2 * block - module_bytes(bundle.vae), 0)
+    return max(ram_budget_bytes(settings.ram_budget) - _host_share(bundle.transformer, bundle.vae), 0)
+
+
+def _host_share(transformer: nn.Module, vae: nn.Module) -> int:
+    """The least host memory of a GPU run under a RAM budget: two staging slots of the largest
+    transformer block, and the VAE that visits beside them."""
+    return 2 * max(module_bytes(b) for b in blocks_of(transformer)) + module_bytes(vae)
 
 
 def _check_host(ram_budget, transformer: nn.Module, vae: nn.Module) -> None:
-    """Refuse (one sentence) a RAM budget of a GPU run below its smallest host share: two staging
-    slots of the largest transformer block, and the VAE that visits beside them."""
+    """Refuse (one sentence) a RAM budget of a GPU run below its smallest host share (`_host_share`)."""
     ram = ram_budget_bytes(ram_budget)
-    need = 2 * max(module_bytes(b) for b in blocks_of(transformer)) + module_bytes(vae)
+    need = _host_share(transformer, vae)
     if ram < need:
         gib = math.ceil(need / GIB * 10) / 10
         raise ValueError(

@@ -51,6 +51,10 @@ class Bundle:
     target: torch.device | None = None  # where runs compute, when the weights were loaded elsewhere
     from_files: bool = False  # its RAM budget keeps weights in their files (`load_bundle`)
 
+    def visitors(self) -> list[nn.Module]:
+        """The modules that visit the device under a budget (`memory.offload`): encoders and VAE."""
+        return [self.text_encoder, self.text_encoder_2, self.image_encoder, self.vae]
+
     def modules(self) -> dict[str, nn.Module]:
         """The components with weights, by name."""
         names = ("text_encoder", "text_encoder_2", "image_encoder", "vae", "transformer")

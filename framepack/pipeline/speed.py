@@ -65,7 +65,7 @@ def offloaded(
     run's `prepared` settings its activations, step cache, VAE decode and CUDA overhead are kept
     out of the weights' share (`framepack.pipeline.budget`)."""
     model = bundle.transformer
-    visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
+    visitors = bundle.visitors()
     device = bundle.device  # a bundle loaded onto the host for a budget: the device it runs on
     need = None
     if prepared is not None and parse_budget(vram_budget) is not None:

@@ -76,7 +76,7 @@ def tier_plan(bundle, prepared) -> Tiers:
     sentence) when its budgets cannot hold it."""
     s = prepared.settings
     model, device = bundle.transformer, bundle.device
-    visitors = [bundle.text_encoder, bundle.text_encoder_2, bundle.image_encoder, bundle.vae]
+    visitors = bundle.visitors()
     budget = device_budget(s, device)
     need = bundle_need(bundle, prepared) if budget is not None else None
     off = plan_visits(
@@ -109,5 +109,5 @@ def tier_plan(bundle, prepared) -> Tiers:
         )
     if on_cpu:  # every weight is in RAM, whatever visits
         return Tiers(True, total + seen, 0, 0, 0, 0, plan.describe())
-    host = total - (total - streamed) + (0 if off.resident else seen)  # the streamed blocks, the visitors
+    host = streamed + (0 if off.resident else seen)  # the streamed blocks, the visitors
     return Tiers(False, on_device, host, 0, 0, 0, plan.describe())
