@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,28 +106,30 @@ class DiskSource:
     def nbytes(self) -> int:
         return self.numel * self.stored.itemsize
 
-    def read(self, out: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, out: torch.Tensor, scratch: torch.Tensor | None = None, file=None) -> torch.Tensor:
         """Fill `out` (a contiguous CPU tensor of `shape`) from the file and return it; a dtype
-        other than the stored one goes through `scratch` (uint8, at least `nbytes`; made if None)."""
+        other than the stored one goes through `scratch` (uint8, at least `nbytes`; made if None).
+        `file`: the file already open (unbuffered), when many tensors are read from it in turn."""
         if tuple(out.shape) != self.shape:
             raise ValueError(f"cannot read a tensor of shape {self.shape} into one of {tuple(out.shape)}.")
         if out.dtype == self.stored:
-            _read_bytes(self.path, self.offset, out.view(-1).view(torch.uint8))
+            _read_bytes(self.path, self.offset, out.view(-1).view(torch.uint8), file)
             return out
         if scratch is None or scratch.numel() < self.nbytes:
             scratch = torch.empty(self.nbytes, dtype=torch.uint8)
         raw = scratch[: self.nbytes]
-        _read_bytes(self.path, self.offset, raw)
+        _read_bytes(self.path, self.offset, raw, file)
         out.copy_(raw.view(self.stored).view(self.shape))
         return out
 
 
-def _read_bytes(path: Path, offset: int, out: torch.Tensor) -> None:
-    """Read `out.numel()` bytes at `offset` of `path` into the uint8 tensor `out`."""
+def _read_bytes(path: Path, offset: int, out: torch.Tensor, file=None) -> None:
+    """Read `out.numel()` bytes at `offset` of `path` (or of `file`, that path already open) into
+    the uint8 tensor `out`."""
     if not out.numel():
         return
     view = memoryview(out.numpy()).cast("B")
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) if file is None else nullcontext(file) as f:
         f.seek(offset)
         done = 0
         while done < len(view):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -181,19 +182,21 @@ def _materialise(
             names[key] = name
         sources = header_sources(shard, header, data_start)
         try:
-            for key, name in names.items():
-                source = sources[key]
-                target = dtype or (torch.bfloat16 if source.stored.itemsize == 1 else source.stored)
-                module_name, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                if lazy:  # every weight stays in its file until a run reads it (`framepack.memory.disk`)
-                    set_disk_source(module, attr, source, target)
-                else:  # read into a fresh buffer, one tensor at a time: no mapping of the whole file
-                    tensor = source.read(torch.empty(source.shape, dtype=source.stored))
-                    value = tensor.to(device=device, dtype=target)
-                    setattr(module, attr, nn.Parameter(value, requires_grad=False))
-                    del tensor, value
-                seen.add(name)
+            shard_file = nullcontext() if lazy else open(shard, "rb", buffering=0)  # one open per shard
+            with shard_file as f:
+                for key, name in names.items():
+                    source = sources[key]
+                    target = dtype or (torch.bfloat16 if source.stored.itemsize == 1 else source.stored)
+                    module_name, _, attr = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    if lazy:  # every weight stays in its file until a run reads it (`framepack.memory.disk`)
+                        set_disk_source(module, attr, source, target)
+                    else:  # read into a fresh buffer, one tensor at a time: no mapping of the whole file
+                        tensor = source.read(torch.empty(source.shape, dtype=source.stored), file=f)
+                        value = tensor.to(device=device, dtype=target)
+                        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+                        del tensor, value
+                    seen.add(name)
         except OSError as e:
             raise CheckpointError(f"{shard.name} could not be read ({e}).") from None
     missing = [n for n in expected if n not in seen]
