@@ -316,3 +316,42 @@ def test_fp8_host_copies_made_from_the_files_equal_those_made_in_memory(checkpoi
         got = lazy.forward_packed(**inputs)
     assert torch.equal(got, expected) and streamer.disk_bytes == 0  # nothing read from disk per call
     streamer.detach()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_staged_reads_run_ahead_of_the_copies_and_stay_bit_identical(checkpoint, slots):
+    """The CUDA way of reading (into two reused host buffers, ahead of the copies: block i+2 read
+    while i+1 is copied and i computes) run here on the CPU: the same output bit for bit, every
+    block read once per call, and each block's read started before the block ahead of it ran."""
+    eager = load_transformer(checkpoint, dtype=torch.bfloat16)
+    inputs = _inputs(torch.bfloat16)
+    with torch.no_grad():
+        expected = eager.forward_packed(**inputs)
+    full = plan_memory(eager, None)
+    budget = full.base_bytes + slots * max(full.load_bytes)  # every block streams
+    model = load_transformer(checkpoint, dtype=torch.bfloat16, lazy=True)
+    plan = plan_memory(model, budget)
+    assert plan.slots == slots and len(plan.streamed) == len(blocks_of(model))
+    streamer = WeightStreamer(model, plan, "cpu", staged_reads=True).attach()
+    started: list[int] = []
+    running: list[int] = []
+    read_ahead = streamer.reader.read_ahead
+
+    def watched(key, sources):
+        started.append(key)
+        return read_ahead(key, sources)
+
+    streamer.reader.read_ahead = watched
+    for i, block in enumerate(blocks_of(model)):
+        block.register_forward_pre_hook(lambda module, args, i=i: running.append(i))
+    before = STATS.bytes_read
+    with torch.no_grad():
+        got = [model.forward_packed(**inputs) for _ in range(3)]
+    assert all(torch.equal(g, expected) for g in got)
+    streamer.detach()
+    n = len(plan.streamed)
+    assert STATS.bytes_read - before == streamer.disk_bytes
+    assert streamer.disk_bytes <= 3 * sum(plan.block_bytes) + 2 * max(plan.block_bytes)  # once a call
+    assert started[: n - slots] == list(range(slots, n))  # the first call: block k + slots at block k
+    assert len(running) == 3 * n
+    assert all(on_disk(p) for p in model.parameters() if p.numel() > 1)

@@ -6,9 +6,10 @@ one more home for a tensor beside the host and the device:
 
 - `materialise(module, device)` reads every placeholder of a module in (what stays resident;
   the streamer and the offloader put the placeholders back, which gives the memory back);
-- `DiskReader` reads the tensors of a streamed block in a thread of its own, so the read of the
-  next block runs while the current one computes; on CUDA each read goes into a reused pinned
-  staging buffer per slot and is copied to the device from there.
+- `DiskReader` reads the tensors of the streamed blocks in a thread of its own, ahead of the
+  compute: on CUDA into reused pinned staging buffers, two blocks ahead (block i+2 is read while
+  block i+1 is copied to the device and block i computes); on a CPU straight into place, one block
+  ahead (there is no copy there to overlap).
 
 `DiskStats` counts the bytes read, for the plan's "read from disk per step" and the benchmarks.
 """
@@ -93,53 +94,113 @@ def available_ram() -> int:
 
 
 class DiskReader:
-    """Reads the tensors of a block into place in a thread of its own (see the module docstring).
+    """Reads the tensors of streamed blocks in a thread of its own (see the module docstring).
 
-    `submit(block, tensors)` starts reading `tensors` ((source, destination) pairs: destinations
-    on the device) and returns a `Future` whose result is the CUDA event that marks the copies
-    done (None on a CPU). `slots` staging buffers of `slot_bytes` each are reused in turn on CUDA.
+    Two ways, chosen by `staged`:
+
+    - direct (a CPU): `load(key, pairs)` reads each (source, destination) pair straight into its
+      destination while the current block computes; on a CPU the read is the whole load, there is no
+      copy to overlap with it, and every buffer would come out of the same memory budget.
+    - staged (CUDA, or `staged=True` anywhere): `read_ahead(key, sources)` reads a block into the
+      next of `slots` reused host buffers of `slot_bytes` (pinned on CUDA), which needs no device
+      memory; `load(key, pairs)` then copies it from there to the destinations on a side stream (and
+      reads it first if it was not read ahead, or its buffer was taken since). So the streamer reads
+      block i+2 while block i+1 is copied and block i computes.
+
+    `load` returns a `Future` whose result is the CUDA event that marks the copies done (None on a
+    CPU). The thread runs one task at a time in the order they were given, which orders every read
+    into a buffer after the copies out of it that were asked for before.
     """
 
-    def __init__(self, device: torch.device, slots: int, slot_bytes: int) -> None:
+    def __init__(self, device: torch.device, slots: int, slot_bytes: int, staged: bool | None = None) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.staged = self.cuda if staged is None else staged
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-disk")
         self.staging: list[torch.Tensor] = []
-        self.pending: list[object] = []  # per slot: the event of the last copy out of it
+        self.pending: list[object] = []  # per buffer: the event of the last copy out of it
+        self.owner: list[object] = []  # per buffer: the block whose bytes it holds (or is reading)
+        self.ahead: dict[object, tuple[int, Future]] = {}  # block -> (its buffer, the read into it)
         self.next_slot = 0
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        if self.cuda:
+        if self.staged:
             for _ in range(max(slots, 1)):
-                self.staging.append(torch.empty(slot_bytes, dtype=torch.uint8).pin_memory())
+                buf = torch.empty(slot_bytes, dtype=torch.uint8)
+                self.staging.append(buf.pin_memory() if self.cuda else buf)
                 self.pending.append(None)
-        self.scratch = torch.empty(0, dtype=torch.uint8)  # dtype conversions (CPU)
+                self.owner.append(None)
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # dtype conversions
 
-    def submit(self, tensors: list[tuple[DiskSource, torch.Tensor]]) -> Future:
-        slot = self.next_slot
-        self.next_slot = (slot + 1) % max(len(self.staging), 1)
+    def read_ahead(self, key: object, sources: list[tuple[DiskSource, torch.dtype]]) -> bool:
+        """Start reading block `key` into a staging buffer (staged readers; False when it is
+        already there or the reader is direct). True when a read was started."""
+        if not self.staged or key in self.ahead:
+            return False
+        slot = self._claim(key)
+        self.ahead[key] = slot, self.pool.submit(self._fill, sources, slot)
+        return True
+
+    def load(self, key: object, tensors: list[tuple[DiskSource, torch.Tensor]]) -> tuple[Future, bool]:
+        """Start putting block `key`'s bytes into `tensors`' destinations: (the `Future` of the copy
+        event, whether the files had to be read for it (False: it was read ahead))."""
         ready = torch.cuda.current_stream(self.device).record_event() if self.cuda else None
-        return self.pool.submit(self._read, tensors, slot, ready)
+        if not self.staged:
+            return self.pool.submit(self._read_into, tensors), True
+        ahead = self.ahead.pop(key, None)
+        read = ahead is None
+        if read:
+            slot = self._claim(key)
+            ahead = slot, self.pool.submit(self._fill, [(source, out.dtype) for source, out in tensors], slot)
+        slot, filled = ahead
+        return self.pool.submit(self._copy, [out for _, out in tensors], slot, filled, ready), read
 
-    def _read(self, tensors, slot: int, ready):
-        if not self.cuda:
-            for source, out in tensors:
-                self.scratch = _grown(self.scratch, source.nbytes if out.dtype != source.stored else 0)
-                source.read(out, self.scratch)
-                STATS.add(source.nbytes)
-            return None
+    def _claim(self, key: object) -> int:
+        """The next staging buffer, taken for `key` (a block read ahead into it and not loaded yet
+        is forgotten: it will be read again when it is loaded)."""
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % len(self.staging)
+        last = self.ahead.get(self.owner[slot])
+        if last is not None and last[0] == slot:
+            del self.ahead[self.owner[slot]]
+        self.owner[slot] = key
+        return slot
+
+    def _read(self, source: DiskSource, out: torch.Tensor) -> None:
+        self.scratch = _grown(self.scratch, source.nbytes if out.dtype != source.stored else 0)
+        source.read(out, self.scratch)
+        STATS.add(source.nbytes)
+
+    def _read_into(self, tensors: list[tuple[DiskSource, torch.Tensor]]) -> None:
+        for source, out in tensors:
+            self._read(source, out)
+
+    def _views(self, slot: int, layout: list[tuple[torch.Size, torch.dtype]]):
+        """The staging buffer `slot` cut into one tensor per (shape, dtype), each 64-byte aligned."""
+        buf, at = self.staging[slot], 0
+        for shape, dtype in layout:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            yield buf[at : at + size].view(dtype).view(shape)
+            at += aligned(size)
+
+    def _fill(self, sources: list[tuple[DiskSource, torch.dtype]], slot: int) -> None:
         if self.pending[slot] is not None:
             self.pending[slot].synchronize()  # the last copy out of this buffer is done
-        buf, at = self.staging[slot], 0
+            self.pending[slot] = None
+        views = self._views(slot, [(source.shape, dtype) for source, dtype in sources])
+        for (source, _), view in zip(sources, views, strict=True):
+            self._read(source, view)
+
+    def _copy(self, outs: list[torch.Tensor], slot: int, filled: Future, ready):
+        filled.result()  # done (the thread ran it before this); re-raises a failed read
+        views = list(self._views(slot, [(out.shape, out.dtype) for out in outs]))
+        if not self.cuda:
+            for out, view in zip(outs, views, strict=True):
+                out.copy_(view)
+            return None
         with torch.cuda.stream(self.side):
             self.side.wait_event(ready)  # the destinations were allocated on the compute stream
-            for source, out in tensors:
-                size = out.numel() * out.element_size()
-                view = buf[at : at + size].view(out.dtype).view(out.shape)
-                self.scratch = _grown(self.scratch, source.nbytes if out.dtype != source.stored else 0)
-                source.read(view, self.scratch)
-                STATS.add(source.nbytes)
+            for out, view in zip(outs, views, strict=True):
                 out.copy_(view, non_blocking=True)
-                at += aligned(size)
             done = self.side.record_event()
         self.pending[slot] = done
         return done
@@ -147,6 +208,7 @@ class DiskReader:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.staging.clear()
+        self.ahead.clear()
 
 
 def aligned(n: int, to: int = 64) -> int:

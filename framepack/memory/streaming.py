@@ -228,6 +228,7 @@ class WeightStreamer:
         ledger: ByteLedger | None = None,
         blocks: Sequence[nn.Module] | None = None,
         host_budget: int = 0,
+        staged_reads: bool | None = None,
     ) -> None:
         self.model, self.plan, self.device = model, plan, torch.device(device)
         self.host_budget = host_budget  # host bytes the streamed blocks of a disk-backed model may keep
@@ -245,6 +246,7 @@ class WeightStreamer:
         self.resident_bytes = 0  # what `attach` put on the ledger
         self.kept: list[tuple[nn.Module, str, torch.Tensor]] = []  # the rest's data before `attach`
         self.reader: DiskReader | None = None  # reads the blocks that stream from their files
+        self.staged_reads = staged_reads  # through host staging, ahead (None: on CUDA; see DiskReader)
         self.reads: dict[int, object] = {}  # block -> the Future of its read from disk
         self.disk_bytes = 0  # bytes read from weight files for the streamed blocks
 
@@ -306,14 +308,15 @@ class WeightStreamer:
         return e.host.numel * e.empty.element_size()
 
     def _start_reader(self) -> None:
-        """A `DiskReader` when some streamed block lives in its files, with a staging slot per
-        device slot (each the largest such block, every tensor 64-byte aligned)."""
+        """A `DiskReader` when some streamed block lives in its files; staged (CUDA), it has two
+        host buffers of the largest such block (every tensor 64-byte aligned): one being read while
+        the other is copied to the device."""
         sizes = [
             sum(aligned(e.host.numel * e.empty.element_size()) for e in entries if e.on_disk)
             for entries in self.entries.values()
         ]
         if max(sizes, default=0):
-            self.reader = DiskReader(self.device, max(self.plan.slots, 1), max(sizes))
+            self.reader = DiskReader(self.device, 2, max(sizes), staged=self.staged_reads)
 
     def _offload(self, t: torch.Tensor) -> _Entry:
         source = disk_source(t)
@@ -369,9 +372,9 @@ class WeightStreamer:
         for e in entries:  # allocated in the compute stream's order: the memory of dropped blocks is reused
             e.staged = e.new_staged(self.device)
         from_disk = [(e.host, e.staged) for e in entries if e.on_disk]
-        if from_disk:  # read (and on CUDA copied) by the reader's thread while the current block computes
-            self.reads[i] = self.reader.submit(from_disk)
-            self.disk_bytes += sum(source.nbytes for source, _ in from_disk)
+        if from_disk:  # read (or read ahead) and copied by the reader thread while this block computes
+            self.reads[i], read = self.reader.load(i, from_disk)
+            self.disk_bytes += sum(source.nbytes for source, _ in from_disk) if read else 0
             entries = [e for e in entries if not e.on_disk]
         if self.cuda:
             ready = torch.cuda.current_stream(self.device).record_event()
@@ -431,6 +434,16 @@ class WeightStreamer:
             self._install(i)
         if nxt not in self.loaded:
             self._load(nxt)
+        self._read_ahead(self.order[(k + max(self.plan.slots, 1)) % len(self.order)])
+
+    def _read_ahead(self, j: int) -> None:
+        """Start reading block `j` from its files into the reader's host staging (a staged reader:
+        the block after the ones being copied and computed)."""
+        if self.reader is None or j in self.loaded:
+            return
+        sources = [(e.host, e.empty.dtype) for e in self.entries[j] if e.on_disk]
+        if sources and self.reader.read_ahead(j, sources):
+            self.disk_bytes += sum(source.nbytes for source, _ in sources)
 
     def leave(self, k: int) -> None:
         self._drop(self.order[k])
