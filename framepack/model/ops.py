@@ -6,24 +6,39 @@ products is spent moving activations, so every function here writes its result o
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "rms_norm", "modulated_layer_norm", "apply_rope", "rope_to_complex", "chunked_mlp"]
+__all__ = [
+    "cpu_has_bf16_units",
+    "linear",
+    "rms_norm",
+    "modulated_layer_norm",
+    "apply_rope",
+    "rope_to_complex",
+    "chunked_mlp",
+]
 
 
-@functools.cache
-def _cpu_has_bf16_units() -> bool:
-    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); checked once, lazily."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+_BF16_UNITS: bool | None = None  # read once, lazily (nothing happens at import)
+
+
+def cpu_has_bf16_units() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); read once, lazily.
+
+    Kept in a plain global, not a `functools.cache`: once read, `torch.compile` sees a constant
+    (it traced into the cached function's `open` and broke every block's graph at each linear)."""
+    global _BF16_UNITS
+    if _BF16_UNITS is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            flags = ""
+        _BF16_UNITS = "avx512_bf16" in flags or "amx_bf16" in flags
+    return _BF16_UNITS
 
 
 def _upcast_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -32,7 +47,7 @@ def _upcast_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and weight.dtype in (torch.bfloat16, torch.float16)
-        and not _cpu_has_bf16_units()
+        and not cpu_has_bf16_units()
     )
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..memory.hooks import HookHandle, add_hook
 from ..memory.streaming import blocks_of
+from ..model.ops import cpu_has_bf16_units
 
 __all__ = ["CompiledBlocks"]
 
@@ -43,6 +44,7 @@ class CompiledBlocks:
     priority = -1000  # innermost, below every other hook (a step cache puts its block-0 hook at -p)
 
     def attach(self) -> CompiledBlocks:
+        cpu_has_bf16_units()  # read before tracing: the compiled graphs see a constant
         for block in blocks_of(self.model):
             self.handles.append(add_hook(block, self))
         return self
