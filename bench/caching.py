@@ -103,7 +103,8 @@ def main() -> None:
         fitted = calibrate(bundle, demo_image(64, 96)[:, ::-1].copy(), "a blue circle", 2, args.steps)
         for c in args.caches:
             values = tuple(fitted[c][KEYS[c]])  # a polynomial; MagCache: its ratio curve
-            print(f"calibrated {c}: {[round(v, 5) for v in values]} ({fitted[c].get('r2', '-')} R^2)")
+            fit = f", R^2 {fitted[c]['r2']:.3f}" if "r2" in fitted[c] else ""
+            print(f"calibrated {c}: {[round(v, 5) for v in values]}{fit}")
             variants.append((c, values))
 
     rows = []

@@ -131,10 +131,15 @@ def load_coefficients(path: str | Path, name: str) -> tuple[float, ...]:
 
 
 def calibrate(
-    bundle, image: np.ndarray | str, prompt: str, sections: int = 2, steps: int | None = None
+    bundle,
+    image: np.ndarray | str,
+    prompt: str,
+    sections: int = 2,
+    steps: int | None = None,
+    vram_budget: str | float | None = None,
 ) -> dict:
-    """Run an uncached generation on `bundle` (start `image`: an array or a path) with a `Recorder`
-    attached, and fit the three caches."""
+    """Run an uncached generation on `bundle` (start `image`: an array or a path; weights streamed
+    under `vram_budget` GiB) with a `Recorder` attached, and fit the three caches."""
     from ..pipeline.run import Request, open_run
     from ..pipeline.settings import GenerationSettings
 
@@ -142,7 +147,9 @@ def calibrate(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = image if isinstance(image, str) else None
-            settings = GenerationSettings(prompt, path, sections=sections, steps=steps, name="calibration")
+            settings = GenerationSettings(
+                prompt, path, sections=sections, steps=steps, name="calibration", vram_budget=vram_budget
+            )
             open_run(bundle, Request(settings, None if path else image)).run(tmp)
     finally:
         recorder.detach()
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", type=int, default=2)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vram-budget", metavar="GB|auto", help="stream the weights under this budget")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     from ..io import write_json_atomic
@@ -177,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             from ..testing import tiny_bundle_dir
 
             args.model = str(tiny_bundle_dir())
-        bundle = load_bundle(args.model, device=args.device)
-        result = calibrate(bundle, args.image or demo_image(), args.prompt, args.sections, args.steps)
+        bundle = load_bundle(args.model, device=args.device, vram_budget=args.vram_budget)
+        image = args.image or demo_image()
+        result = calibrate(bundle, image, args.prompt, args.sections, args.steps, args.vram_budget)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
