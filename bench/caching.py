@@ -26,11 +26,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
+from framepack.caching import CACHES  # noqa: E402
 from framepack.pipeline.bundle import load_bundle  # noqa: E402
 from framepack.pipeline.events import Stage, StepEvent  # noqa: E402
 from framepack.pipeline.run import Request, open_run  # noqa: E402
 from framepack.pipeline.settings import GenerationSettings  # noqa: E402
-from framepack.training.calibrate import calibrate, demo_image  # noqa: E402
+from framepack.training.calibrate import KEYS, calibrate, demo_image  # noqa: E402
 
 HEADING = "## Step caching: skipped evaluations vs PSNR (`bench/caching.py`)"
 INTRO = """
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="a red square moves to the right")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
     parser.add_argument(
-        "--caches", nargs="+", default=["teacache", "fbcache"], choices=["teacache", "fbcache"]
+        "--caches", nargs="+", default=["teacache", "fbcache", "magcache"], choices=list(CACHES)
     )
     parser.add_argument("--calibrate", action="store_true", help="add caches with fitted polynomials")
     parser.add_argument("--record", action="store_true", help="append the rows to bench/RESULTS.md")
@@ -101,8 +102,10 @@ def main() -> None:
     if args.calibrate:
         fitted = calibrate(bundle, demo_image(64, 96)[:, ::-1].copy(), "a blue circle", 2, args.steps)
         for c in args.caches:
-            print(f"calibrated {c}: {fitted[c]['coefficients']} (R^2 {fitted[c]['r2']:.3f})")
-            variants.append((c, tuple(fitted[c]["coefficients"])))
+            values = tuple(fitted[c][KEYS[c]])  # a polynomial; MagCache: its ratio curve
+            fit = f", R^2 {fitted[c]['r2']:.3f}" if "r2" in fitted[c] else ""
+            print(f"calibrated {c}: {[round(v, 5) for v in values]}{fit}")
+            variants.append((c, values))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

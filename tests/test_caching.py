@@ -9,12 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from framepack.caching import TEACACHE_HUNYUAN, FirstBlockCache, TeaCache, make_cache, rel_l1, reset_caches
+from framepack.caching import (
+    MAGCACHE_DEMO,
+    TEACACHE_HUNYUAN,
+    FirstBlockCache,
+    MagCache,
+    TeaCache,
+    make_cache,
+    ratio_curve,
+    rel_l1,
+    reset_caches,
+)
 from framepack.memory import WeightStreamer, blocks_of, hooks_of, plan_memory
 from framepack.model import PackedTransformer, get_spec
 from framepack.sampling import get_sampler, sigma_schedule, velocity_to_x0
 from framepack.testing import random_packed_inputs
-from framepack.training.calibrate import fit, load_coefficients
+from framepack.training.calibrate import fit, fit_ratios, load_coefficients
 
 CFG = get_spec("tiny").replace(num_layers=2, num_single_layers=3)
 STEPS = 10
@@ -53,7 +63,7 @@ def reference(model, inputs) -> torch.Tensor:
     return sample(model, inputs)
 
 
-@pytest.mark.parametrize("name", ["teacache", "fbcache"])
+@pytest.mark.parametrize("name", ["teacache", "fbcache", "magcache"])
 def test_threshold_zero_is_exactly_uncached(model, inputs, reference, name):
     cache = make_cache(name, 0.0).attach(model)
     try:
@@ -109,6 +119,51 @@ def test_teacache_follows_the_release_rule(model, inputs):
     assert any(expected)
 
 
+def _magcache_skips(model, inputs, *args, **kwargs) -> list[bool]:
+    """The skip decision of every step of one section under `MagCache(*args, **kwargs)`."""
+    log = []
+
+    class Logged(MagCache):
+        def decide(self, st, block, forward, args, kwargs, forced):
+            out, skip = super().decide(st, block, forward, args, kwargs, forced)
+            log.append(skip)
+            return out, skip
+
+    cache = Logged(*args, **kwargs).attach(model)
+    try:
+        cache.reset(STEPS)
+        sample(model, inputs)
+    finally:
+        cache.detach()
+    return log
+
+
+def test_magcache_follows_the_paper_rule(model, inputs):
+    """Ratios 0.98 at every step, threshold 0.1: the error after 1, 2, 3 skipped steps is 0.02,
+    0.0596, 0.1184 (sum of |1 - 0.98^j|), so two steps are skipped, the third computed; the first
+    20% (2 of 10) and the last step are always computed."""
+    flat = (1.0,) + (0.98,) * (STEPS - 1)
+    F, T = False, True
+    assert _magcache_skips(model, inputs, 0.1, flat) == [F, F, T, T, F, T, T, F, T, F]
+    assert _magcache_skips(model, inputs, 0.1, flat, k=1) == [F, F, T, F, T, F, T, F, T, F]
+    assert _magcache_skips(model, inputs, 1.0, flat, retention=0.5) == [F] * 5 + [T, T, T, F, F]
+    # A step whose own ratio is off by more than 0.06 is computed (PR #673), whatever the sum.
+    steep = flat[:4] + (0.9,) + flat[5:]
+    assert _magcache_skips(model, inputs, 1.0, steep) == [F, F, T, T, F, T, T, T, F, F]
+
+
+def test_magcache_ratio_curve_keeps_the_magnitude_over_the_schedule():
+    curve = np.array([1.0] + [0.9] * 9)
+    assert np.array_equal(ratio_curve(tuple(curve), 10), curve)  # same steps: the curve itself
+    twice = ratio_curve(tuple(curve), 20)
+    assert twice[0] == 1 and np.allclose(twice[2:], 0.9**0.5)  # half the step, half the log ratio
+    assert np.prod(twice[:19]) == pytest.approx(np.prod(curve), rel=1e-9)  # the same schedule span
+    assert np.allclose(ratio_curve(tuple(curve), 5)[1:], 0.81)
+    assert len(ratio_curve(MAGCACHE_DEMO, 7)) == 7 and len(MAGCACHE_DEMO) == 25
+    with pytest.raises(ValueError, match="positive"):
+        MagCache(0.1, (1.0, 0.0, 0.9))
+
+
 def test_cfg_branches_are_separate(model, inputs):
     uncached = sample(model, inputs, cfg=3.0)
     cache = TeaCache(0.0).attach(model)
@@ -120,26 +175,31 @@ def test_cfg_branches_are_separate(model, inputs):
         cache.detach()
 
 
-def test_streaming_does_not_load_skipped_blocks(model, inputs, reference):
+@pytest.mark.parametrize("cls", [TeaCache, MagCache])
+def test_streaming_does_not_load_skipped_blocks(model, inputs, reference, cls):
     plan0 = plan_memory(model, None)
     plan = plan_memory(model, plan0.base_bytes + max(plan0.block_bytes))
     streamer = WeightStreamer(model, plan, "cpu").attach()
-    cache = TeaCache(0.0).attach(model)
+    cache = cls(0.0).attach(model)
     try:
         cache.reset(STEPS)
         assert torch.equal(sample(model, inputs), reference)  # both hooks, bit-identical
         full = streamer.transfers
         cache.threshold = 1e9
+        if cls is MagCache:
+            cache.coefficients = (1.0,) * STEPS  # skips steps 2-4 and 6-8 (K = 3)
         cache.reset(STEPS)
         streamer.transfers = 0
         sample(model, inputs)
     finally:
         cache.detach()
         streamer.detach()
-    per_step = full / STEPS
-    block0 = plan.block_bytes[0]
-    # 2 computed steps load everything; the skipped ones load block 0 only (it decides).
-    assert streamer.transfers == pytest.approx(2 * per_step + (STEPS - 2) * block0)
+    skipped = cache.stats.skipped
+    assert skipped == {TeaCache: STEPS - 2, MagCache: 6}[cls]
+    # Computed steps load everything; skipped ones load block 0 where the cache decides from it
+    # (TeaCache), nothing where it decides from its calibrated curve alone (MagCache).
+    block0 = plan.block_bytes[0] if cls.reads_block0 else 0
+    assert streamer.transfers == pytest.approx((STEPS - skipped) * full / STEPS + skipped * block0)
 
 
 def test_calibration_fits_and_loads(tmp_path):
@@ -156,6 +216,16 @@ def test_calibration_fits_and_loads(tmp_path):
         load_coefficients(tmp_path / "missing.json", "fbcache")
     with pytest.raises(ValueError):
         fit(rows[:3])
+    # MagCache: the mean ratio per step over sections, saved beside the polynomials and read back.
+    curve = fit_ratios({1: [0.9, 0.92], 2: [0.97, 0.97], 3: [1.0, 1.02]})
+    assert curve["ratios"] == pytest.approx([1.0, 0.91, 0.97, 1.01]) and curve["steps"] == 4
+    path.write_text(json.dumps({**result, "magcache": curve}))
+    assert load_coefficients(path, "magcache") == pytest.approx((1.0, 0.91, 0.97, 1.01))
+    path.write_text(json.dumps(result))  # a file from before MagCache
+    with pytest.raises(ValueError, match="holds no ratios for magcache; rerun"):
+        load_coefficients(path, "magcache")
+    with pytest.raises(ValueError, match="step 2"):
+        fit_ratios({1: [0.9], 3: [0.9]})
 
 
 def test_bad_names_and_thresholds():

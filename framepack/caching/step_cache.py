@@ -12,6 +12,12 @@ last one adds the cached residual. Call `reset_caches(model, steps, branches)` a
 - `FirstBlockCache` always computes block 0 and compares its residual with the one of the last
   computed step (rescaled by a polynomial that `framepack.training.calibrate` fits on the model at
   hand; identity by default): the network's own response is the signal, not its input.
+- `MagCache` (Ma et al. 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache") reads
+  no signal at run time: the magnitude ratio of successive residuals, ||r_t|| / ||r_t-1||, follows
+  one curve per model, measured once by `framepack.training.calibrate`. Skipping step t costs an
+  error of about |1 - product of the ratios since the last computed step|; those errors are
+  summed, and the blocks are computed again once the sum passes the threshold or K steps were
+  skipped in a row.
 
 A threshold of 0 computes every step and gives exactly the uncached output.
 """
@@ -35,10 +41,14 @@ __all__ = [
     "StepCache",
     "TeaCache",
     "FirstBlockCache",
+    "MagCache",
+    "MAGCACHE_DEMO",
     "CACHES",
     "make_cache",
     "reset_caches",
     "rel_l1",
+    "magnitude_ratio",
+    "ratio_curve",
     "modulated_input",
     "first_block_residual",
     "image_tokens",
@@ -48,9 +58,52 @@ __all__ = [
 TEACACHE_HUNYUAN = (733.226126, -401.131952, 67.5869174, -3.149878, 0.0961237896)
 
 
+# MagCache's magnitude-ratio curve of the shipped demo model (framepack/demo_model): 2 sections x
+# 25 UniPC steps of its example green_circle_moves_down, fp32, from `python -m
+# framepack.training.calibrate --model framepack/demo_model --image .../green_circle_moves_down.png
+# --prompt "<its caption>" --steps 25` (another example gives the same ratios within 0.004). Step 0
+# has no predecessor (1). Another model (the 13B release, a fine-tune) needs its own calibration.
+MAGCACHE_DEMO = (
+    1.0, 0.96631, 0.96002, 0.96342, 0.9782, 0.96846, 0.98014, 0.97721, 0.98167, 0.96898,
+    0.98214, 0.97158, 0.9899, 0.96412, 0.9707, 0.97276, 0.96758, 0.95662, 0.96411, 0.95279,
+    0.94755, 0.93905, 0.93054, 0.91646, 0.89468,
+)  # fmt: skip
+
+
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     """mean|a - b| / mean|b| (as the release computes it)."""
     return ((a - b).abs().mean() / b.abs().mean()).item()
+
+
+def magnitude_ratio(residual: torch.Tensor, previous: torch.Tensor) -> float:
+    """MagCache's ratio: the mean over tokens of ||residual|| / ||previous|| (norms over channels)."""
+    norms = residual.float().norm(dim=-1) / previous.float().norm(dim=-1)  # (B, N)
+    return norms.mean().item()
+
+
+def ratio_curve(ratios: tuple[float, ...], steps: int) -> np.ndarray:
+    """A magnitude-ratio curve calibrated at `len(ratios)` steps, for a section of `steps` steps.
+
+    The log magnitude of step i's residual relative to step 0 (the cumulative sum of the log
+    ratios) is interpolated linearly at the step's place in the schedule (i / steps) and
+    differenced again, extrapolating the last slope past the calibrated end. Twice the steps thus
+    get about the square root of each ratio, and a product over any stretch of the schedule stays
+    what was measured (MagCache's own code takes the nearest calibrated step instead, which doubles
+    the predicted error per unit of time when the steps double). Same length: the curve itself.
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    if steps == len(r):
+        return r.copy()
+    log_mag = np.cumsum(np.log(r[1:]), dtype=np.float64)
+    log_mag = np.concatenate([[0.0], log_mag])  # (n,) step 0 is the reference
+    src = np.arange(len(r)) / len(r)
+    dst = np.arange(steps) / steps
+    out = np.interp(dst, src, log_mag)
+    if len(r) > 1:
+        slope = (log_mag[-1] - log_mag[-2]) / (src[-1] - src[-2])
+        beyond = dst > src[-1]
+        out[beyond] = log_mag[-1] + slope * (dst[beyond] - src[-1])
+    return np.exp(np.diff(out, prepend=0.0))  # (steps,) the first is exp(0) = 1
 
 
 @dataclass
@@ -107,6 +160,11 @@ class StepCache:
     name = "cache"
     priority = 10  # outside weight streaming (except on block 0): skipped blocks are never loaded
     default_coefficients: tuple[float, ...] = (1.0, 0.0)  # rescale polynomial, highest power first
+    reads_block0 = True  # decides from block 0's weights or output (streaming loads it first)
+
+    @classmethod
+    def check_coefficients(cls, coefficients: tuple[float, ...]) -> None:
+        """Raise ValueError (one sentence) if `coefficients` (finite numbers) do not suit this cache."""
 
     def __init__(self, threshold: float, coefficients: tuple[float, ...] | None = None) -> None:
         if not threshold >= 0:
@@ -199,7 +257,7 @@ class _CacheHook:
         self.cache, self.j = cache, j
         # Block 0 decides from its own weights, so weight streaming loads it first (runs outside);
         # around the other blocks the cache runs outside, so a skipped block is never loaded.
-        self.priority = -cache.priority if j == 0 else cache.priority
+        self.priority = -cache.priority if j == 0 and cache.reads_block0 else cache.priority
 
     def __call__(self, module, forward, *args, **kwargs):
         cache = self.cache
@@ -257,11 +315,72 @@ class FirstBlockCache(StepCache):
         return out, skip
 
 
-CACHES: dict[str, type[StepCache]] = {"teacache": TeaCache, "fbcache": FirstBlockCache}
+class MagCache(StepCache):
+    """MagCache (Ma et al. 2025, arXiv 2506.09045): skip steps by the calibrated magnitude ratios.
+
+    `coefficients` is the per-step mean ratio ||r_t|| / ||r_t-1|| of the blocks' residual on the
+    read-out tokens (`framepack.training.calibrate`; default: the demo model's, `MAGCACHE_DEMO`),
+    mapped onto the section's step count by `ratio_curve`. After the first `retention` fraction of
+    the steps, each step multiplies the ratio product since the last computed step and adds
+    |1 - product| to the error; the step is skipped while that error stays within the threshold,
+    at most `k` steps in a row, and the step's own ratio is within `max_step_change` of 1. The
+    defaults are those of lllyasviel/FramePack PR #673 (threshold 0.1, K 3, retention 0.2, 0.06).
+    The decision needs no computation, so a skipped step runs no block at all.
+    """
+
+    name = "magcache"
+    default_coefficients = MAGCACHE_DEMO
+    reads_block0 = False
+
+    def __init__(
+        self,
+        threshold: float,
+        coefficients: tuple[float, ...] | None = None,
+        k: int = 3,
+        retention: float = 0.2,
+        max_step_change: float = 0.06,
+    ) -> None:
+        self.check_coefficients(coefficients or self.default_coefficients)
+        self.k, self.retention, self.max_step_change = int(k), float(retention), float(max_step_change)
+        super().__init__(threshold, coefficients)
+
+    @classmethod
+    def check_coefficients(cls, coefficients) -> None:
+        if not all(float(c) > 0 for c in coefficients):
+            raise ValueError(f"MagCache's magnitude ratios must all be positive, got {list(coefficients)!r}.")
+
+    def reset(self, steps: int | None = None, branches: int = 1) -> None:
+        super().reset(steps, branches)
+        n = steps if steps is not None else len(self.coefficients)
+        self.curve = ratio_curve(self.coefficients, n)  # (n,) one ratio per step
+        self.kept = int(self.retention * n)  # the first steps, always computed
+
+    def decide(self, st, block, forward, args, kwargs, forced):
+        step = st.step
+        if not (forced or step < self.kept or step >= len(self.curve)):
+            ratio = float(self.curve[step])
+            product = st.extra.get("product", 1.0) * ratio
+            st.accumulated += abs(1.0 - product)
+            skips = st.extra.get("skips", 0) + 1
+            if (
+                st.accumulated <= self.threshold
+                and skips <= self.k
+                and abs(1.0 - ratio) <= self.max_step_change
+            ):
+                st.extra.update(product=product, skips=skips)
+                return None, True
+        st.accumulated = 0.0
+        st.extra.update(product=1.0, skips=0)
+        x, _, _ = image_tokens(block, args, kwargs)
+        st.anchor = x
+        return forward(*args, **kwargs), False
+
+
+CACHES: dict[str, type[StepCache]] = {"teacache": TeaCache, "fbcache": FirstBlockCache, "magcache": MagCache}
 
 
 def make_cache(name: str, threshold: float, coefficients: tuple[float, ...] | None = None) -> StepCache:
-    """A cache by name (`teacache`, `fbcache`); ValueError for unknown names."""
+    """A cache by name (`teacache`, `fbcache`, `magcache`); ValueError for unknown names."""
     try:
         cls = CACHES[name]
     except KeyError:

@@ -210,9 +210,13 @@ def _device_options(p) -> None:
     p.add_argument(
         "--teacache", type=float, metavar="THRESH", help="TeaCache threshold (0.15: ~2x, 0: exact)"
     )
-    p.add_argument("--cache", metavar="NAME:THRESH", help="step cache teacache|fbcache, e.g. fbcache:0.1")
     p.add_argument(
-        "--cache-calibration", metavar="FILE", help="JSON from python -m framepack.training.calibrate"
+        "--cache", metavar="NAME:THRESH", help="step cache teacache|fbcache|magcache, e.g. magcache:0.1"
+    )
+    p.add_argument(
+        "--cache-calibration",
+        metavar="FILE",
+        help="JSON from python -m framepack.training.calibrate (the fitted coefficients or ratios of the cache)",
     )
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--name", help="output file name, without extension or folder (a plain file name)")

@@ -100,7 +100,7 @@ class FormValues:
     resolution: int | float = 640
     crf: int | float = 16
     gif: bool = False
-    cache: str | None = "off"  # step cache: off, teacache or fbcache
+    cache: str | None = "off"  # step cache: off, teacache, fbcache or magcache
     cache_threshold: float = 0.15
     vram_budget: str | None = (
         ""  # GiB of device memory for all weights, "auto", "none", or empty: the server's

@@ -64,9 +64,11 @@ class GenerationSettings:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs or "FILE[:SCALE]" (`lora_specs`)
     t2v_colour: str | None = None  # no image: the plain start frame's colour (default mid-grey)
     loop: bool = False  # end on the start frame: a seamless loop (framepack.pipeline.loop)
-    cache: str | None = None  # step cache: "teacache" or "fbcache" (framepack.caching)
+    cache: str | None = None  # step cache: "teacache", "fbcache" or "magcache" (framepack.caching)
     cache_threshold: float = 0.15
-    cache_coefficients: tuple[float, ...] | None = None  # from `python -m framepack.training.calibrate`
+    # From `python -m framepack.training.calibrate` (`load_coefficients`): a rescale polynomial, or
+    # MagCache's per-step magnitude ratios.
+    cache_coefficients: tuple[float, ...] | None = None
     vram_budget: str | float | None = None  # GiB of device memory, or "auto"; None: all resident
     fp8_weights: bool = False  # fp8 copies of the streamed blocks: half the transfers, +half their RAM
     ram_budget: str | float | None = None  # GiB of host memory for weights, or "auto"; None: no limit

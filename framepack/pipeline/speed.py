@@ -50,6 +50,8 @@ def check_speed_settings(
 
     if cache is not None and cache not in CACHES:
         raise ValueError(f"unknown step cache {cache!r}; choose one of {', '.join(CACHES)}.")
+    if cache is not None and coefficients is not None:
+        CACHES[cache].check_coefficients(coefficients)  # MagCache: positive ratios
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 10:
         raise ValueError(f"the cache threshold must be a number from 0 to 10, got {threshold!r}.")
     parse_budget(vram_budget)
