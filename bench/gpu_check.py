@@ -83,6 +83,8 @@ def modes(sections: int) -> list[tuple[str, list[str]]]:
         ("LoRA merged", [*i2v, "--lora", str(LORA), "--lora-merge"]),
         ("TeaCache", [*i2v, "--teacache", "0.5"]),
         ("first-block cache", [*i2v, "--cache", "fbcache:1.0"]),
+        ("MagCache", [*i2v, "--cache", "magcache:0.3"]),
+        ("compiled blocks", [*i2v, "--compile"]),
         ("VRAM budget", [*i2v, "--vram-budget", "smallest"]),
         ("fp8 host copies", [*i2v, "--vram-budget", "smallest", "--fp8-weights"]),
         # Below the bundle's size: every streamed block is read from its file into a pinned staging
