@@ -21,7 +21,7 @@ def test_shards_cover_every_token_once():
         for parts in (1, 2, 3, 5):
             bounds = split(n, parts)
             assert bounds[0][0] == 0 and bounds[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
             sizes = [b - a for a, b in bounds]
             assert max(sizes) - min(sizes) <= 1
     layout = ShardLayout(image=11, text=5, world=3, rank=1)
