@@ -7,7 +7,7 @@
 
 from .calls import Leader, broadcast_call, group_device, receive_call, serve
 from .ulysses import SequenceParallel, ShardLayout, check_heads, heads_to_seq, seq_to_heads, split
-from .world import Ranks, join_from_env, launched_world, leave, ranks
+from .world import Ranks, join_from_env, launched_world, leave, local_rank, rank_device, ranks
 
 __all__ = [
     "Leader",
@@ -21,6 +21,8 @@ __all__ = [
     "join_from_env",
     "launched_world",
     "leave",
+    "local_rank",
+    "rank_device",
     "ranks",
     "receive_call",
     "seq_to_heads",

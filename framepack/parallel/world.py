@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "join_from_env", "launched_world", "leave", "ranks"]
+__all__ = ["Ranks", "join_from_env", "launched_world", "leave", "local_rank", "rank_device", "ranks"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,25 @@ def launched_world() -> int:
         return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
     except ValueError:
         return 1
+
+
+def local_rank() -> int | None:
+    """This process's `LOCAL_RANK` (its GPU on the machine) when `torchrun` launched several, else None."""
+    if launched_world() == 1:
+        return None
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return None
+
+
+def rank_device(device: str) -> str:
+    """`device` for this process of a `torchrun` launch: a bare "cuda" becomes its own GPU
+    (`cuda:<LOCAL_RANK % GPUs>`); anything else, or one process, is left as it is."""
+    rank = local_rank()
+    if rank is None or device != "cuda":
+        return device
+    return f"cuda:{rank % torch.cuda.device_count()}"
 
 
 def join_from_env(device: str) -> bool:
