@@ -32,7 +32,7 @@ __all__ = ["ShardLayout", "SequenceParallel", "check_heads", "heads_to_seq", "se
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:
-    """`[start, stop)` of each of `parts` contiguous shards of `n` items, the first ones a bigger."""
+    """`[start, stop)` of each of `parts` contiguous shards of `n` items (the first `n % parts` one bigger)."""
     base, extra = divmod(n, parts)
     bounds, start = [], 0
     for i in range(parts):

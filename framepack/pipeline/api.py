@@ -123,7 +123,8 @@ def generate(
     With `torch.distributed` started with several processes (`torchrun`), every process calls it
     with the same arguments and each model call is split across them (`framepack.pipeline.ranks`):
     rank 0 gets the events and writes the outputs, the others get None and write nothing.
-    The device "auto" (or "cuda") is then each process's own GPU (`LOCAL_RANK`).
+    The device "auto" (or "cuda") is then each process's own GPU (`LOCAL_RANK`; with NCCL, call
+    `torch.cuda.set_device` with it before starting the group, as `torchrun` scripts do).
 
     Example: `framepack.generate("bundle/", image="cat.png", prompt="a cat walks", seconds=5)`;
     `framepack.generate(resume="outputs/NAME.job")` finishes a stopped run (see `generate_iter`).
