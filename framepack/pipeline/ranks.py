@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..lora import applied_loras
@@ -62,6 +63,7 @@ def leading(model: nn.Module) -> Iterator[None]:
     if not ranks().parallel:
         yield
         return
+    dist.barrier()  # every rank has checked and opened the run (a resumed job: found it free)
     parallel = SequenceParallel(model).attach()
     leader = Leader(model)
     try:
@@ -75,6 +77,7 @@ def serve_run(bundle, prepared) -> None:
     """Another rank's side of a run: the run's LoRAs applied, the transformer streamed under the
     run's VRAM budget (on this rank's device), rank 0's calls served until it has finished."""
     s, model = prepared.settings, bundle.transformer
+    dist.barrier()  # before rank 0 opens (and locks) the job directory
     with applied_loras(model, prepared.loras):
         accelerate_run(model, bundle.device, s, None, host_tier_budget(s, bundle))
         parallel = SequenceParallel(model).attach()
