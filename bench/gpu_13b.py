@@ -17,6 +17,7 @@ cpu` runs the same code on a CPU in seconds (for checking the script, not for nu
 
     python bench/gpu_13b.py [--budgets 6 8 16 unlimited] [--teacache 0.15] [--steps 25] [--record]
     python bench/gpu_13b.py --budgets 4 --ram-budget 16 --teacache 0   # weights waiting on disk
+    python bench/gpu_13b.py --ranks 2   # one section on 2 GPUs against one (bench/gpu_parallel.py)
 
 With `--ram-budget GB` the weights wait in their safetensors files (random weights are written once
 to `--disk`): the streamed blocks that fit the RAM budget (less two staging slots) are kept in
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -135,6 +137,28 @@ class RssSampler:
         self.thread.join()
 
 
+def split_over_ranks(args: argparse.Namespace) -> int:
+    """`--ranks N`: `bench/gpu_parallel.py` under torchrun, one process per GPU (one line and
+    exit status 0 when fewer than N GPUs are visible); `--budgets` with one number is each rank's."""
+    if args.device.startswith("cuda"):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible < args.ranks:
+            print(
+                f"skipped: one video on {args.ranks} GPUs needs {args.ranks} visible; this machine has {visible}."
+            )
+            return 0
+    script = Path(__file__).with_name("gpu_parallel.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
+           str(script), "--spec", args.spec, "--device", args.device, "--steps", str(args.steps),
+           "--size", args.size, "--prompt-tokens", str(args.prompt_tokens)]  # fmt: skip
+    if len(args.budgets) == 1 and args.budgets[0] != "unlimited":
+        cmd += ["--budget", args.budgets[0]]
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
+    cmd += (["--json", args.json] if args.json else []) + (["--record"] if args.record else [])
+    return subprocess.run(cmd).returncode
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,7 +176,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
     parser.add_argument("--record", action="store_true", help="append the rows to bench/RESULTS.md")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (bench/gpu_check.py)")
+    parser.add_argument("--ranks", type=int, default=1, help="instead: one section split over N GPUs")
     args = parser.parse_args()
+    if args.ranks > 1:
+        sys.exit(split_over_ranks(args))
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():

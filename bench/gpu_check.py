@@ -9,7 +9,9 @@ One command, no downloads, about 5 minutes on one H100/H200:
    card (`max_memory_reserved` plus the measured CUDA context) checked against the budget;
 3. `bench/gpu_13b.py` in a fresh process: the released 13B architecture with random bf16 weights
    drawn on the device, 640x640, 25 UniPC steps, at budgets 4 and 6 GiB and unlimited, with and
-   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget).
+   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget);
+4. `bench/gpu_13b.py --ranks 2`: one 13B section on 2 GPUs against one (sequence parallel, target
+   1.8x), skipped with one line when fewer than 2 GPUs are visible (on a CPU: 2 gloo processes).
 It prints one summary table and, on CUDA (or with --record), appends it to bench/RESULTS.md; the
 exit status is 1 when any check fails. `--device cpu --quick` runs the same code at tiny sizes
 (the tiny spec for the 13B part), so CI keeps it from rotting.
@@ -186,9 +188,11 @@ def with_source(args: list[str], name: str, source: Path) -> list[str]:
 
 def check_13b(quick: bool, device: str) -> list[list[str]]:
     """`bench/gpu_13b.py` in fresh processes (their own CUDA contexts and peaks): the VRAM budgets,
-    then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk; one row per run."""
+    then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk, then one section on 2
+    GPUs (2 gloo processes for `quick`); one row per run."""
+    split = ["--device", device]  # the 2-GPU run's sizes
     if quick:
-        extra = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
+        extra = split = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
         runs = [("", [*extra, "--budgets", "0.003", "0.07", "unlimited"])]
         runs.append((" RAM 0.002", [*extra, "--budgets", "0.07", "--ram-budget", "0.002", "--teacache", "0"]))
     else:
@@ -198,7 +202,27 @@ def check_13b(quick: bool, device: str) -> list[list[str]]:
     rows = []
     for label, extra in runs:
         rows += _run_13b(label, extra)
-    return rows
+    return rows + _run_ranks(2, split)
+
+
+def _run_ranks(ranks: int, extra: list[str]) -> list[list[str]]:
+    """`gpu_13b.py --ranks N`: one section on N devices against one; one row (or the skip line)."""
+    script = Path(__file__).with_name("gpu_13b.py")
+    name = f"13B on {ranks} GPUs"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(script), "--ranks", str(ranks), *extra, "--json", f"{tmp}/row.json"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        out = result.stdout.strip().splitlines()
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
+            return [[name, "FAIL", f"exited {result.returncode}: {' '.join(tail)[:300]}"]]
+        if out and out[0].startswith("skipped"):
+            return [[name, "skip", out[0]]]
+        r = json.loads(Path(f"{tmp}/row.json").read_text())
+    ok = float(r["error"]) < 2e-2  # bf16 on a GPU; fp32 on a CPU is near 1e-6
+    detail = (f"{r['many']} s/frame ({r['speedup']}x one GPU's {r['one']}), MFU per GPU {r['mfu']}, "
+              f"relative error {r['error']}")  # fmt: skip
+    return [[name, "ok" if ok else "FAIL", detail]]
 
 
 def _run_13b(label: str, extra: list[str]) -> list[list[str]]:

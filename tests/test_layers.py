@@ -24,7 +24,7 @@ LAYERS = [
     ("training",),  # training, the demo model, step-cache calibration
     ("testing",),  # tiny bundles for tests and benchmarks
     ("pipeline",),  # bundles, settings, the run, its sections, jobs and outputs
-    ("caching", "lora"),  # step caches; LoRA formats and application
+    ("caching", "lora", "parallel"),  # step caches; LoRA formats and application; sequence parallel
     ("memory",),  # weight streaming, offload, estimates
     ("sampling", "model"),  # samplers and sigma schedules; the transformer
     ("packing", "io"),  # packing schedules and layouts; files, images, video

@@ -12,6 +12,7 @@ from ..devices import resolve_device
 from .common import Interrupted, UserError, add_device_argument, add_model_argument
 from .interrupts import stop_if_interrupted
 from .outputs import check_events_file, check_out_folder, event_json
+from .ranks import on_ranks
 
 __all__ = ["add_parser", "dtypes_of", "timed_prompt_text"]
 
@@ -357,16 +358,20 @@ def _request(args: argparse.Namespace, job):
 def _open(args: argparse.Namespace, job):
     """Check the options, then load the bundle and open the run; ValueError. What needs no
     weights (the settings, images, budget and output folder) is checked before the long load."""
+    from ..parallel import ranks
     from ..pipeline.bundle import load_bundle
     from ..pipeline.run import check_request, open_run
 
     request = _request(args, job)
     device, dtypes = resolve_device(args.device), dtypes_of(args.dtype)
     checked = None
+    leader = ranks().leader  # the other ranks of a torchrun launch write nothing
     if job is None:
         checked = check_request(args.model, request, device, dtypes)
-        check_out_folder(args.out)
-    check_events_file(args.events)
+        if leader:
+            check_out_folder(args.out)
+    if leader:
+        check_events_file(args.events)
     _quiet_loaders()
     settings = request.settings if job is None else job  # a resumed job's own budgets
     bundle = load_bundle(
@@ -399,7 +404,14 @@ def _resolve_model(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    """Generate; under `torchrun` with several processes, one video with each model call split
+    across them (`framepack.pipeline.ranks`): rank 0 prints and writes, the others nothing."""
+    on_ranks(_generate, args)
+
+
+def _generate(args: argparse.Namespace) -> None:
     from ..io import InputWarning
+    from ..parallel import ranks
 
     job = _resolve_model(args)
     _check_args(args)
@@ -409,6 +421,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             run = _open(args, job)
         except ValueError as e:
             raise UserError(str(e)) from None
+    if not ranks().leader:  # serves rank 0's model calls; prints and writes nothing
+        run.run(args.out)
+        return
     for w in caught:
         if issubclass(w.category, InputWarning):
             print(f"framepack: warning: {w.message}", file=sys.stderr)

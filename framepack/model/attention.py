@@ -4,21 +4,28 @@
 (flash-attn), `sage` (sageattention) and `xformers` are used when installed and asked for. A key
 mask (batch > 1 with differently padded text) is honoured by every backend: flash-attn runs it as
 variable-length sequences, the others as a boolean mask or by falling back to SDPA.
+
+`around_attention(fn)` lets a feature attached from outside the model (sequence parallelism,
+`framepack.parallel`) run every attention call inside a `with` block itself: `fn(backend, q, k, v,
+key_mask)` gets the chosen backend and returns what it would.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "available_backends", "set_backend", "get_backend", "BACKENDS"]
+__all__ = ["attention", "around_attention", "available_backends", "set_backend", "get_backend", "BACKENDS"]
 
 BACKENDS = ("sdpa", "flash", "sage", "xformers")
 _PACKAGES = {"flash": "flash_attn", "sage": "sageattention", "xformers": "xformers"}
 _current = "sdpa"
+_around: ContextVar[Callable | None] = ContextVar("framepack_around_attention", default=None)
 
 
 def available_backends() -> list[str]:
@@ -103,5 +110,20 @@ def attention(
     Returns `(B, Lq, H * D)`.
     """
     b, lq, h, d = q.shape
-    out = _IMPLS[_current](q, k, v, key_mask)  # (B, Lq, H, D)
+    around = _around.get()
+    if around is None:
+        out = _IMPLS[_current](q, k, v, key_mask)  # (B, Lq, H, D)
+    else:
+        out = around(_IMPLS[_current], q, k, v, key_mask)
     return out.reshape(b, lq, h * d)
+
+
+@contextmanager
+def around_attention(fn: Callable) -> Iterator[None]:
+    """Within the block (this thread or task), every `attention` call runs as
+    `fn(backend, q, k, v, key_mask)`, which returns `(B, Lq, H, D)` as the backend does."""
+    token = _around.set(fn)
+    try:
+        yield
+    finally:
+        _around.reset(token)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..devices import resolve_device
 from ..lora import lora_specs
+from ..parallel import local_rank, rank_device, ranks
 from .events import Event, Finished, FrameDone
 from .named import model_or_default
 from .run import Request, job_to_resume, open_run
@@ -79,7 +80,9 @@ def generate_iter(
     `device` is a torch device name, or "auto" (the default, as in the CLI and the GUI): the CUDA
     GPU when there is one, else the CPU (`framepack.devices.resolve_device`).
     """
-    device = resolve_device(device, what="device")
+    parallel = ranks().parallel
+    device = resolve_device(device, rank=local_rank() if parallel else None, what="device")
+    device = rank_device(device) if parallel else device
     if resume is not None:
         given = (
             [*settings]
@@ -113,9 +116,15 @@ def generate(
     device: str = "auto",
     resume: str | Path | None = None,
     **settings,
-) -> Finished | FrameDone:
+) -> Finished | FrameDone | None:
     """Run one generation and return its last event: `Finished` (video path, frames, sidecar), or
     `FrameDone` for one frame.
+
+    With `torch.distributed` started with several processes (`torchrun`), every process calls it
+    with the same arguments and each model call is split across them (`framepack.pipeline.ranks`):
+    rank 0 gets the events and writes the outputs, the others get None and write nothing.
+    The device "auto" (or "cuda") is then each process's own GPU (`LOCAL_RANK`; with NCCL, call
+    `torch.cuda.set_device` with it before starting the group, as `torchrun` scripts do).
 
     Example: `framepack.generate("bundle/", image="cat.png", prompt="a cat walks", seconds=5)`;
     `framepack.generate(resume="outputs/NAME.job")` finishes a stopped run (see `generate_iter`).
@@ -125,5 +134,5 @@ def generate(
         if on_event is not None:
             on_event(event)
         last = event
-    assert isinstance(last, (Finished, FrameDone))
+    assert isinstance(last, (Finished, FrameDone)) or not ranks().leader
     return last

@@ -24,6 +24,7 @@ import numpy as np
 from ..io import load_image
 from ..lora import applied_loras, merge_loras
 from ..memory.disk import disk_backed
+from ..parallel import ranks
 from .budget import device_budget
 from .events import Event, Finished, FrameDone
 from .extend import ExtensionHistory, Source, check_extension, prepare_extension, resume_extension
@@ -31,6 +32,7 @@ from .jobs import JobDir, JobError, check_free, find_job, open_job
 from .loop import record_loop_seam
 from .named import read_manifest
 from .one_frame import FrameOutput, OneFrameHistory, check_one_frame
+from .ranks import check_ranks, check_ranks_before_loading, leading, serve_run
 from .section import section_decoder
 from .sections import GenerationHistory, run_sections
 from .settings import (
@@ -109,6 +111,7 @@ def check_request(model: str | Path, request: Request, device, dtypes: dict | No
     else:
         checked = check_settings(manifest, request.settings, request.image)
     _one_frame(checked, request)
+    check_ranks_before_loading(model, request.settings)
     check_budget(model, checked, device, dtypes)
     return None if request.video is not None else checked
 
@@ -162,10 +165,18 @@ class Run:
         removed when it finishes; an unfinished one with the same settings is resumed, one with
         other settings is refused (JobError). Raises `framepack.sampling.Cancelled` when `cancel()`
         turns true (between sampling steps); every finished section stays in the job.
+
+        In a started process group of several ranks (`torchrun`), rank 0 runs it with each model
+        call split across the ranks, and the other ranks yield nothing: they serve its model calls
+        and write nothing (`framepack.pipeline.ranks`).
         """
         bundle, prepared = self.bundle, self.prepared
         s = prepared.settings
+        if not ranks().leader:
+            serve_run(bundle, prepared)
+            return
         with (  # the memory plan first: a budget too small fails before the job directory exists
+            leading(bundle.transformer),
             applied_loras(bundle.transformer, prepared.loras),
             offloaded(bundle, device_budget(s, bundle.device), s.fp8_weights, prepared) as memory,
         ):
@@ -191,14 +202,15 @@ class Run:
         out_dir: str | Path = "outputs",
         cancel: Callable[[], bool] | None = None,
         on_event: Callable[[Event], None] | None = None,
-    ) -> Finished | FrameDone:
-        """Run it to the end; returns the last event (`Finished`, or `FrameDone` for one frame)."""
+    ) -> Finished | FrameDone | None:
+        """Run it to the end; returns the last event (`Finished`, or `FrameDone` for one frame;
+        None on a rank other than 0 of several, which only serves model calls)."""
         last = None
         for event in self.events(out_dir, cancel):
             if on_event is not None:
                 on_event(event)
             last = event
-        assert isinstance(last, (Finished, FrameDone))
+        assert isinstance(last, (Finished, FrameDone)) or not ranks().leader
         return last
 
     def _video(self, job: JobDir) -> tuple[object, VideoOutput]:
@@ -243,6 +255,7 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     if request.resume is not None:
         root = find_job(request.resume)
         prepared, source = resume_job(bundle, root)
+        check_ranks(prepared.settings, bundle.transformer.config.num_attention_heads)
         return Run(bundle, prepared, source, job_dir=root)
     _check_kind(request)
     source = None
@@ -253,6 +266,7 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     else:
         prepared = prepare(bundle, request.settings, request.image)
     one_frame = _one_frame(prepared, request)
+    check_ranks(prepared.settings, bundle.transformer.config.num_attention_heads)
     run = Run(bundle, prepared, source, one_frame=one_frame)  # checked before any weight changes
     if request.lora_merge and prepared.loras:  # folded into the weights: no per-step cost
         if disk_backed(bundle.transformer):
