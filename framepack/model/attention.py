@@ -110,7 +110,9 @@ def attention(
     Returns `(B, Lq, H * D)`.
     """
     b, lq, h, d = q.shape
-    around = _around.get()
+    # Compiled graphs never read the hook (dynamo cannot trace a ContextVar; sequence parallelism
+    # refuses --compile, so it is never set there).
+    around = None if torch.compiler.is_compiling() else _around.get()
     if around is None:
         out = _IMPLS[_current](q, k, v, key_mask)  # (B, Lq, H, D)
     else:
