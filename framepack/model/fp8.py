@@ -49,9 +49,9 @@ def fp8_unsupported(device: torch.device | str) -> str | None:
     return None
 
 
-def fp8_shape_ok(weight: torch.Tensor) -> bool:
+def fp8_shape_ok(rows: int, columns: int) -> bool:
     """`_scaled_mm` needs both dimensions of the weight to be multiples of 16."""
-    return weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+    return rows % 16 == 0 and columns % 16 == 0
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

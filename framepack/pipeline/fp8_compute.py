@@ -53,7 +53,8 @@ class Fp8Compute:
     def attach(self) -> Fp8Compute:
         for block in blocks_of(self.model):
             for layer in block.modules():
-                if isinstance(layer, Linear) and fp8_shape_ok(layer.weight):
+                # by the layer's sizes: a streamed weight is an empty placeholder between its calls
+                if isinstance(layer, Linear) and fp8_shape_ok(layer.out_features, layer.in_features):
                     self._attach_layer(layer)
         return self
 
