@@ -217,8 +217,10 @@ def test_cli_refuses_fp8_compute_on_a_cpu_before_writing_anything(image, tmp_pat
 
     Image.fromarray(image).save(tmp_path / "start.png")
     monkeypatch.chdir(tmp_path)
+    model = str(tiny_bundle_dir())  # written once per process: its progress bars are not the CLI's
+    capsys.readouterr()
     before = sorted(p.name for p in tmp_path.iterdir())
-    args = ["generate", "--model", str(tiny_bundle_dir()), "--image", "start.png", "--prompt", "a cat",
+    args = ["generate", "--model", model, "--image", "start.png", "--prompt", "a cat",
             "--device", "cpu", "--fp8-compute", "--out", "out", "--events", "events.jsonl"]  # fmt: skip
     code = main(args)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -235,3 +237,13 @@ def test_api_and_accelerate_refuse_fp8_compute_on_a_cpu():
         framepack.generate(model=str(tiny_bundle_dir()), prompt="a cat", device="cpu", fp8_compute=True)
     with pytest.raises(ValueError, match="compute capability 8.9"):
         accelerate(_tiny(), "cpu", fp8_compute=True)
+
+
+def test_serve_refuses_fp8_compute_on_a_cpu_before_loading(tmp_path, capsys):
+    model = str(tiny_bundle_dir())
+    capsys.readouterr()
+    code = main(["serve", "--model", model, "--device", "cpu", "--fp8-compute",
+                 "--outputs", str(tmp_path / "out")])  # fmt: skip
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "compute capability 8.9" in lines[0], lines
+    assert not (tmp_path / "out").exists()
