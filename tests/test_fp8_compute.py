@@ -28,7 +28,7 @@ from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.pipeline.speed import accelerate
 from framepack.testing import random_packed_inputs, tight_budget, tiny_bundle_dir
 
-VIDEO_PSNR_FLOOR = 28.0  # dB, emulated e4m3 against fp32 on the tiny random bundle (measured 33.5)
+VIDEO_PSNR_FLOOR = 28.0  # dB, emulated e4m3 against fp32 on the tiny random bundle (measured 35.3)
 
 
 def test_weight_rows_are_scaled_by_a_power_of_two_and_rounded_to_e4m3():
@@ -149,8 +149,11 @@ def test_streamed_blocks_travel_and_multiply_as_fp8(image, tmp_path):
         hook.remove()
     assert "streamed" in streamed.info["memory_plan"] and streamed.info["fp8_compute"]["fp8_streamed"] > 0
     assert seen and set(seen) == {FP8}  # installed as it came: no upcast
-    # the same row rule for resident and streamed weights: the same video
-    assert np.array_equal(_frames(streamed.video), _frames(resident.video))
+    # the same row rule for resident and streamed products; only the modulations differ (streamed as
+    # fp8 copies and upcast, as --fp8-weights does; resident in full precision)
+    value = _psnr(_frames(streamed.video), _frames(resident.video))
+    print(f"streamed against resident fp8 compute: {value:.1f} dB")
+    assert value >= VIDEO_PSNR_FLOOR  # measured 35.0 dB: as far apart as e4m3 products and fp32
     # half the bytes: the same transfer as --fp8-weights, about half the full-precision one
     release(model)
     smallest = (plan_memory(model, None, fp8=True).least_bytes + 1024) / GIB  # every block streamed

@@ -5,7 +5,8 @@ slot of every linear layer inside the blocks whose shape the kernel takes (both 
 of 16), from outside the model as the other speed features attach. The AdaLN modulations
 (`AdaNorm.linear`) stay in full precision: they act on one vector per sample (nothing to gain)
 and their error would scale and gate whole streams (on a 13B-width block, quantising them too
-raised the output's error from 4.8% to 6.5%, `bench/fp8.py`). A resident layer's weight is
+raised the output's error from 4.8% to 6.5%, `bench/fp8.py`); a streamed block's modulation
+weights still travel as fp8 host copies and are upcast on arrival, as with `--fp8-weights`. A resident layer's weight is
 quantised once (one power-of-two scale per output row) and its data replaced by the e4m3 values;
 the full-precision data is kept beside them and given back by `detach` (so resident blocks hold
 half their bytes more on the device while attached). A streamed layer whose block travels as fp8
