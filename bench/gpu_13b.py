@@ -18,11 +18,16 @@ cpu` runs the same code on a CPU in seconds (for checking the script, not for nu
     python bench/gpu_13b.py [--budgets 6 8 16 unlimited] [--teacache 0.15] [--steps 25] [--record]
     python bench/gpu_13b.py --budgets 4 --ram-budget 16 --teacache 0   # weights waiting on disk
     python bench/gpu_13b.py --ranks 2   # one section on 2 GPUs against one (bench/gpu_parallel.py)
+    python bench/gpu_13b.py --budgets 4 unlimited --fp8-compute          # the blocks' products in e4m3
 
 With `--ram-budget GB` the weights wait in their safetensors files (random weights are written once
 to `--disk`): the streamed blocks that fit the RAM budget (less two staging slots) are kept in
 pinned host memory, the rest are read from disk at every call (`framepack.memory.disk`); the plan
 column then also gives the host tier and the peak RSS of the timed run (sampled every 50 ms).
+
+With `--fp8-compute` the blocks' linear layers multiply in e4m3 (`framepack.pipeline.fp8_compute`;
+streamed blocks travel as fp8 host copies); the MFU stays counted against the bf16 peak. On a CPU
+(`--spec tiny --device cpu`) the e4m3 products are emulated, which checks the script, not the speed.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ def main() -> None:
     parser.add_argument("--transformer", metavar="DIR", help="a checkpoint instead of random --spec weights")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8", action="store_true", help="fp8 host copies of the streamed blocks")
+    parser.add_argument("--fp8-compute", action="store_true", help="the blocks' products in e4m3")
     parser.add_argument("--ram-budget", type=float, help="GiB of host memory; the weights wait on disk")
     parser.add_argument("--disk", type=Path, help="where random weights are written for --ram-budget")
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
@@ -239,7 +245,7 @@ def main() -> None:
             )
             total = None if unlimited else round(float(budget) * GIB)
             if not unlimited:
-                least = plan_memory(model, None, fp8=args.fp8).least_bytes
+                least = plan_memory(model, None, fp8=args.fp8 or args.fp8_compute).least_bytes
                 try:  # as the pipeline refuses it: one sentence, then the next budget
                     need.check(total, least, args.size)
                 except ValueError as e:
@@ -254,6 +260,7 @@ def main() -> None:
                 fp8=args.fp8 and not unlimited,
                 reserve=None if unlimited else need.reserve(total),
                 host_budget=host_budget,
+                fp8_compute=(True if cuda else "emulate") if args.fp8_compute else False,
             )
             rss = RssSampler().start()
             if cuda:
@@ -288,7 +295,7 @@ def main() -> None:
                 kept = run.streamer.host_tier if run.streamer else 0
                 plan += f"; host tier {kept / GIB:.2f} GiB, peak RSS {rss.peak / GIB:.2f} GiB"
             results[(budget, cache)] = dict(per_frame=per_frame)
-            label = f"TeaCache {cache}" if cache else "none"
+            label = (f"TeaCache {cache}" if cache else "none") + (", fp8 compute" if args.fp8_compute else "")
             print(
                 f"budget {budget:>9} | cache {label:>13} | {plan} | peak {peak_gib:.2f} GiB | "
                 f"{per_frame:.3f} s/frame | skipped {skipped}/{args.steps} | MFU {mfu:.1%}",
@@ -313,7 +320,7 @@ def main() -> None:
                 pin_host(model)  # back on the host, as the next budget expects it
                 torch.cuda.empty_cache()
     for row in rows:  # ratios once the unlimited runs are known
-        cache = None if row[1] == "none" else args.teacache
+        cache = None if row[1].startswith("none") else args.teacache
         base = results.get(("unlimited", cache))
         row[6] = f"{results[(row[0], cache)]['per_frame'] / base['per_frame']:.3f}" if base else "-"
         plain = results[(row[0], None)]["per_frame"]

@@ -9,9 +9,11 @@ One command, no downloads, about 5 minutes on one H100/H200:
    card (`max_memory_reserved` plus the measured CUDA context) checked against the budget;
 3. `bench/gpu_13b.py` in a fresh process: the released 13B architecture with random bf16 weights
    drawn on the device, 640x640, 25 UniPC steps, at budgets 4 and 6 GiB and unlimited, with and
-   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget);
+   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget), and with `--fp8-compute`;
 4. `bench/gpu_13b.py --ranks 2`: one 13B section on 2 GPUs against one (sequence parallel, target
    1.8x), skipped with one line when fewer than 2 GPUs are visible (on a CPU: 2 gloo processes).
+`--fp8-compute` (the e4m3 products) runs on a GPU of compute capability 8.9 or newer; elsewhere its
+mode checks the CLI's one-sentence refusal instead.
 It prints one summary table and, on CUDA (or with --record), appends it to bench/RESULTS.md; the
 exit status is 1 when any check fails. `--device cpu --quick` runs the same code at tiny sizes
 (the tiny spec for the 13B part), so CI keeps it from rotting.
@@ -45,6 +47,7 @@ from _record import append_rows, command, machine, today  # noqa: E402
 from framepack.cli.main import main as cli  # noqa: E402
 from framepack.memory import GIB  # noqa: E402
 from framepack.memory.estimate import device_overhead  # noqa: E402
+from framepack.model.fp8 import fp8_unsupported  # noqa: E402
 from framepack.pipeline.named import DEFAULT_MODEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +91,7 @@ def modes(sections: int) -> list[tuple[str, list[str]]]:
         ("MagCache", [*i2v, "--cache", "magcache:0.3"]),
         ("compiled blocks", [*i2v, "--compile"]),
         ("VRAM budget", [*i2v, "--vram-budget", "smallest"]),
+        ("fp8 compute", [*i2v, "--fp8-compute"]),  # its fp32 run is plain: PSNR of e4m3 against fp32
         ("fp8 host copies", [*i2v, "--vram-budget", "smallest", "--fp8-weights"]),
         # Below the bundle's size: every streamed block is read from its file into a pinned staging
         # slot and copied to the card (the disk tier's CUDA path), the encoders visit from their files.
@@ -135,10 +139,14 @@ def smallest_budget(args: list[str]) -> str | None:
 def check_mode(name: str, args: list[str], common: list[str], out: Path, cuda: bool) -> list[list[str]]:
     """Rows for one mode: it runs in both precisions, PSNR against fp32, and for a budget the peak."""
     slug = re.sub(r"\W+", "_", name).strip("_")
+    if "--fp8-compute" in args and not (cuda and fp8_unsupported("cuda") is None):
+        return [_fp8_refused(name, [*args, *common, "--out", str(out / "refused")])]
     png = [] if "--one-frame" in args else ["--png"]
     results = {}
     for dtype in ("fp32", "release"):
         run_args = [*args, *common, "--dtype", dtype]
+        if dtype == "fp32":  # fp8 compute is measured against the plain fp32 run
+            run_args = [a for a in run_args if a != "--fp8-compute"]
         if "below-bundle" in run_args:  # on CUDA below the demo bundle's 20-33 MB; on a CPU any
             run_args[run_args.index("below-bundle")] = "0.01" if cuda else "2"  # keeps them on disk
         budget = None
@@ -182,6 +190,14 @@ def check_mode(name: str, args: list[str], common: list[str], out: Path, cuda: b
     return rows
 
 
+def _fp8_refused(name: str, args: list[str]) -> list[str]:
+    """Where the e4m3 products cannot run, `--fp8-compute` must be one sentence with exit 2."""
+    status, err, _ = run_cli(args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    ok = status == 2 and len(lines) == 1 and "compute capability 8.9" in lines[0]
+    return [name, "ok" if ok else "FAIL", f"refused here (exit {status}): {' '.join(lines)[:200]}"]
+
+
 def with_source(args: list[str], name: str, source: Path) -> list[str]:
     return [*args, "--video", str(source)] if name.startswith("extension") else args
 
@@ -195,10 +211,13 @@ def check_13b(quick: bool, device: str) -> list[list[str]]:
         extra = split = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
         runs = [("", [*extra, "--budgets", "0.003", "0.07", "unlimited"])]
         runs.append((" RAM 0.002", [*extra, "--budgets", "0.07", "--ram-budget", "0.002", "--teacache", "0"]))
+        runs.append((" fp8 compute (emulated)", [*extra, "--budgets", "0.07", "unlimited", "--fp8-compute"]))
     else:
         runs = [("", ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"])]
         ram = ["--device", device, "--budgets", "4", "unlimited", "--ram-budget", "16", "--teacache", "0"]
         runs.append((" RAM 16", [*ram, "--steps", "5"]))
+        fp8 = ["--device", device, "--budgets", "4", "unlimited", "--teacache", "0", "--fp8-compute"]
+        runs.append((" fp8 compute", fp8))
     rows = []
     for label, extra in runs:
         rows += _run_13b(label, extra)
@@ -238,7 +257,7 @@ def _run_13b(label: str, extra: list[str]) -> list[list[str]]:
             return [[f"13B{label}", "FAIL", f"exited {result.returncode}: {' '.join(tail)[:300]}"]]
         runs = json.loads(Path(f"{tmp}/rows.json").read_text())
     refused = [line for line in result.stdout.splitlines() if "refused" in line]
-    host = lambda r: f", {r['plan'].split('; ', 1)[1]}" if label and "; " in r["plan"] else ""  # noqa: E731
+    host = lambda r: f", {r['plan'].split('; ', 1)[1]}" if "RAM" in label and "; " in r["plan"] else ""  # noqa: E731
     rows = [[f"13B{label} budget {r['budget']}, {r['cache']}", "FAIL" if "NO" in r["held_gib"] else "ok",
              f"{r['s_per_frame']} s/frame ({r['ratio']}x unlimited), MFU {r['mfu']}, peak {r['peak_gib']} GiB, "
              f"held {r['held_gib']}, skipped {r['skipped']}{host(r)}"] for r in runs]  # fmt: skip

@@ -204,6 +204,12 @@ def _device_options(p) -> None:
         help="torch.compile the transformer's blocks: faster steps after a one-off compile per process",
     )
     p.add_argument(
+        "--fp8-compute",
+        action="store_true",
+        help="the transformer blocks' matrix products in fp8 (e4m3, torch._scaled_mm): faster, "
+        "slightly less exact; needs an NVIDIA GPU of compute capability 8.9+ (RTX 40, L40, H100)",
+    )
+    p.add_argument(
         "--fp8-weights",
         action="store_true",
         help="fp8 copies of streamed blocks: half the transfers, but more host RAM (the originals stay)",
@@ -336,6 +342,7 @@ def _settings(args: argparse.Namespace):
         fp8_weights=args.fp8_weights,
         ram_budget=args.ram_budget,
         compile=args.compile,
+        fp8_compute=args.fp8_compute,
     )
 
 

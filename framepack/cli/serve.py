@@ -46,6 +46,11 @@ def add_parser(sub) -> None:
         action="store_true",
         help="torch.compile the transformer's blocks for every job (the first job pays the compile)",
     )
+    p.add_argument(
+        "--fp8-compute",
+        action="store_true",
+        help="every job's transformer blocks multiply in fp8 (e4m3); an NVIDIA GPU of compute capability 8.9+",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -103,6 +108,7 @@ def _port_taken(host: str, port: int) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..memory.budgets import parse_budget
+    from ..pipeline.fp8_compute import check_fp8_compute
 
     args.model = cli_model(args.model)
     if not 1 <= args.port <= 65535:
@@ -110,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         auth = parse_auth(args.auth)
         device = resolve_device(args.device)
+        check_fp8_compute(args.fp8_compute, device)
         parse_budget(args.vram_budget)
         parse_budget(args.ram_budget, "RAM")
     except ValueError as e:
@@ -148,7 +155,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(str(e)) from None
     stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     queue = JobQueue(
-        bundle, outputs, vram_budget=args.vram_budget, ram_budget=args.ram_budget, compile=args.compile
+        bundle,
+        outputs,
+        vram_budget=args.vram_budget,
+        ram_budget=args.ram_budget,
+        compile=args.compile,
+        fp8_compute=args.fp8_compute,
     )
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:

@@ -86,6 +86,8 @@ class JobQueue:
     the budget they were started with. `ram_budget` (the server's `--ram-budget`, for a bundle
     loaded with it) is every job's RAM budget: the bundle's weights wait where it put them.
     `compile` (the server's `--compile`) compiles every job's blocks; the first job pays the compile.
+    `fp8_compute` (the server's `--fp8-compute`, checked against the device before loading) runs
+    every job's blocks in e4m3.
     """
 
     def __init__(
@@ -96,11 +98,13 @@ class JobQueue:
         vram_budget: str | float | None = None,
         ram_budget: str | float | None = None,
         compile: bool = False,
+        fp8_compute: bool = False,
     ):
         self.bundle = bundle
         self.vram_budget = vram_budget
         self.ram_budget = ram_budget
         self.compile = compile  # the server's --compile: every job's blocks compiled
+        self.fp8_compute = fp8_compute  # the server's --fp8-compute
         self.out_dir = Path(out_dir)
         self._cond = threading.Condition()
         self._jobs: dict[int, QueuedJob] = {}
@@ -153,6 +157,8 @@ class JobQueue:
             settings = dataclasses.replace(settings, ram_budget=self.ram_budget)
         if self.compile:
             settings = dataclasses.replace(settings, compile=True)
+        if self.fp8_compute:
+            settings = dataclasses.replace(settings, fp8_compute=True)
         request = Request(settings, image, video, one_frame, tuple(one_frame_groups))
         try:
             run = open_run(self.bundle, request)

@@ -62,11 +62,22 @@ def server_html(queue, outputs: Path, loras_dir: Path | None) -> str:
             "Memory budget of jobs that give none",
             str(queue.vram_budget or "none (every weight on the device)"),
         ),
+        ("Speed", _speed(queue)),
         ("Outputs folder", str(outputs)),
         ("LoRA folder", str(loras_dir) if loras_dir else "none (serve --loras DIR)"),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f'<table class="fp-server">{body}</table>'
+
+
+def _speed(queue) -> str:
+    """The server's speed switches (`serve --compile`, `--fp8-compute`), the same for every job."""
+    on = [
+        name
+        for name, flag in (("--compile", "compile"), ("--fp8-compute", "fp8_compute"))
+        if getattr(queue, flag, False)
+    ]
+    return ", ".join(on) or "none (serve --compile, --fp8-compute)"
 
 
 def _allowed(component, value):

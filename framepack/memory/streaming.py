@@ -200,6 +200,7 @@ class _Entry:
     home: torch.device  # where the data was before `attach`
     scale: torch.Tensor | None = None  # fp8: (rows, 1, ...) powers of two, in the tensor's dtype
     staged: torch.Tensor | None = None  # on the device, not yet upcast (fp8) / not yet installed
+    fp8_sink: object = None  # `--fp8-compute`: takes the row scales; the fp8 copy is installed as it is
 
     def restore(self) -> None:
         """Give the tensor back its data from before `attach` (copied back to a device it came from)."""
@@ -396,6 +397,9 @@ class WeightStreamer:
         for e in self.entries[i]:
             if e.scale is None:
                 e.tensor.data = e.staged
+            elif e.fp8_sink is not None:  # multiplied in e4m3 as it came (`keep_fp8`): no upcast
+                e.tensor.data = e.staged
+                e.fp8_sink(e.scale.to(self.device, non_blocking=True))
             else:  # per-tensor upcast: at most one fp8 tensor beside the block at a time
                 e.tensor.data = e.staged.to(e.empty.dtype).mul_(e.scale.to(self.device, non_blocking=True))
             e.staged = None
@@ -447,6 +451,17 @@ class WeightStreamer:
 
     def leave(self, k: int) -> None:
         self._drop(self.order[k])
+
+    def keep_fp8(self, tensor: torch.Tensor, sink) -> bool:
+        """Install `tensor`'s fp8 host copy as it is at every load and hand its row scales (on the
+        device) to `sink`, instead of upcasting it (`--fp8-compute`, `framepack.model.fp8`).
+        False when `tensor` is not streamed from an fp8 copy (resident, or read from its file)."""
+        for entries in self.entries.values():
+            for e in entries:
+                if e.tensor is tensor and e.scale is not None:
+                    e.fp8_sink = sink
+                    return True
+        return False
 
 
 class _BlockHook:

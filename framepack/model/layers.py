@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .fp8 import fp8_matmul
 from .ops import apply_rope, chunked_mlp, linear, modulated_layer_norm, rms_norm
 
 __all__ = [
@@ -41,14 +42,25 @@ def lora_delta(layer: nn.Module):
     return layer._modules.get("lora")
 
 
+def fp8_product(layer: nn.Module, cols: slice = slice(None), bias: bool = True):
+    """`x -> x @ W[:, cols].T (+ b)` through the e4m3 product in `layer`'s `fp8` slot
+    (`--fp8-compute`, `framepack.model.fp8`), or None when it has none."""
+    fp8 = fp8_matmul(layer)
+    if fp8 is None:
+        return None
+    return lambda x: fp8(x, layer.weight, layer.bias if bias else None, cols)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` whose bf16 weights stay fast on CPUs without bf16 units (see `ops.linear`).
 
-    A LoRA applied on the fly (`framepack.lora`) sits in the `lora` slot and adds its update.
+    A LoRA applied on the fly (`framepack.lora`) sits in the `lora` slot and adds its update;
+    `--fp8-compute` puts an e4m3 product in the `fp8` slot (`framepack.model.fp8`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        fp8 = fp8_matmul(self)
+        y = linear(x, self.weight, self.bias) if fp8 is None else fp8(x, self.weight, self.bias)
         delta = lora_delta(self)
         return y if delta is None else y.add_(delta(x))
 
@@ -115,6 +127,8 @@ class FeedForward(nn.Module):
             self.act,
             delta1=lora_delta(up),
             delta2=lora_delta(down),
+            mm1=fp8_product(up),
+            mm2=fp8_product(down),
         )
 
 
@@ -367,8 +381,11 @@ class SingleStreamBlock(nn.Module):
             _gelu_tanh,
             delta1=lora_mlp,
             delta2=None if lora_out is None else lora_out.columns(self.dim, None),
+            mm1=fp8_product(self.proj_mlp),
+            mm2=fp8_product(self.proj_out, slice(self.dim, None)),
         )
-        mixed = mixed + linear(out, w_attn, None)  # (B, R, D)
+        attn_fp8 = fp8_product(self.proj_out, slice(0, self.dim), bias=False)
+        mixed = mixed + (linear(out, w_attn, None) if attn_fp8 is None else attn_fp8(out))  # (B, R, D)
         if lora_out is not None:
             mixed = mixed + lora_out.columns(0, self.dim)(out)
         return torch.addcmul(h, mixed, gate[:, None])

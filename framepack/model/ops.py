@@ -106,21 +106,24 @@ def chunked_mlp(
     rows: int = 1024,
     delta1: Callable[[torch.Tensor], torch.Tensor] | None = None,
     delta2: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mm1: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mm2: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`act(x @ w1.T + b1) @ w2.T + b2` over row chunks of `x` `(B, L, D)`.
 
     The hidden activation is 4x wider than `x`; computing it a chunk at a time keeps it in the
     cache instead of streaming it through memory twice. Autograd uses the plain form.
     `delta1`/`delta2` add to each product's output a function of its input (a LoRA's low-rank
-    update applied on the fly, `framepack.lora`).
+    update applied on the fly, `framepack.lora`). `mm1`/`mm2` replace the products themselves,
+    bias included (the e4m3 products of `--fp8-compute`, `framepack.model.fp8`).
     """
 
     def mlp(part: torch.Tensor) -> torch.Tensor:
-        hidden = linear(part, w1, b1)
+        hidden = linear(part, w1, b1) if mm1 is None else mm1(part)
         if delta1 is not None:
             hidden.add_(delta1(part))
         hidden = act(hidden)
-        y = linear(hidden, w2, b2)
+        y = linear(hidden, w2, b2) if mm2 is None else mm2(hidden)
         return y if delta2 is None else y.add_(delta2(hidden))
 
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad):

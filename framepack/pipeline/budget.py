@@ -173,7 +173,7 @@ def check_budget(model: str | os.PathLike, prepared, device, dtypes: dict | None
         _check_host(s.ram_budget, transformer, vae)
     if total is None:
         return
-    least = plan_memory(transformer, None, fp8=s.fp8_weights).least_bytes + module_bytes(vae)
+    least = plan_memory(transformer, None, fp8=s.fp8_copies).least_bytes + module_bytes(vae)
     try:
         siglip = read_component_config(model, "image_encoder")
     except ValueError:

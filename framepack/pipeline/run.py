@@ -101,9 +101,11 @@ def check_request(model: str | Path, request: Request, device, dtypes: dict | No
     inputs, to pass on to `open_run` (None for a resume, checked there, or an extension, whose
     video is only read there)."""
     from .budget import check_budget
+    from .fp8_compute import check_fp8_compute
 
     if request.resume is not None:
         return None
+    check_fp8_compute(request.settings.fp8_compute, device)  # before anything is read
     _check_kind(request)
     manifest = read_manifest(model)
     if request.video is not None:
@@ -178,7 +180,7 @@ class Run:
         with (  # the memory plan first: a budget too small fails before the job directory exists
             leading(bundle.transformer),
             applied_loras(bundle.transformer, prepared.loras),
-            offloaded(bundle, device_budget(s, bundle.device), s.fp8_weights, prepared) as memory,
+            offloaded(bundle, device_budget(s, bundle.device), s.fp8_copies, prepared) as memory,
         ):
             if self.one_frame is not None:
                 history = OneFrameHistory(prepared, *self.one_frame)

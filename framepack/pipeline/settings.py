@@ -73,6 +73,14 @@ class GenerationSettings:
     fp8_weights: bool = False  # fp8 copies of the streamed blocks: half the transfers, +half their RAM
     ram_budget: str | float | None = None  # GiB of host memory for weights, or "auto"; None: no limit
     compile: bool = False  # torch.compile the transformer's blocks (`framepack.pipeline.compiled`)
+    # The blocks' linear layers as e4m3 products (`framepack.pipeline.fp8_compute`; a GPU of compute
+    # capability 8.9+); "emulate": the same arithmetic in fp32 on any device (tests, benches).
+    fp8_compute: bool | str = False
+
+    @property
+    def fp8_copies(self) -> bool:
+        """Whether streamed blocks travel as fp8 host copies (`--fp8-weights`, or `--fp8-compute`)."""
+        return self.fp8_weights or bool(self.fp8_compute)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,6 +129,8 @@ def _check_values(settings: GenerationSettings) -> None:
         buckets(settings.resolution)
     if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {settings.seed!r}.")
+    if settings.fp8_compute not in (False, True, "emulate"):
+        raise ValueError(f"fp8_compute must be true, false or 'emulate', got {settings.fp8_compute!r}.")
     if settings.sampler not in ("unipc", "euler"):
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
     if not settings.prompt or not settings.prompt.strip():

@@ -30,6 +30,7 @@ from ..memory.streaming import WeightStreamer
 from .budget import bundle_need, device_budget, run_size
 from .bundle import Bundle
 from .compiled import CompiledBlocks
+from .fp8_compute import Fp8Compute, check_fp8_compute
 
 __all__ = ["Accelerated", "accelerate", "accelerate_run", "check_speed_settings", "offloaded"]
 
@@ -89,6 +90,7 @@ class Accelerated:
     weights: Placement
     cache: StepCache | None = None
     compiled: CompiledBlocks | None = None  # `--compile`: the blocks' compiled forwards
+    fp8: Fp8Compute | None = None  # `--fp8-compute`: the blocks' linear layers in e4m3
 
     @property
     def model(self) -> nn.Module:
@@ -107,6 +109,8 @@ class Accelerated:
         out = self.weights.info()
         if self.compiled is not None:
             out["compile"] = self.compiled.info()
+        if self.fp8 is not None:
+            out["fp8_compute"] = self.fp8.info()
         if self.cache is not None:
             out["cache"] = {
                 "name": self.cache.name,
@@ -120,6 +124,8 @@ class Accelerated:
             self.compiled.detach()
         if self.cache is not None:
             self.cache.detach()
+        if self.fp8 is not None:
+            self.fp8.detach()
         self.weights.detach()
         forget_attached(self.model)
 
@@ -136,9 +142,12 @@ def accelerate(
     memory: Offloader | None = None,
     host_budget: int = 0,
     compile: bool = False,
+    fp8_compute: bool | str = False,
 ) -> Accelerated:
     """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`
-    (and with `compile`, the blocks' compiled forwards, `framepack.pipeline.compiled`).
+    (and with `compile`, the blocks' compiled forwards, `framepack.pipeline.compiled`; with
+    `fp8_compute`, their linear layers in e4m3, `framepack.pipeline.fp8_compute`, whose streamed
+    blocks then travel as fp8 host copies; "emulate": the same in fp32 arithmetic, any device).
 
     Whatever an earlier call attached to the same model is detached first. With neither a budget
     nor a cache, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
@@ -146,12 +155,16 @@ def accelerate(
     (`offload.plan_offload` for the same budget) the transformer gets the weight bytes the encoders
     and the VAE leave it, and its bytes go on `memory`'s ledger.
     """
+    check_fp8_compute(fp8_compute, device)
+    fp8 = fp8 or bool(fp8_compute)  # fp8 compute multiplies the streamed blocks' fp8 copies as they come
     run = Accelerated(place_weights(model, device, vram_budget, fp8, reserve, memory, host_budget))
+    if fp8_compute:
+        run.fp8 = Fp8Compute(model, run.streamer, emulate=fp8_compute == "emulate").attach()
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
     if compile:  # innermost: streaming and the step cache run around the compiled blocks
         run.compiled = CompiledBlocks(model).attach()
-    if run.weights.attached or run.cache is not None or run.compiled is not None:
+    if run.weights.attached or run.cache is not None or run.compiled is not None or run.fp8 is not None:
         record_attached(model, run)
     return run
 
@@ -174,4 +187,5 @@ def accelerate_run(
         memory=memory,
         host_budget=host_budget,
         compile=settings.compile,
+        fp8_compute=settings.fp8_compute,
     )

@@ -85,11 +85,11 @@ def tier_plan(bundle, prepared) -> Tiers:
         device,
         budget,
         beside=bundle.vae,
-        fp8=s.fp8_weights,
+        fp8=s.fp8_copies,
         need=need,
         run_size=run_size(prepared),
     )
-    plan = plan_memory(model, off.transformer_budget if off.total is not None else None, fp8=s.fp8_weights)
+    plan = plan_memory(model, off.transformer_budget if off.total is not None else None, fp8=s.fp8_copies)
     streamed = sum(plan.block_bytes[i] for i in plan.streamed)
     total, seen = module_bytes(model), sum(module_bytes(m) for m in visitors)
     on_device = _device_peak(off, plan, visitors, bundle.vae)
