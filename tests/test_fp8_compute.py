@@ -250,3 +250,26 @@ def test_serve_refuses_fp8_compute_on_a_cpu_before_loading(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "compute capability 8.9" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_counts_the_e4m3_weights_resident_blocks_hold_beside_their_own():
+    """A resident block holds its e4m3 weights beside its own while fp8 compute is attached: the
+    plan counts them (a budget that holds the plain model streams some blocks with fp8 compute),
+    and the ledger of device bytes, which now includes them, stays within the budget."""
+    spec = SPECS["tiny"].replace(num_layers=2, num_single_layers=4)
+    torch.manual_seed(3)
+    model = PackedTransformer(spec).eval()
+    inputs = random_packed_inputs(spec, 4, 4, window=2, text_tokens=4, seed=2)
+    full = plan_memory(model, None)
+    weights = full.base_bytes + sum(full.block_bytes)  # the whole plain model, to the byte
+    assert not plan_memory(model, weights).streamed
+    plan = plan_memory(model, weights, fp8_compute=True)
+    assert plan.streamed and any(plan.resident) and plan.peak_bytes <= weights
+    run = accelerate(model, "cpu", vram_budget=(weights + 1) / GIB, fp8_compute="emulate", reserve=1)
+    try:
+        assert run.streamer is not None and run.streamer.plan.fp8_resident
+        _velocity(model, inputs)
+        assert run.fp8.added > 0 and run.weights.ledger.peak <= weights
+    finally:
+        run.detach()
+    assert run.weights.ledger.current == 0

@@ -74,12 +74,14 @@ def place_weights(
     reserve: int | None = None,
     memory: Offloader | None = None,
     host_budget: int = 0,
+    fp8_compute: bool = False,
 ) -> Placement:
     """Stream `model`'s weights under `vram_budget` (GiB or "auto"), else (move it back to) `device`.
 
     `reserve` bytes of the budget are kept for activations (default: `default_reserve`). With
     `memory` (`offload.plan_offload` for the same budget) the transformer gets the weight bytes the
-    encoders and the VAE leave it, and its bytes go on `memory`'s ledger.
+    encoders and the VAE leave it, and its bytes go on `memory`'s ledger. `fp8_compute`: the plan
+    counts the e4m3 weights resident blocks hold beside their own (`plan_memory`).
     """
     device = torch.device(device)
     total = budget_bytes(parse_budget(vram_budget), device, model)  # "auto" counts what it holds now
@@ -87,6 +89,7 @@ def place_weights(
     placed = Placement(model, memory=memory)
     if memory is not None and memory.total is not None:
         placed.ledger = memory.ledger
+    fp8 = fp8 or fp8_compute
     if total is not None or fp8:
         if total is None:
             weights = None
@@ -94,7 +97,7 @@ def place_weights(
             weights = memory.transformer_budget
         else:
             weights = total - (default_reserve(total, device) if reserve is None else reserve)
-        plan = plan_memory(model, weights, fp8=fp8)
+        plan = plan_memory(model, weights, fp8=fp8, fp8_compute=fp8_compute)
         if plan.streamed:
             placed.ledger = placed.ledger if placed.ledger is not None else ByteLedger(keep_events=False)
             placed.streamer = WeightStreamer(

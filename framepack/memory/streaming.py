@@ -69,6 +69,11 @@ class MemoryPlan:
     slots: int  # 0 (nothing streamed), 1 (synchronous) or 2 (double buffering)
     fp8: bool = False
     fp8_bytes: tuple[int, ...] = ()  # fp8: each block's fp8 host copies (1 byte a weight + row scales)
+    fp8_resident: bool = False  # fp8 compute: a resident block also holds its e4m3 weights on the device
+
+    def resident_bytes(self, i: int) -> int:
+        """Device bytes of block `i` while resident (fp8 compute: its weights and their e4m3 copies)."""
+        return self.block_bytes[i] + (self.fp8_bytes[i] if self.fp8_resident else 0)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -77,7 +82,7 @@ class MemoryPlan:
     @property
     def peak_bytes(self) -> int:
         """An upper bound of the weight bytes on the device at any moment."""
-        resident = sum(b for b, r in zip(self.block_bytes, self.resident, strict=True) if r)
+        resident = sum(self.resident_bytes(i) for i, r in enumerate(self.resident) if r)
         loads = sorted((self.load_bytes[i] for i in self.streamed), reverse=True)
         return self.base_bytes + resident + sum(loads[: self.slots])
 
@@ -118,7 +123,11 @@ def _spread(n: int, r: int) -> list[bool]:
 
 
 def plan_memory(
-    model: nn.Module, budget: int | None, fp8: bool = False, blocks: Sequence[nn.Module] | None = None
+    model: nn.Module,
+    budget: int | None,
+    fp8: bool = False,
+    blocks: Sequence[nn.Module] | None = None,
+    fp8_compute: bool = False,
 ) -> MemoryPlan:
     """Plan for a weight budget in bytes (None: everything resident). Raises ValueError if too small.
 
@@ -126,7 +135,10 @@ def plan_memory(
     synchronously); two slots (double buffering) are used whenever they fit. Within the budget
     as many blocks as fit stay resident, spread evenly, then any smaller block that still fits.
     `blocks` are the streamable layers in execution order (default: the transformer's blocks).
+    `fp8_compute` (`--fp8-compute`): streamed blocks travel as fp8 copies, and a resident block
+    holds its e4m3 weights beside its own on the device, so it costs its fp8 bytes more.
     """
+    fp8 = fp8 or fp8_compute
     blocks = blocks_of(model) if blocks is None else list(blocks)
     if any(t.numel() == 0 for b in blocks for t in module_tensors(b)):
         raise ValueError("some blocks are streamed already (empty weights); detach the streamer first.")
@@ -140,8 +152,9 @@ def plan_memory(
         fp8_bytes.append(sum(t.numel() + t.shape[0] * t.element_size() for t in quant) if fp8 else 0)
     loads = tuple(s + e for s, e in zip(sizes, extra, strict=True))
     n = len(blocks)
-    if budget is None or base + sum(sizes) <= budget:
-        return MemoryPlan(budget, base, sizes, loads, (True,) * n, 0, fp8, tuple(fp8_bytes))
+    kept = tuple(s + (f if fp8_compute else 0) for s, f in zip(sizes, fp8_bytes, strict=True))  # resident
+    if budget is None or base + sum(kept) <= budget:
+        return MemoryPlan(budget, base, sizes, loads, (True,) * n, 0, fp8, tuple(fp8_bytes), fp8_compute)
     for slots in (2, 1):
         room = budget - base - slots * max(loads)
         if room < 0:
@@ -149,16 +162,18 @@ def plan_memory(
         resident = [False] * n
         for r in range(n, -1, -1):  # the most evenly spread blocks that fit
             cand = _spread(n, r)
-            if sum(s for s, c in zip(sizes, cand, strict=True) if c) <= room:
+            if sum(s for s, c in zip(kept, cand, strict=True) if c) <= room:
                 resident = cand
                 break
-        used = sum(s for s, c in zip(sizes, resident, strict=True) if c)
-        for i in sorted(range(n), key=lambda i: sizes[i]):  # top up with the small ones
-            if not resident[i] and used + sizes[i] <= room:
-                resident[i], used = True, used + sizes[i]
+        used = sum(s for s, c in zip(kept, resident, strict=True) if c)
+        for i in sorted(range(n), key=lambda i: kept[i]):  # top up with the small ones
+            if not resident[i] and used + kept[i] <= room:
+                resident[i], used = True, used + kept[i]
         if all(resident):  # cannot happen (the model did not fit), but keep one slot honest
             resident[min(range(n), key=lambda i: sizes[i])] = False
-        return MemoryPlan(budget, base, sizes, loads, tuple(resident), slots, fp8, tuple(fp8_bytes))
+        return MemoryPlan(
+            budget, base, sizes, loads, tuple(resident), slots, fp8, tuple(fp8_bytes), fp8_compute
+        )
     need = base + max(loads)
     raise ValueError(
         f"a weight budget of {format_bytes(budget)} is too small: this model needs at least "

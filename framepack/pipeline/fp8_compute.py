@@ -9,7 +9,7 @@ raised the output's error from 4.8% to 6.5%, `bench/fp8.py`); a streamed block's
 weights still travel as fp8 host copies and are upcast on arrival, as with `--fp8-weights`. A resident layer's weight is
 quantised once (one power-of-two scale per output row) and its data replaced by the e4m3 values;
 the full-precision data is kept beside them and given back by `detach` (so resident blocks hold
-half their bytes more on the device while attached). A streamed layer whose block travels as fp8
+half their bytes more on the device while attached: a budget's plan counts them, `plan_memory`). A streamed layer whose block travels as fp8
 host copies (`framepack.memory.streaming`, the same row rule) has its copy installed as it
 arrives and multiplied as it is (`WeightStreamer.keep_fp8`): half the transfer, no upcast.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..memory.streaming import WeightStreamer, blocks_of
+from ..memory.streaming import ByteLedger, WeightStreamer, blocks_of
 from ..model.fp8 import Fp8Matmul, fp8_shape_ok, fp8_unsupported, quantize_weight
 from ..model.layers import AdaNorm, Linear
 
@@ -49,12 +49,15 @@ class Fp8Compute:
     model: nn.Module
     streamer: WeightStreamer | None = None
     emulate: bool = False
+    ledger: ByteLedger | None = None  # the run's device bytes (a budgeted run): the e4m3 weights go on it
     layers: int = 0  # layers given an fp8 slot
     streamed: int = 0  # of them, those whose fp8 host copies are used as they arrive
     kept: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # data before `attach`
     slotted: list[nn.Module] = field(default_factory=list)
+    added: int = 0  # device bytes of the resident layers' e4m3 weights and scales (on `ledger`)
 
     def attach(self) -> Fp8Compute:
+        self.added = 0
         for block in blocks_of(self.model):
             modulations = {id(m.linear) for m in block.modules() if isinstance(m, AdaNorm)}
             for layer in block.modules():
@@ -65,6 +68,8 @@ class Fp8Compute:
                     and fp8_shape_ok(layer.out_features, layer.in_features)
                 ):
                     self._attach_layer(layer)
+        if self.ledger is not None and self.added:
+            self.ledger.add(self.added, "e4m3 weights")
         return self
 
     def _attach_layer(self, layer: Linear) -> None:
@@ -82,6 +87,7 @@ class Fp8Compute:
         self.kept.append((weight, weight.data))
         weight.data = q
         slot.set_scale(scale)
+        self.added += q.numel() * q.element_size() + scale.numel() * scale.element_size()
 
     def info(self) -> dict:
         return {"fp8_layers": self.layers, "fp8_streamed": self.streamed, "emulated": self.emulate}
@@ -91,6 +97,9 @@ class Fp8Compute:
         for weight, data in self.kept:
             weight.data = data
         self.kept.clear()
+        if self.ledger is not None and self.added:
+            self.ledger.remove(self.added, "e4m3 weights")
+        self.added = 0
         for layer in self.slotted:
             layer._modules.pop("fp8", None)
         self.slotted.clear()

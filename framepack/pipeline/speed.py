@@ -156,10 +156,13 @@ def accelerate(
     and the VAE leave it, and its bytes go on `memory`'s ledger.
     """
     check_fp8_compute(fp8_compute, device)
-    fp8 = fp8 or bool(fp8_compute)  # fp8 compute multiplies the streamed blocks' fp8 copies as they come
-    run = Accelerated(place_weights(model, device, vram_budget, fp8, reserve, memory, host_budget))
+    # fp8 compute multiplies the streamed blocks' fp8 copies as they come, and a resident block's
+    # e4m3 weights sit beside its own: the plan counts them within the budget
+    placed = place_weights(model, device, vram_budget, fp8, reserve, memory, host_budget, bool(fp8_compute))
+    run = Accelerated(placed)
     if fp8_compute:
-        run.fp8 = Fp8Compute(model, run.streamer, emulate=fp8_compute == "emulate").attach()
+        run.fp8 = Fp8Compute(model, run.streamer, emulate=fp8_compute == "emulate", ledger=placed.ledger)
+        run.fp8.attach()
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
     if compile:  # innermost: streaming and the step cache run around the compiled blocks

@@ -89,7 +89,8 @@ def tier_plan(bundle, prepared) -> Tiers:
         need=need,
         run_size=run_size(prepared),
     )
-    plan = plan_memory(model, off.transformer_budget if off.total is not None else None, fp8=s.fp8_copies)
+    weights = off.transformer_budget if off.total is not None else None
+    plan = plan_memory(model, weights, fp8=s.fp8_copies, fp8_compute=bool(s.fp8_compute))
     streamed = sum(plan.block_bytes[i] for i in plan.streamed)
     total, seen = module_bytes(model), sum(module_bytes(m) for m in visitors)
     on_device = _device_peak(off, plan, visitors, bundle.vae)
