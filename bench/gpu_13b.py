@@ -18,6 +18,8 @@ cpu` runs the same code on a CPU in seconds (for checking the script, not for nu
     python bench/gpu_13b.py [--budgets 6 8 16 unlimited] [--teacache 0.15] [--steps 25] [--record]
     python bench/gpu_13b.py --budgets 4 --ram-budget 16 --teacache 0   # weights waiting on disk
     python bench/gpu_13b.py --ranks 2   # one section on 2 GPUs against one (bench/gpu_parallel.py)
+    python bench/gpu_13b.py --budgets unlimited 4 --teacache 0 --compile  # torch.compile of the blocks
+    python bench/gpu_13b.py --budgets unlimited --cache magcache --teacache 0.1  # another step cache
     python bench/gpu_13b.py --budgets 4 unlimited --fp8-compute          # the blocks' products in e4m3
 
 With `--ram-budget GB` the weights wait in their safetensors files (random weights are written once
@@ -48,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
 
-from framepack.caching import TeaCache, reset_caches  # noqa: E402
+from framepack.caching import CACHES, reset_caches  # noqa: E402
 from framepack.memory import GIB, plan_memory  # noqa: E402
 from framepack.memory.estimate import (  # noqa: E402
     ALLOCATOR_MARGIN,
@@ -169,6 +171,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", default=["6", "8", "16", "unlimited"])
     parser.add_argument("--teacache", type=float, default=0.15, help="threshold of the cached runs (0: none)")
+    parser.add_argument("--cache", default="teacache", choices=sorted(CACHES), help="the cached runs' cache")
+    parser.add_argument("--compile", action="store_true", help="the blocks compiled (torch.compile)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", default="640x640", help="pixels, height x width")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -239,7 +243,7 @@ def main() -> None:
             itemsize = dtype.itemsize
             need = DeviceNeed(  # what the device holds besides weights (framepack.memory.estimate)
                 activation_bytes(cfg, image_tokens, args.prompt_tokens + 729, itemsize),
-                cache_bytes(cfg, "teacache" if cache else None, image_tokens, noisy_tokens, itemsize),
+                cache_bytes(cfg, args.cache if cache else None, image_tokens, noisy_tokens, itemsize),
                 overhead=device_overhead(device),
                 margin=ALLOCATOR_MARGIN if cuda else 0.0,
             )
@@ -255,12 +259,13 @@ def main() -> None:
                 model,
                 device,
                 None if unlimited else float(budget),
-                "teacache" if cache else None,
+                args.cache if cache else None,
                 cache or 0.0,
                 fp8=args.fp8 and not unlimited,
                 reserve=None if unlimited else need.reserve(total),
                 host_budget=host_budget,
                 fp8_compute=(True if cuda else "emulate") if args.fp8_compute else False,
+                compile=args.compile,
             )
             rss = RssSampler().start()
             if cuda:
@@ -269,7 +274,9 @@ def main() -> None:
             with torch.no_grad():
                 reset_caches(model, args.steps)
                 x = inputs["noisy"].clone()
-                denoise(x, sigmas[:1])  # warm-up call (kernels, allocator), not timed
+                warm = time.perf_counter()
+                denoise(x, sigmas[:1])  # warm-up call (kernels, allocator, the compile), not timed
+                warm = time.perf_counter() - warm
                 reset_caches(model, args.steps)
                 if cuda:
                     torch.cuda.synchronize(device)
@@ -286,7 +293,7 @@ def main() -> None:
             )
             fits = "-" if unlimited or not cuda else ("yes" if held_gib <= float(budget) else "NO")
             cache_obj = run.cache
-            skipped = cache_obj.stats.skipped if isinstance(cache_obj, TeaCache) else 0
+            skipped = cache_obj.stats.skipped if cache_obj is not None else 0
             computed = args.steps - skipped
             mfu = flops * computed / seconds / (peak * 1e12) if peak else float("nan")
             per_frame = seconds / (4 * 9)
@@ -295,7 +302,12 @@ def main() -> None:
                 kept = run.streamer.host_tier if run.streamer else 0
                 plan += f"; host tier {kept / GIB:.2f} GiB, peak RSS {rss.peak / GIB:.2f} GiB"
             results[(budget, cache)] = dict(per_frame=per_frame)
-            label = (f"TeaCache {cache}" if cache else "none") + (", fp8 compute" if args.fp8_compute else "")
+            label = (f"{CACHES[args.cache].__name__} {cache}" if cache else "none") + (
+                ", fp8 compute" if args.fp8_compute else ""
+            )
+            if args.compile:
+                label += ", compiled"
+                plan += f"; first call {warm:.0f} s (compile)"
             print(
                 f"budget {budget:>9} | cache {label:>13} | {plan} | peak {peak_gib:.2f} GiB | "
                 f"{per_frame:.3f} s/frame | skipped {skipped}/{args.steps} | MFU {mfu:.1%}",

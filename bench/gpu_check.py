@@ -204,20 +204,33 @@ def with_source(args: list[str], name: str, source: Path) -> list[str]:
 
 def check_13b(quick: bool, device: str) -> list[list[str]]:
     """`bench/gpu_13b.py` in fresh processes (their own CUDA contexts and peaks): the VRAM budgets,
-    then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk, then one section on 2
-    GPUs (2 gloo processes for `quick`); one row per run."""
+    then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk, with `--fp8-compute`,
+    with `--compile` and with MagCache, then one section on 2 GPUs (2 gloo processes for `quick`);
+    one row per run."""
     split = ["--device", device]  # the 2-GPU run's sizes
     if quick:
         extra = split = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
         runs = [("", [*extra, "--budgets", "0.003", "0.07", "unlimited"])]
         runs.append((" RAM 0.002", [*extra, "--budgets", "0.07", "--ram-budget", "0.002", "--teacache", "0"]))
         runs.append((" fp8 compute (emulated)", [*extra, "--budgets", "0.07", "unlimited", "--fp8-compute"]))
+        runs.append((" compiled", [*extra, "--budgets", "0.07", "unlimited", "--teacache", "0", "--compile"]))
+        runs.append(
+            (" MagCache", [*extra, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.3"])
+        )
     else:
         runs = [("", ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"])]
         ram = ["--device", device, "--budgets", "4", "unlimited", "--ram-budget", "16", "--teacache", "0"]
         runs.append((" RAM 16", [*ram, "--steps", "5"]))
         fp8 = ["--device", device, "--budgets", "4", "unlimited", "--teacache", "0", "--fp8-compute"]
         runs.append((" fp8 compute", fp8))
+        compiled = ["--device", device, "--budgets", "4", "unlimited", "--teacache", "0", "--compile"]
+        runs.append((" compiled", compiled))
+        runs.append(
+            (
+                " MagCache",
+                ["--device", device, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.1"],
+            )
+        )
     rows = []
     for label, extra in runs:
         rows += _run_13b(label, extra)

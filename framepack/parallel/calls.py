@@ -88,6 +88,7 @@ def broadcast_call(args: tuple, kwargs: dict, group=None) -> None:
 def _broadcast_stop(group=None) -> None:
     src = _source(group)
     dist.broadcast_object_list([_STOP], src, group=group)
+    dist.barrier(group=group)  # every rank has the stop before any may tear the group down
 
 
 def receive_call(group=None) -> tuple[tuple, dict] | None:
@@ -96,6 +97,7 @@ def receive_call(group=None) -> tuple[tuple, dict] | None:
     box = [None]
     dist.broadcast_object_list(box, src, group=group)
     if box[0] == _STOP:
+        dist.barrier(group=group)  # the other half of `_broadcast_stop`'s
         return None
     slots: list[_Slot] = []
     _map(box[0], slots.append)
