@@ -104,7 +104,7 @@ def _memory_plan(args: argparse.Namespace) -> str:
     from ..pipeline.settings import GenerationSettings, prepare
     from ..pipeline.tiers import tier_plan
     from .common import cli_device, cli_model
-    from .generate import dtypes_of
+    from .generate_options import dtypes_of
 
     model, device = cli_model(args.model), cli_device(args.device)
     settings = GenerationSettings(
