@@ -19,39 +19,32 @@ __all__ = [
 ONE_FRAME_GROUPS = "post,k2,k4"
 
 
+def _timed(item: str, option: str, example: str) -> tuple[float, str]:
+    """(seconds, rest) of a `TIME:REST` option value (`3s:...` too); ValueError naming `option`."""
+    when, sep, rest = item.partition(":")
+    try:
+        t = float(when.strip().rstrip("s"))
+    except ValueError:
+        t = None
+    if not sep or t is None or not rest.strip():
+        raise ValueError(f"{option} {item!r} is not {example}.")
+    return t, rest
+
+
 def timed_prompt_text(prompt: str | None, prompt_at: list[str]) -> str:
     """Merge `--prompt` and `--prompt-at TIME:TEXT` options into the timed-prompt syntax."""
     if not prompt_at:
         return prompt or ""
-    parts = []
-    times = []
-    for item in prompt_at:
-        when, sep, text = item.partition(":")
-        try:
-            t = float(when.strip().rstrip("s"))
-        except ValueError:
-            t = None
-        if not sep or t is None or not text.strip():
-            raise ValueError(f"--prompt-at {item!r} is not TIME:TEXT, e.g. 3:the cat sits down.")
-        times.append(t)
-        parts.append(f"[{t:g}s: {text.strip()}]")
-    if prompt and min(times) > 0:
+    timed = [_timed(item, "--prompt-at", "TIME:TEXT, e.g. 3:the cat sits down") for item in prompt_at]
+    parts = [f"[{t:g}s: {text.strip()}]" for t, text in timed]
+    if prompt and min(t for t, _ in timed) > 0:
         parts.insert(0, f"[0s: {prompt.strip()}]")
     return " ".join(parts)
 
 
 def keyframe_items(items: list[str]) -> tuple[tuple[float, str], ...]:
-    out = []
-    for item in items:
-        when, sep, path = item.partition(":")
-        try:
-            t = float(when.strip().rstrip("s"))
-        except ValueError:
-            t = None
-        if not sep or t is None or not path:
-            raise ValueError(f"--keyframe {item!r} is not TIME:IMAGE, e.g. 2.5:pose.png.")
-        out.append((t, path))
-    return tuple(out)
+    """The (seconds, image path) pairs of `--keyframe TIME:IMAGE` options."""
+    return tuple(_timed(item, "--keyframe", "TIME:IMAGE, e.g. 2.5:pose.png") for item in items)
 
 
 def dtypes_of(name: str) -> dict | None:
