@@ -1,6 +1,6 @@
 """The first thing to run on a lent GPU: is framepack correct there, and how fast is it.
 
-One command, no downloads, about 5 minutes on one H100/H200:
+One command, no downloads, up to about 10 minutes on one H100/H200:
 1. every mode through the real CLI (`framepack generate`, in this process) with the shipped demo
    model, in the release's GPU dtypes (bf16 transformer, fp16 encoders and VAE) and in fp32: each
    must finish, and the PSNR of its frames against fp32 is the bf16-vs-fp32 table;
