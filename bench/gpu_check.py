@@ -18,7 +18,7 @@ It prints one summary table and, on CUDA (or with --record), appends it to bench
 exit status is 1 when any check fails. `--device cpu --quick` runs the same code at tiny sizes
 (the tiny spec for the 13B part), so CI keeps it from rotting.
 
-    python bench/gpu_check.py                      # on CUDA
+    python bench/gpu_check.py --time-limit 540     # on CUDA (a 10-minute device call)
     python bench/gpu_check.py --device cpu --quick # what CI runs
 """
 
@@ -202,11 +202,12 @@ def with_source(args: list[str], name: str, source: Path) -> list[str]:
     return [*args, "--video", str(source)] if name.startswith("extension") else args
 
 
-def check_13b(quick: bool, device: str) -> list[list[str]]:
+def check_13b(quick: bool, device: str, deadline: float | None = None) -> list[list[str]]:
     """`bench/gpu_13b.py` in fresh processes (their own CUDA contexts and peaks): the VRAM budgets,
     then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk, with `--fp8-compute`,
     with `--compile` and with MagCache, then one section on 2 GPUs (2 gloo processes for `quick`);
-    one row per run."""
+    one row per run (printed as it comes); past `deadline` (`time.perf_counter()`) the rest are
+    rows that say they did not run."""
     split = ["--device", device]  # the 2-GPU run's sizes
     if quick:
         extra = split = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
@@ -233,17 +234,30 @@ def check_13b(quick: bool, device: str) -> list[list[str]]:
         )
     rows = []
     for label, extra in runs:
-        rows += _run_13b(label, extra)
-    return rows + _run_ranks(2, split)
+        new = _timed(f"13B{label}", deadline, lambda t, label=label, extra=extra: _run_13b(label, extra, t))
+        print("\n".join(f"{r[0]}: {r[1]} ({r[2]})" for r in new), flush=True)
+        rows += new
+    return rows + _timed("13B on 2 GPUs", deadline, lambda t: _run_ranks(2, split, t))
 
 
-def _run_ranks(ranks: int, extra: list[str]) -> list[list[str]]:
+def _timed(name: str, deadline: float | None, run) -> list[list[str]]:
+    """`run(timeout)`'s rows, or one row saying it did not run (or finish) before `deadline`."""
+    left = None if deadline is None else deadline - time.perf_counter()
+    if left is not None and left < 30:
+        return [[name, "skip", "not run: --time-limit reached"]]
+    try:
+        return run(left)
+    except subprocess.TimeoutExpired:
+        return [[name, "skip", "stopped: --time-limit reached"]]
+
+
+def _run_ranks(ranks: int, extra: list[str], timeout: float | None = None) -> list[list[str]]:
     """`gpu_13b.py --ranks N`: one section on N devices against one; one row (or the skip line)."""
     script = Path(__file__).with_name("gpu_13b.py")
     name = f"13B on {ranks} GPUs"
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(script), "--ranks", str(ranks), *extra, "--json", f"{tmp}/row.json"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         out = result.stdout.strip().splitlines()
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
@@ -257,13 +271,14 @@ def _run_ranks(ranks: int, extra: list[str]) -> list[list[str]]:
     return [[name, "ok" if ok else "FAIL", detail]]
 
 
-def _run_13b(label: str, extra: list[str]) -> list[list[str]]:
+def _run_13b(label: str, extra: list[str], timeout: float | None = None) -> list[list[str]]:
     script = Path(__file__).with_name("gpu_13b.py")
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [sys.executable, str(script), *extra, "--json", f"{tmp}/rows.json"],
             capture_output=True,
             text=True,
+            timeout=timeout,
         )
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
@@ -284,11 +299,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the CPU check CI runs)")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--skip-13b", action="store_true", help="only the modes and budgets")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="S",
+        help="start nothing after S seconds (rows say what did not run)",
+    )
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device; run with --device cpu --quick to check the script on a CPU.")
     started = time.perf_counter()
+    deadline = None if args.time_limit is None else started + args.time_limit
     steps, sections = ("2", 1) if args.quick else ("4", 2)
     common = ["--device", args.device, "--steps", steps]
     rows: list[list[str]] = []
@@ -301,16 +323,20 @@ def main() -> int:
         if status != 0:
             rows.append(["source video", "FAIL", err.strip()[-300:]])
         for name, mode_args in modes(sections):
+            if deadline is not None and time.perf_counter() > deadline - 60:
+                rows.append([name, "skip", "not run: --time-limit reached"])
+                continue
             rows += check_mode(name, with_source(mode_args, name, source), common, out / "runs", cuda)
             print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
     if not args.skip_13b:
-        rows += check_13b(args.quick, args.device)
+        rows += check_13b(args.quick, args.device, deadline)
     failed = sum(row[1] == "FAIL" for row in rows)
     rows.append(
         [
             "all",
             "FAIL" if failed else "ok",
-            f"{failed} failed of {len(rows)}, {time.perf_counter() - started:.0f} s",
+            f"{failed} failed, {sum(row[1] == 'skip' for row in rows)} skipped, of {len(rows)}, "
+            f"{time.perf_counter() - started:.0f} s",
         ]
     )
     width = max(len(r[0]) for r in rows)
