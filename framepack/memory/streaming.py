@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..io.weights import DiskSource, disk_source, placeholder
+from ..model.fp8 import quantize_weight
 from .budgets import (
     format_bytes,
     module_tensors,
@@ -43,9 +44,6 @@ __all__ = [
     "blocks_of",
     "plan_memory",
 ]
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -110,11 +108,8 @@ class MemoryPlan:
 def _fp8_rows(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 e4m3 copy on the host, scales (rows, 1, ...) in `data`'s dtype): one power-of-two scale
     per output row, so the upcast is an exact multiplication."""
-    rows = data.float().reshape(data.shape[0], -1)
-    amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (rows, 1)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-    host = (rows / scale).to(FP8).reshape(data.shape).cpu()
-    return host, scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
+    q, scale = quantize_weight(data.reshape(data.shape[0], -1))  # (rows, K), (rows, 1): fp8 compute's rule
+    return q.reshape(data.shape).cpu(), scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
 
 
 def _spread(n: int, r: int) -> list[bool]:

@@ -31,7 +31,8 @@ __all__ = [
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
-_TINY = 1e-12  # amax floor: a row of zeros gets a finite scale
+_TINY = 1e-12  # an activation row's amax floor: a row of zeros gets a finite scale
+_TINY_WEIGHT = 1e-30  # a weight row's (the weight streamer's fp8 host copies have used it from the first)
 
 
 def fp8_unsupported(device: torch.device | str) -> str | None:
@@ -58,7 +59,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(e4m3 (N, K), fp32 scales (N, 1))` of a weight `(N, K)`: each row divided by the power of
     two that brings its absolute maximum to at most 448 (exact), then rounded to nearest e4m3."""
     rows = weight.float()
-    amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(_TINY)  # (N, 1)
+    amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(_TINY_WEIGHT)  # (N, 1)
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
     return (rows / scale).to(FP8), scale
 
