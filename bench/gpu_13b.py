@@ -21,6 +21,7 @@ cpu` runs the same code on a CPU in seconds (for checking the script, not for nu
     python bench/gpu_13b.py --budgets unlimited 4 --teacache 0 --compile  # torch.compile of the blocks
     python bench/gpu_13b.py --budgets unlimited --cache magcache --teacache 0.1  # another step cache
     python bench/gpu_13b.py --budgets 4 unlimited --fp8-compute          # the blocks' products in e4m3
+    python bench/gpu_13b.py --budgets unlimited --teacache 0 --attention sage  # 8-bit attention
 
 With `--ram-budget GB` the weights wait in their safetensors files (random weights are written once
 to `--disk`): the streamed blocks that fit the RAM budget (less two staging slots) are kept in
@@ -30,6 +31,8 @@ column then also gives the host tier and the peak RSS of the timed run (sampled 
 With `--fp8-compute` the blocks' linear layers multiply in e4m3 (`framepack.pipeline.fp8_compute`;
 streamed blocks travel as fp8 host copies); the MFU stays counted against the bf16 peak. On a CPU
 (`--spec tiny --device cpu`) the e4m3 products are emulated, which checks the script, not the speed.
+`--attention sage` runs SageAttention's 8-bit kernels (the `sageattention` package, CUDA); on a CPU
+its arithmetic is emulated (`sage-emulate`), again a check of the script only.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8", action="store_true", help="fp8 host copies of the streamed blocks")
     parser.add_argument("--fp8-compute", action="store_true", help="the blocks' products in e4m3")
+    parser.add_argument("--attention", default="sdpa", help="attention kernel: sdpa, sage, flash, xformers")
     parser.add_argument("--ram-budget", type=float, help="GiB of host memory; the weights wait on disk")
     parser.add_argument("--disk", type=Path, help="where random weights are written for --ram-budget")
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
@@ -266,6 +270,7 @@ def main() -> None:
                 host_budget=host_budget,
                 fp8_compute=(True if cuda else "emulate") if args.fp8_compute else False,
                 compile=args.compile,
+                attention="sage-emulate" if args.attention == "sage" and not cuda else args.attention,
             )
             rss = RssSampler().start()
             if cuda:
@@ -305,6 +310,8 @@ def main() -> None:
             label = (f"{CACHES[args.cache].__name__} {cache}" if cache else "none") + (
                 ", fp8 compute" if args.fp8_compute else ""
             )
+            if args.attention != "sdpa":
+                label += f", {args.attention} attention"
             if args.compile:
                 label += ", compiled"
                 plan += f"; first call {warm:.0f} s (compile)"

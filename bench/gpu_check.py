@@ -7,10 +7,13 @@ One command, no downloads, up to about 10 minutes on one H100/H200:
 2. the two budgeted modes (streaming + offload, and with fp8 host copies) at the smallest budget
    the CLI accepts (it names it when it refuses a smaller one), with what the process held on the
    card (`max_memory_reserved` plus the measured CUDA context) checked against the budget;
-3. `bench/gpu_13b.py` in a fresh process: the released 13B architecture with random bf16 weights
+3. `bench/sage.py`: 8-bit attention (`--attention sage`), the `sageattention` kernel against its
+   emulation and exact attention at the 13B head shape, its speed against SDPA, and the demo video;
+4. `bench/gpu_13b.py` in a fresh process: the released 13B architecture with random bf16 weights
    drawn on the device, 640x640, 25 UniPC steps, at budgets 4 and 6 GiB and unlimited, with and
-   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget), and with `--fp8-compute`;
-4. `bench/gpu_13b.py --ranks 2`: one 13B section on 2 GPUs against one (sequence parallel, target
+   without TeaCache 0.15 (s/frame, MFU, peak, held against the budget), and with `--fp8-compute`,
+   `--compile`, MagCache, `--attention sage`, and all three speed levers together;
+5. `bench/gpu_13b.py --ranks 2`: one 13B section on 2 GPUs against one (sequence parallel, target
    1.8x), skipped with one line when fewer than 2 GPUs are visible (on a CPU: 2 gloo processes).
 `--fp8-compute` (the e4m3 products) runs on a GPU of compute capability 8.9 or newer; elsewhere its
 mode checks the CLI's one-sentence refusal instead.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -92,6 +96,7 @@ def modes(sections: int) -> list[tuple[str, list[str]]]:
         ("compiled blocks", [*i2v, "--compile"]),
         ("VRAM budget", [*i2v, "--vram-budget", "smallest"]),
         ("fp8 compute", [*i2v, "--fp8-compute"]),  # its fp32 run is plain: PSNR of e4m3 against fp32
+        ("sage attention", [*i2v, "--attention", "sage"]),  # the same: 8-bit attention against fp32
         ("fp8 host copies", [*i2v, "--vram-budget", "smallest", "--fp8-weights"]),
         # Below the bundle's size: every streamed block is read from its file into a pinned staging
         # slot and copied to the card (the disk tier's CUDA path), the encoders visit from their files.
@@ -140,13 +145,15 @@ def check_mode(name: str, args: list[str], common: list[str], out: Path, cuda: b
     """Rows for one mode: it runs in both precisions, PSNR against fp32, and for a budget the peak."""
     slug = re.sub(r"\W+", "_", name).strip("_")
     if "--fp8-compute" in args and not (cuda and fp8_unsupported("cuda") is None):
-        return [_fp8_refused(name, [*args, *common, "--out", str(out / "refused")])]
+        return [_refused(name, [*args, *common, "--out", str(out / "refused")], "compute capability 8.9")]
+    if "sage" in args and not (cuda and importlib.util.find_spec("sageattention")):
+        return [_refused(name, [*args, *common, "--out", str(out / "refused")], "attention 'sage'")]
     png = [] if "--one-frame" in args else ["--png"]
     results = {}
     for dtype in ("fp32", "release"):
         run_args = [*args, *common, "--dtype", dtype]
-        if dtype == "fp32":  # fp8 compute is measured against the plain fp32 run
-            run_args = [a for a in run_args if a != "--fp8-compute"]
+        if dtype == "fp32":  # fp8 compute and 8-bit attention are measured against the plain fp32 run
+            run_args = plain(run_args)
         if "below-bundle" in run_args:  # on CUDA below the demo bundle's 20-33 MB; on a CPU any
             run_args[run_args.index("below-bundle")] = "0.01" if cuda else "2"  # keeps them on disk
         budget = None
@@ -190,11 +197,21 @@ def check_mode(name: str, args: list[str], common: list[str], out: Path, cuda: b
     return rows
 
 
-def _fp8_refused(name: str, args: list[str]) -> list[str]:
-    """Where the e4m3 products cannot run, `--fp8-compute` must be one sentence with exit 2."""
+def plain(args: list[str]) -> list[str]:
+    """`args` without `--fp8-compute` and `--attention NAME`."""
+    out = [a for a in args if a != "--fp8-compute"]
+    if "--attention" in out:
+        at = out.index("--attention")
+        del out[at : at + 2]
+    return out
+
+
+def _refused(name: str, args: list[str], phrase: str) -> list[str]:
+    """Where a kernel cannot run (the e4m3 products, SageAttention's), asking for it must be one
+    sentence with `phrase` and exit 2."""
     status, err, _ = run_cli(args)
     lines = [line for line in err.splitlines() if line.strip()]
-    ok = status == 2 and len(lines) == 1 and "compute capability 8.9" in lines[0]
+    ok = status == 2 and len(lines) == 1 and phrase in lines[0]
     return [name, "ok" if ok else "FAIL", f"refused here (exit {status}): {' '.join(lines)[:200]}"]
 
 
@@ -218,6 +235,7 @@ def check_13b(quick: bool, device: str, deadline: float | None = None) -> list[l
         runs.append(
             (" MagCache", [*extra, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.3"])
         )
+        runs.append((" sage attention (emulated)", [*extra, "--budgets", "unlimited", "--attention", "sage"]))
     else:
         runs = [("", ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"])]
         ram = ["--device", device, "--budgets", "4", "unlimited", "--ram-budget", "16", "--teacache", "0"]
@@ -232,6 +250,9 @@ def check_13b(quick: bool, device: str, deadline: float | None = None) -> list[l
                 ["--device", device, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.1"],
             )
         )
+        every = ["--device", device, "--budgets", "unlimited", "--teacache", "0", "--attention", "sage"]
+        runs.append((" sage attention", every))
+        runs.append((" sage + fp8 compute + compiled", [*every, "--fp8-compute", "--compile"]))
     rows = []
     for label, extra in runs:
         new = _timed(f"13B{label}", deadline, lambda t, label=label, extra=extra: _run_13b(label, extra, t))
@@ -249,6 +270,24 @@ def _timed(name: str, deadline: float | None, run) -> list[list[str]]:
         return run(left)
     except subprocess.TimeoutExpired:
         return [[name, "skip", "stopped: --time-limit reached"]]
+
+
+def _run_sage(extra: list[str], timeout: float | None = None) -> list[list[str]]:
+    """`bench/sage.py`: 8-bit attention's error at the 13B head shape and on the demo video, and on
+    CUDA the package's kernel against its emulation, and its speed against SDPA; a row per line."""
+    cmd = [sys.executable, str(Path(__file__).with_name("sage.py")), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        last = result.stderr.strip().splitlines()[-1:] or ["no message"]
+        return [["8-bit attention", "FAIL", f"bench/sage.py exited {result.returncode}: {last[0][:300]}"]]
+    found = [line.rsplit(": ", 1) for line in result.stdout.splitlines() if ": " in line]
+    rows = [
+        [f"sage: {what}", "ok", value]
+        for what, value in found
+        if what[:1].isdigit() or what.startswith("demo")
+    ]
+    print("\n".join(f"{r[0]}: {r[1]} ({r[2]})" for r in rows), flush=True)
+    return rows
 
 
 def _run_ranks(ranks: int, extra: list[str], timeout: float | None = None) -> list[list[str]]:
@@ -328,6 +367,12 @@ def main() -> int:
                 continue
             rows += check_mode(name, with_source(mode_args, name, source), common, out / "runs", cuda)
             print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
+    sage = [
+        "--device",
+        args.device,
+        *(["--tokens", "256", "--seconds", "1.2"] if args.quick else ["--seconds", "2.4"]),
+    ]
+    rows += _timed("8-bit attention", deadline, lambda t: _run_sage(sage, t))
     if not args.skip_13b:
         rows += check_13b(args.quick, args.device, deadline)
     failed = sum(row[1] == "FAIL" for row in rows)

@@ -59,9 +59,9 @@ def cmd_batch(args: argparse.Namespace) -> None:
         library.disable_progress_bar()
         library.set_verbosity_error()
     from ..pipeline.bundle import load_bundle
-    from ..pipeline.fp8_compute import check_fp8_compute
     from ..pipeline.named import model_or_default
     from ..pipeline.run import open_run
+    from ..pipeline.speed import check_device_settings
 
     loaded: tuple[str, object] | None = None  # one bundle at a time: a 13B model is big
     failed: list[str] = []
@@ -73,7 +73,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
         print(f"running {job.name} (line {job.line}, rank {rank})", flush=True)
         try:
             model = model_or_default(job.model or args.model)  # as generate: the demo model
-            check_fp8_compute(job.settings.fp8_compute, device)  # before loading anything
+            check_device_settings(job.settings, device)  # before loading anything
             key = (model, job.settings.ram_budget)  # under a RAM budget the weights wait in their files
             if loaded is None or loaded[0] != key:
                 loaded = None

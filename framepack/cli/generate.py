@@ -138,6 +138,7 @@ def _settings(args: argparse.Namespace):
         ram_budget=args.ram_budget,
         compile=args.compile,
         fp8_compute=args.fp8_compute,
+        attention=args.attention,
     )
 
 

@@ -7,6 +7,10 @@ import argparse
 
 from .common import add_device_argument, add_model_argument
 
+# The kernels a user picks (framepack.model.attention.BACKENDS, less the tests' sage-emulate;
+# spelled out here so that --help does not import torch)
+ATTENTION_CHOICES = ("sdpa", "sage", "flash", "xformers")
+
 __all__ = [
     "ONE_FRAME_GROUPS",
     "add_generate_options",
@@ -192,6 +196,13 @@ def _device_options(p) -> None:
         action="store_true",
         help="the transformer blocks' matrix products in fp8 (e4m3, torch._scaled_mm): faster, "
         "slightly less exact; needs an NVIDIA GPU of compute capability 8.9+ (RTX 40, L40, H100)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION_CHOICES),
+        default="sdpa",
+        help="attention kernel: sdpa (PyTorch, default), sage (8-bit SageAttention: faster, slightly "
+        "less exact), flash or xformers; all but sdpa need an NVIDIA GPU and their package",
     )
     p.add_argument(
         "--fp8-weights",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from .common import UserError, add_device_argument, add_model_argument, cli_model
+from .generate_options import ATTENTION_CHOICES
 from .interrupts import stop_if_interrupted
 
 __all__ = ["add_parser", "check_port", "parse_auth", "LOOPBACK"]
@@ -50,6 +51,13 @@ def add_parser(sub) -> None:
         "--fp8-compute",
         action="store_true",
         help="every job's transformer blocks multiply in fp8 (e4m3); an NVIDIA GPU of compute capability 8.9+",
+    )
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION_CHOICES),
+        default="sdpa",
+        help="every job's attention kernel: sdpa (default), sage (8-bit), flash or xformers (an NVIDIA "
+        "GPU and the package)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -108,6 +116,7 @@ def _port_taken(host: str, port: int) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..memory.budgets import parse_budget
+    from ..model.attention import check_backend
     from ..pipeline.fp8_compute import check_fp8_compute
 
     args.model = cli_model(args.model)
@@ -117,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         auth = parse_auth(args.auth)
         device = resolve_device(args.device)
         check_fp8_compute(args.fp8_compute, device)
+        check_backend(args.attention, device)
         parse_budget(args.vram_budget)
         parse_budget(args.ram_budget, "RAM")
     except ValueError as e:
@@ -161,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ram_budget=args.ram_budget,
         compile=args.compile,
         fp8_compute=args.fp8_compute,
+        attention=args.attention,
     )
     app = build_app(queue, outputs, loras_dir=args.loras)
     try:

@@ -87,7 +87,8 @@ class JobQueue:
     loaded with it) is every job's RAM budget: the bundle's weights wait where it put them.
     `compile` (the server's `--compile`) compiles every job's blocks; the first job pays the compile.
     `fp8_compute` (the server's `--fp8-compute`, checked against the device before loading) runs
-    every job's blocks in e4m3.
+    every job's blocks in e4m3. `attention` (the server's `--attention`) is every job's attention
+    kernel.
     """
 
     def __init__(
@@ -99,12 +100,14 @@ class JobQueue:
         ram_budget: str | float | None = None,
         compile: bool = False,
         fp8_compute: bool = False,
+        attention: str = "sdpa",
     ):
         self.bundle = bundle
         self.vram_budget = vram_budget
         self.ram_budget = ram_budget
         self.compile = compile  # the server's --compile: every job's blocks compiled
         self.fp8_compute = fp8_compute  # the server's --fp8-compute
+        self.attention = attention  # the server's --attention
         self.out_dir = Path(out_dir)
         self._cond = threading.Condition()
         self._jobs: dict[int, QueuedJob] = {}
@@ -159,6 +162,8 @@ class JobQueue:
             settings = dataclasses.replace(settings, compile=True)
         if self.fp8_compute:
             settings = dataclasses.replace(settings, fp8_compute=True)
+        if self.attention != "sdpa":
+            settings = dataclasses.replace(settings, attention=self.attention)
         request = Request(settings, image, video, one_frame, tuple(one_frame_groups))
         try:
             run = open_run(self.bundle, request)

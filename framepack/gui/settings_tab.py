@@ -71,13 +71,17 @@ def server_html(queue, outputs: Path, loras_dir: Path | None) -> str:
 
 
 def _speed(queue) -> str:
-    """The server's speed switches (`serve --compile`, `--fp8-compute`), the same for every job."""
+    """The server's speed switches (`serve --compile`, `--fp8-compute`, `--attention`), the same
+    for every job."""
     on = [
         name
         for name, flag in (("--compile", "compile"), ("--fp8-compute", "fp8_compute"))
         if getattr(queue, flag, False)
     ]
-    return ", ".join(on) or "none (serve --compile, --fp8-compute)"
+    attention = getattr(queue, "attention", "sdpa")
+    if attention != "sdpa":
+        on.append(f"--attention {attention}")
+    return ", ".join(on) or "none (serve --compile, --fp8-compute, --attention sage)"
 
 
 def _allowed(component, value):

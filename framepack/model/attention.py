@@ -1,9 +1,12 @@
 """The one attention function every block calls, with pluggable backends.
 
 `sdpa` (PyTorch scaled_dot_product_attention) is the default and always available. `flash`
-(flash-attn), `sage` (sageattention) and `xformers` are used when installed and asked for. A key
+(flash-attn), `sage` (sageattention: 8-bit Q.K, fp16 P.V) and `xformers` need their package and
+an NVIDIA GPU (`check_backend` says so in one sentence). `sage-emulate` is sage's arithmetic in
+plain PyTorch on any device (`framepack.model.sage_numerics`: tests and quality benches). A key
 mask (batch > 1 with differently padded text) is honoured by every backend: flash-attn runs it as
-variable-length sequences, the others as a boolean mask or by falling back to SDPA.
+variable-length sequences, xformers as a bias, and both sage backends fall back to SDPA for it.
+A run picks its backend with `using_backend` (the `attention` setting, `--attention`).
 
 `around_attention(fn)` lets a feature attached from outside the model (sequence parallelism,
 `framepack.parallel`) run every attention call inside a `with` block itself: `fn(backend, q, k, v,
@@ -20,27 +23,65 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "around_attention", "available_backends", "set_backend", "get_backend", "BACKENDS"]
+from .sage_numerics import sage_attention
 
-BACKENDS = ("sdpa", "flash", "sage", "xformers")
+__all__ = [
+    "BACKENDS",
+    "around_attention",
+    "attention",
+    "available_backends",
+    "check_backend",
+    "get_backend",
+    "set_backend",
+    "using_backend",
+]
+
+BACKENDS = ("sdpa", "flash", "sage", "xformers", "sage-emulate")
+_HEAD_DIMS = {"sage": (64, 96, 128), "flash": tuple(range(8, 257, 8))}  # what the kernels take
 _PACKAGES = {"flash": "flash_attn", "sage": "sageattention", "xformers": "xformers"}
 _current = "sdpa"
 _around: ContextVar[Callable | None] = ContextVar("framepack_around_attention", default=None)
 
 
 def available_backends() -> list[str]:
-    """Backends whose package is importable here (sdpa always)."""
-    return ["sdpa"] + [b for b, pkg in _PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
+    """Backends whose package is importable here (sdpa and sage-emulate always)."""
+    found = [b for b, pkg in _PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
+    return ["sdpa", *found, "sage-emulate"]
+
+
+def check_backend(name: str, device=None, head_dim: int | None = None) -> None:
+    """ValueError (one sentence) unless backend `name` can run here: a known name, its package
+    installed, an NVIDIA GPU for the packaged kernels (`device`, when given), and a head size
+    (`head_dim`, when given) that its kernel takes."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name in _PACKAGES and name not in available_backends():
+        raise ValueError(
+            f"attention {name!r} needs the package {_PACKAGES[name]!r} (pip install {_PACKAGES[name]}), "
+            "which is not installed."
+        )
+    if name in _PACKAGES and device is not None and torch.device(device).type != "cuda":
+        raise ValueError(f"attention {name!r} runs on an NVIDIA GPU only, not on {device}; use sdpa here.")
+    if head_dim is not None and name in _HEAD_DIMS and head_dim not in _HEAD_DIMS[name]:
+        raise ValueError(f"attention {name!r} does not take this model's head size {head_dim}; use sdpa.")
 
 
 def set_backend(name: str) -> None:
     """Choose the attention backend for every block (process-wide)."""
     global _current
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
-    if name not in available_backends():
-        raise ValueError(f"attention backend {name!r} needs the package {_PACKAGES[name]!r}, not installed.")
+    check_backend(name)
     _current = name
+
+
+@contextmanager
+def using_backend(name: str) -> Iterator[None]:
+    """Backend `name` for the `with` block, the one before it after."""
+    before = _current
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
 
 
 def get_backend() -> str:
@@ -82,7 +123,18 @@ def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
         return _sdpa(q, k, v, key_mask)
     import sageattention
 
-    return sageattention.sageattn(q, k, v, tensor_layout="NHD")
+    # The keys smoothed here, as the package would (`smooth_k`), but into a new tensor: it would
+    # subtract the mean from the caller's keys in place.
+    k = k - k.mean(dim=1, keepdim=True)
+    return sageattention.sageattn(q, k, v, tensor_layout="NHD", smooth_k=False)
+
+
+def _sage_emulated(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    if key_mask is not None:
+        return _sdpa(q, k, v, key_mask)
+    return sage_attention(q, k, v)
 
 
 def _xformers(
@@ -99,7 +151,13 @@ def _xformers(
     return xformers.ops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
 
-_IMPLS: dict[str, Callable] = {"sdpa": _sdpa, "flash": _flash, "sage": _sage, "xformers": _xformers}
+_IMPLS: dict[str, Callable] = {
+    "sdpa": _sdpa,
+    "flash": _flash,
+    "sage": _sage,
+    "xformers": _xformers,
+    "sage-emulate": _sage_emulated,
+}
 
 
 def attention(

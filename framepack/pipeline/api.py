@@ -13,10 +13,10 @@ from ..devices import resolve_device
 from ..lora import lora_specs
 from ..parallel import local_rank, rank_device, ranks
 from .events import Event, Finished, FrameDone
-from .fp8_compute import check_fp8_compute
 from .named import model_or_default
 from .run import Request, job_to_resume, open_run
 from .settings import GenerationSettings
+from .speed import check_device_settings
 
 __all__ = ["LOADED_BUNDLES", "generate", "generate_iter", "loaded_bundle"]
 
@@ -104,7 +104,7 @@ def generate_iter(
         return
     request = _request(settings, image)
     s = request.settings
-    check_fp8_compute(s.fp8_compute, device)  # before loading anything
+    check_device_settings(s, device)  # before loading anything
     bundle = loaded_bundle(model_or_default(model), device, s.vram_budget, s.ram_budget)
     yield from open_run(bundle, request).events("outputs" if out_dir is None else out_dir, cancel)
 

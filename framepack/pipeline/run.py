@@ -101,11 +101,11 @@ def check_request(model: str | Path, request: Request, device, dtypes: dict | No
     inputs, to pass on to `open_run` (None for a resume, checked there, or an extension, whose
     video is only read there)."""
     from .budget import check_budget
-    from .fp8_compute import check_fp8_compute
+    from .speed import check_device_settings
 
     if request.resume is not None:
         return None
-    check_fp8_compute(request.settings.fp8_compute, device)  # before anything is read
+    check_device_settings(request.settings, device)  # before anything is read
     _check_kind(request)
     manifest = read_manifest(model)
     if request.video is not None:

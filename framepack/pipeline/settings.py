@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..lora import check_lora_spec, load_loras, lora_specs
+from ..model.attention import check_backend
 from .plan import MAX_SECONDS, SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 from .speed import check_speed_settings
@@ -76,6 +77,9 @@ class GenerationSettings:
     # The blocks' linear layers as e4m3 products (`framepack.pipeline.fp8_compute`; a GPU of compute
     # capability 8.9+); "emulate": the same arithmetic in fp32 on any device (tests, benches).
     fp8_compute: bool | str = False
+    # The blocks' attention kernel (`framepack.model.attention`): sdpa, flash, sage or xformers (an
+    # NVIDIA GPU and the package), or sage-emulate (sage's 8-bit arithmetic on any device).
+    attention: str = "sdpa"
 
     @property
     def fp8_copies(self) -> bool:
@@ -131,6 +135,7 @@ def _check_values(settings: GenerationSettings) -> None:
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {settings.seed!r}.")
     if settings.fp8_compute not in (False, True, "emulate"):
         raise ValueError(f"fp8_compute must be true, false or 'emulate', got {settings.fp8_compute!r}.")
+    check_backend(settings.attention)  # a known name (the device is checked before loading)
     if settings.sampler not in ("unipc", "euler"):
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
     if not settings.prompt or not settings.prompt.strip():

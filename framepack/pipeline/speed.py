@@ -8,7 +8,10 @@
   returned `Accelerated` resets the step caches at every section and reports what happened; it
   stays attached until the next run on the same model (or `framepack.memory.hooks.release`)
   detaches it.
-- `check_speed_settings`: one sentence for a bad cache name, threshold, coefficients or budget.
+- `check_speed_settings`: one sentence for a bad cache name, threshold, coefficients or budget;
+  `check_device_settings`: one for what the device cannot run (fp8 compute, an attention kernel).
+- The run's attention backend (`--attention`, `framepack.model.attention`) is chosen for as long
+  as the run stays attached.
 """
 
 from __future__ import annotations
@@ -27,12 +30,28 @@ from ..memory.hooks import forget_attached, record_attached
 from ..memory.offload import Offloader, plan_offload
 from ..memory.runtime import Placement, place_weights
 from ..memory.streaming import WeightStreamer
+from ..model.attention import check_backend, get_backend, set_backend
 from .budget import bundle_need, device_budget, run_size
 from .bundle import Bundle
 from .compiled import CompiledBlocks
 from .fp8_compute import Fp8Compute, check_fp8_compute
 
-__all__ = ["Accelerated", "accelerate", "accelerate_run", "check_speed_settings", "offloaded"]
+__all__ = [
+    "Accelerated",
+    "accelerate",
+    "accelerate_run",
+    "check_device_settings",
+    "check_speed_settings",
+    "offloaded",
+]
+
+
+def check_device_settings(settings, device) -> None:
+    """Raise ValueError (one sentence) for what a run's settings ask of a device that it cannot
+    do: fp8 compute without e4m3 products, an attention kernel without its package or its GPU.
+    Needs no weights: callers run it before loading."""
+    check_fp8_compute(settings.fp8_compute, device)
+    check_backend(settings.attention, device)
 
 
 def check_speed_settings(
@@ -91,6 +110,8 @@ class Accelerated:
     cache: StepCache | None = None
     compiled: CompiledBlocks | None = None  # `--compile`: the blocks' compiled forwards
     fp8: Fp8Compute | None = None  # `--fp8-compute`: the blocks' linear layers in e4m3
+    attention: str = "sdpa"  # the run's attention backend
+    attention_before: str = "sdpa"  # the process's backend before the run, back on `detach`
 
     @property
     def model(self) -> nn.Module:
@@ -107,6 +128,7 @@ class Accelerated:
 
     def info(self) -> dict:
         out = self.weights.info()
+        out["attention"] = self.attention
         if self.compiled is not None:
             out["compile"] = self.compiled.info()
         if self.fp8 is not None:
@@ -127,6 +149,7 @@ class Accelerated:
         if self.fp8 is not None:
             self.fp8.detach()
         self.weights.detach()
+        set_backend(self.attention_before)
         forget_attached(self.model)
 
 
@@ -143,11 +166,13 @@ def accelerate(
     host_budget: int = 0,
     compile: bool = False,
     fp8_compute: bool | str = False,
+    attention: str = "sdpa",
 ) -> Accelerated:
     """Stream `model`'s weights under `vram_budget` (GiB or "auto") and attach step cache `cache`
     (and with `compile`, the blocks' compiled forwards, `framepack.pipeline.compiled`; with
     `fp8_compute`, their linear layers in e4m3, `framepack.pipeline.fp8_compute`, whose streamed
-    blocks then travel as fp8 host copies; "emulate": the same in fp32 arithmetic, any device).
+    blocks then travel as fp8 host copies; "emulate": the same in fp32 arithmetic, any device;
+    `attention`: the backend every block's attention uses, `framepack.model.attention`).
 
     Whatever an earlier call attached to the same model is detached first. With neither a budget
     nor a cache, the model is simply (moved back to) `device`. `reserve` bytes of the budget are
@@ -156,10 +181,12 @@ def accelerate(
     and the VAE leave it, and its bytes go on `memory`'s ledger.
     """
     check_fp8_compute(fp8_compute, device)
+    check_backend(attention, device, getattr(getattr(model, "config", None), "attention_head_dim", None))
     # fp8 compute multiplies the streamed blocks' fp8 copies as they come, and a resident block's
     # e4m3 weights sit beside its own: the plan counts them within the budget
     placed = place_weights(model, device, vram_budget, fp8, reserve, memory, host_budget, bool(fp8_compute))
-    run = Accelerated(placed)
+    run = Accelerated(placed, attention=attention, attention_before=get_backend())
+    set_backend(attention)
     if fp8_compute:
         run.fp8 = Fp8Compute(model, run.streamer, emulate=fp8_compute == "emulate", ledger=placed.ledger)
         run.fp8.attach()
@@ -167,7 +194,8 @@ def accelerate(
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
     if compile:  # innermost: streaming and the step cache run around the compiled blocks
         run.compiled = CompiledBlocks(model).attach()
-    if run.weights.attached or run.cache is not None or run.compiled is not None or run.fp8 is not None:
+    parts = (run.cache, run.compiled, run.fp8)
+    if run.weights.attached or any(p is not None for p in parts) or attention != run.attention_before:
         record_attached(model, run)
     return run
 
@@ -191,4 +219,5 @@ def accelerate_run(
         host_budget=host_budget,
         compile=settings.compile,
         fp8_compute=settings.fp8_compute,
+        attention=settings.attention,
     )
