@@ -66,7 +66,6 @@ def test_smoothing_makes_a_shared_key_offset_harmless():
     plain, shifted = sage_attention(q, k, v), sage_attention(q, k + shift, v)
     assert ((plain - shifted).norm() / plain.norm()).item() < 1e-3
 
-
     def rounding(keys):  # int8 rounding error, against the size of what tells the keys apart
         ints, scales = quantize_blocks(keys.transpose(1, 2), 64)
         return ((ints * scales - keys.transpose(1, 2)).norm() / k.norm()).item()
@@ -107,7 +106,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
 
 
-def test_a_run_in_the_release_dtypes_uses_8_bit_attention_and_gives_the_backend_back(image, tmp_path, monkeypatch):
+def test_a_run_in_the_release_dtypes_uses_8_bit_attention_and_gives_the_backend_back(
+    image, tmp_path, monkeypatch
+):
     bundle = load_bundle(tiny_bundle_dir(), dtypes=component_dtypes("cuda"))
     calls = []
     original = attn.sage_attention
