@@ -183,3 +183,27 @@ def test_the_gui_queue_runs_every_job_with_the_servers_attention(bundle, image, 
         assert "--attention sage-emulate" in server_html(queue, tmp_path / "out", None)
     finally:
         queue.close()
+
+
+def test_compiled_blocks_call_the_8_bit_attention_and_compile_once(image, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    bundle = load_bundle(tiny_bundle_dir(), dtypes=component_dtypes("cuda"))
+
+    def run(name, prompt, **kw):
+        settings = GenerationSettings(
+            prompt=prompt, sections=3, steps=2, seed=3, name=name, attention="sage-emulate", **kw
+        )
+        return open_run(bundle, Request(settings, image=image)).run(tmp_path)
+
+    eager = run("eager", "a square")
+    first = run("compiled", "a square", compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    second = run("again", "a much longer prompt about a square", compile=True)  # other token counts
+    assert counters["stats"]["unique_graphs"] == graphs and first.info["compile"]["graphs_compiled"] > 0
+    assert second.info["compile"]["graphs_compiled"] == 0 and second.info["attention"] == "sage-emulate"
+    value = _psnr(_frames(first.video), _frames(eager.video))
+    print(f"compiled against eager, sage-emulate in the release dtypes: {value:.1f} dB")
+    assert value >= 30
+    torch._dynamo.reset()

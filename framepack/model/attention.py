@@ -118,6 +118,9 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     return out.view(b, lq, h, d)
 
 
+# The sage kernels run eagerly inside compiled blocks (a graph break either side): the package's
+# wrapper and the emulation's loop over query blocks would otherwise compile once per length.
+@torch.compiler.disable
 def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     if key_mask is not None:
         return _sdpa(q, k, v, key_mask)
@@ -129,6 +132,7 @@ def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     return sageattention.sageattn(q, k, v, tensor_layout="NHD", smooth_k=False)
 
 
+@torch.compiler.disable
 def _sage_emulated(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
 ) -> torch.Tensor:
