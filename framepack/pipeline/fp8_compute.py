@@ -42,12 +42,13 @@ from ..model.layers import AdaNorm, Linear
 __all__ = ["Fp8Compute", "check_fp8_compute"]
 
 
-def check_fp8_compute(fp8_compute, device) -> None:
-    """Refuse (ValueError, one sentence) `fp8_compute` on a device without e4m3 products; "emulate"
-    (tests and benches: the same arithmetic in fp32) runs anywhere."""
+def check_fp8_compute(fp8_compute, device=None) -> None:
+    """Refuse (ValueError, one sentence) an `fp8_compute` other than true, false or "emulate" (tests
+    and benches: the same arithmetic in fp32, on any device), and with `device`, true on a device
+    without e4m3 products. The one rule: the settings check the value, the run the device too."""
     if fp8_compute not in (False, True, "emulate"):
         raise ValueError(f"fp8_compute must be true, false or 'emulate', got {fp8_compute!r}.")
-    if fp8_compute is True:
+    if fp8_compute is True and device is not None:
         why = fp8_unsupported(device)
         if why:
             raise ValueError(f"{why}; drop --fp8-compute.")
