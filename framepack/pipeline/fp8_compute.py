@@ -21,8 +21,8 @@ tier a block comes from. On the device, not on the host after the read: the disk
 either way, and that read, not the copy to the device it overlaps, bounds the call, so fp8 on the
 way would save little; a host pass over every weight at every call would sit beside the reads
 (this CPU quantises 0.15 GB/s of bf16 on two threads, `quantize_weight` of a 3072x15360 weight in
-0.6 s), where a GPU needs a few memory-bound passes (about a millisecond for a 13B block, whose
-0.7 GB read takes a tenth of a second or more).
+0.6 s), where a GPU needs a few memory-bound passes (estimated, not measured: about a millisecond
+for a 13B block, whose 0.7 GB read takes a tenth of a second or more).
 
 LoRAs: merged ones are in the weights before they are quantised; on-the-fly ones add their
 low-rank update beside the e4m3 product, in the activations' dtype.
