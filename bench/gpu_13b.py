@@ -9,8 +9,9 @@ through two slots on a side stream); prints the plan, peak device memory
 (`torch.cuda.max_memory_allocated`), what the process holds on the card (`max_memory_reserved` plus
 the measured context overhead, `framepack.memory.estimate`; the budget bounds this), seconds per generated frame (section time / 4*window),
 the ratio to the unlimited budget, and the model FLOPs utilisation (analytic FLOPs of the model
-calls actually computed / time / `--peak-tflops`, default by device name: 989 for H100/H200 bf16
-dense). Needs about 27 GB of host RAM for the weights, held once: as `load_bundle` does under a
+calls actually computed / time / `--peak-tflops`, the dense bf16 peak, default by device name: 989
+for H100/H200; `--fp8-compute` rows count their linear FLOPs against the dense e4m3 peak, twice
+that, see `mfu`). Needs about 27 GB of host RAM for the weights, held once: as `load_bundle` does under a
 budget, they wait on the host (pinned for CUDA) and only the planner moves them; `--transformer
 DIR` loads a checkpoint that way (shard by shard) instead of random weights. `--spec tiny --device
 cpu` runs the same code on a CPU in seconds (for checking the script, not for numbers).
@@ -29,10 +30,18 @@ pinned host memory, the rest are read from disk at every call (`framepack.memory
 column then also gives the host tier and the peak RSS of the timed run (sampled every 50 ms).
 
 With `--fp8-compute` the blocks' linear layers multiply in e4m3 (`framepack.pipeline.fp8_compute`;
+<<<<<<< HEAD
 streamed blocks travel as fp8 host copies); the MFU stays counted against the bf16 peak. On a CPU
 (`--spec tiny --device cpu`) the e4m3 products are emulated, which checks the script, not the speed.
 `--attention sage` runs SageAttention's 8-bit kernels (the `sageattention` package, CUDA); on a CPU
 its arithmetic is emulated (`sage-emulate`), again a check of the script only.
+=======
+streamed blocks travel as fp8 host copies) and attention stays bf16, so those rows' MFU is the time
+the chip would need at its peaks (the linears' FLOPs at the e4m3 peak, twice bf16's: 1979 TFLOP/s
+dense on H100/H200; attention's at bf16's) over the time measured, marked "e4m3 linears"; bf16
+rows are counted against the bf16 peak alone. On a CPU (`--spec tiny --device cpu`) the e4m3
+products are emulated, which checks the script, not the speed.
+>>>>>>> fp8left
 """
 
 from __future__ import annotations
@@ -74,12 +83,15 @@ INTRO = """
 Random bf16 weights in the released 13B architecture, 640x640 (80x80 latents), window 9 + released
 packed history, 25 UniPC steps, batch 1. s/frame = section time / 36 frames. Ratio = s/frame over
 the unlimited budget's (same cache setting), measured in one run. Targets: peak <= 6 GB at the
-6 GB budget (goal 4 GB), s/frame at 6 GB within 1.25x of unlimited.
+6 GB budget (goal 4 GB), s/frame at 6 GB within 1.25x of unlimited. MFU: against the dense bf16
+peak (989 TFLOP/s on H100/H200); rows marked "e4m3 linears" (`--fp8-compute`) count the blocks'
+linear FLOPs against the dense e4m3 peak (twice bf16's) and attention's against bf16's.
 
 | date | machine | budget | cache | plan | peak GiB | held GiB (<= budget) | s/frame | ratio to unlimited | skipped | MFU | command |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # bf16 dense
+E4M3_PEAK = 2.0  # dense e4m3 over dense bf16 (fp32 accumulation) on the chips that have it (8.9+)
 
 
 def random_model(spec: str, dtype: torch.dtype, device: torch.device) -> PackedTransformer:
@@ -99,15 +111,36 @@ def random_model(spec: str, dtype: torch.dtype, device: torch.device) -> PackedT
     return model.eval().requires_grad_(False)
 
 
-def forward_flops(cfg, image_tokens: int, noisy_tokens: int, text_tokens: int) -> float:
-    """Matrix-product FLOPs of one forward: the blocks' token linears and attention (the AdaLN
-    modulations act on one vector per sample; embedders and the head are ignored)."""
+def flop_parts(cfg, image_tokens: int, noisy_tokens: int, text_tokens: int) -> tuple[float, float]:
+    """Matrix-product FLOPs of one forward: (the blocks' token linears, attention). The AdaLN
+    modulations act on one vector per sample; embedders and the head are ignored."""
     d, mlp = cfg.inner_dim, cfg.mlp_dim
     n = image_tokens + text_tokens
-    dual = 2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d  # each stream through its own weights
-    single = 2 * n * (3 * d * d + d * mlp + (d + mlp) * d) + 4 * n * n * d
-    last = 2 * n * 3 * d * d + 2 * noisy_tokens * (d * mlp + (d + mlp) * d) + 4 * noisy_tokens * n * d
-    return cfg.num_layers * dual + max(cfg.num_single_layers - 1, 0) * single + last
+    single_blocks = max(cfg.num_single_layers - 1, 0)  # and the last one, which reads out the noisy tokens
+    linears = (
+        cfg.num_layers * 2 * n * (4 * d * d + 2 * d * mlp)  # each stream through its own weights
+        + single_blocks * 2 * n * (3 * d * d + d * mlp + (d + mlp) * d)
+        + 2 * n * 3 * d * d
+        + 2 * noisy_tokens * (d * mlp + (d + mlp) * d)
+    )
+    attention = (cfg.num_layers + single_blocks) * 4 * n * n * d + 4 * noisy_tokens * n * d
+    return linears, attention
+
+
+def forward_flops(cfg, image_tokens: int, noisy_tokens: int, text_tokens: int) -> float:
+    """Matrix-product FLOPs of one forward (`flop_parts`, summed)."""
+    return sum(flop_parts(cfg, image_tokens, noisy_tokens, text_tokens))
+
+
+def mfu(parts: tuple[float, float], calls: int, seconds: float, peak: float | None, e4m3: bool) -> str:
+    """The MFU cell: the time `calls` forwards of `parts` FLOPs need at the peak over `seconds`.
+    `peak` is dense bf16 TFLOP/s; `e4m3` (fp8 compute): the linears at `E4M3_PEAK` times it, attention
+    at bf16's, and the cell says so."""
+    if not peak:
+        return "nan%"
+    linears, attention = parts
+    ideal = calls * (linears / (E4M3_PEAK if e4m3 else 1.0) + attention) / (peak * 1e12)
+    return f"{ideal / seconds:.1%}" + (" (e4m3 linears)" if e4m3 else "")
 
 
 def disk_backed(model, transformer: str | None, dtype, scratch: Path | None) -> PackedTransformer:
@@ -229,7 +262,7 @@ def main() -> None:
     inputs["image_embeds"] = torch.randn(1, 729, cfg.image_proj_dim)
     noisy_tokens = 9 * h * w // 4
     image_tokens = noisy_tokens + 2 * h * w // 4 + 2 * (h * w // 4) // 8 + 16 * (h * w // 4) // 64
-    flops = forward_flops(cfg, image_tokens, noisy_tokens, args.prompt_tokens + 729)
+    parts = flop_parts(cfg, image_tokens, noisy_tokens, args.prompt_tokens + 729)
     sigmas = sigma_schedule(args.steps, seq_len=noisy_tokens)
     sampler = get_sampler("unipc")
 
@@ -300,7 +333,7 @@ def main() -> None:
             cache_obj = run.cache
             skipped = cache_obj.stats.skipped if cache_obj is not None else 0
             computed = args.steps - skipped
-            mfu = flops * computed / seconds / (peak * 1e12) if peak else float("nan")
+            used = mfu(parts, computed, seconds, peak, bool(args.fp8_compute))
             per_frame = seconds / (4 * 9)
             plan = run.streamer.plan.describe() if run.streamer else "all resident"
             if args.ram_budget:
@@ -317,7 +350,7 @@ def main() -> None:
                 plan += f"; first call {warm:.0f} s (compile)"
             print(
                 f"budget {budget:>9} | cache {label:>13} | {plan} | peak {peak_gib:.2f} GiB | "
-                f"{per_frame:.3f} s/frame | skipped {skipped}/{args.steps} | MFU {mfu:.1%}",
+                f"{per_frame:.3f} s/frame | skipped {skipped}/{args.steps} | MFU {used}",
                 flush=True,
             )
             rows.append(
@@ -330,7 +363,7 @@ def main() -> None:
                     f"{per_frame:.3f}",
                     None,
                     f"{skipped}/{args.steps}",
-                    f"{mfu:.1%}",
+                    used,
                 ]
             )
             run.detach()

@@ -24,8 +24,10 @@ from framepack.memory.budgets import GIB
 from framepack.memory.disk import STATS, disk_backed
 from framepack.memory.hooks import release
 from framepack.model import PackedTransformer, get_spec, load_transformer, save_transformer
+from framepack.model.fp8 import FP8, quantize_weight
 from framepack.pipeline.budget import bundle_need
 from framepack.pipeline.bundle import component_dtypes, load_bundle
+from framepack.pipeline.fp8_compute import Fp8Compute
 from framepack.pipeline.run import Request, open_run
 from framepack.pipeline.settings import GenerationSettings, prepare
 from framepack.pipeline.tiers import tier_plan
@@ -316,6 +318,47 @@ def test_fp8_host_copies_made_from_the_files_equal_those_made_in_memory(checkpoi
         got = lazy.forward_packed(**inputs)
     assert torch.equal(got, expected) and streamer.disk_bytes == 0  # nothing read from disk per call
     streamer.detach()
+
+
+def test_fp8_compute_makes_the_e4m3_copies_of_blocks_read_from_their_files_at_each_call(
+    checkpoint, monkeypatch
+):
+    """`--fp8-compute` under a RAM budget: a streamed block outside the host tier is read from its
+    files in full precision at every call and made into its fp8 copy on the device, by the host
+    tier's row rule (`framepack.memory.streaming`): the output is bit-identical to the run with
+    every block in the host tier, and each of its weight matrices is quantised once a call."""
+    import framepack.memory.streaming as streaming
+
+    inputs = _inputs(torch.bfloat16)
+    eager = load_transformer(checkpoint, dtype=torch.bfloat16)
+    full = plan_memory(eager, None, fp8_compute=True)
+    budget = full.base_bytes + max(full.load_bytes)  # every block streams
+    quantised: list[torch.Size] = []
+    monkeypatch.setattr(
+        streaming, "quantize_weight", lambda w: quantised.append(w.shape) or quantize_weight(w)
+    )
+    got, seen = {}, []  # the dtypes of the last block's to_q: it comes last into the host tier
+    for name, host_budget in (("host tier", 2**30), ("files", max(full.block_bytes))):
+        model = load_transformer(checkpoint, dtype=torch.bfloat16, lazy=True)
+        streamer = WeightStreamer(
+            model, plan_memory(model, budget, fp8_compute=True), "cpu", host_budget=host_budget
+        )
+        fp8 = Fp8Compute(model, streamer.attach(), emulate=True).attach()
+        from_files = [i for i, entries in streamer.entries.items() if any(e.on_disk for e in entries)]
+        hook = blocks_of(model)[-1].attn.to_q.register_forward_pre_hook(
+            lambda m, a: seen.append(m.weight.dtype)
+        )
+        quantised.clear(), seen.clear()
+        with torch.no_grad():
+            got[name] = [model.forward_packed(**inputs) for _ in range(2)]
+        hook.remove()
+        fp8.detach()
+        streamer.detach()
+        matrices = sum(p.dim() >= 2 for i in from_files for p in blocks_of(eager)[i].parameters())
+        assert len(quantised) == 2 * matrices and seen == [FP8, FP8]
+        assert (streamer.disk_bytes > 0) == (name == "files") and fp8.streamed == fp8.layers > 0
+    assert 0 < len(from_files) < len(blocks_of(eager)) and len(blocks_of(eager)) - 1 in from_files
+    assert all(torch.equal(a, b) for a, b in zip(got["files"], got["host tier"], strict=True))
 
 
 @pytest.mark.parametrize("slots", [1, 2])

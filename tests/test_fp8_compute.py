@@ -242,6 +242,21 @@ def test_api_and_accelerate_refuse_fp8_compute_on_a_cpu():
         accelerate(_tiny(), "cpu", fp8_compute=True)
 
 
+def test_a_bad_fp8_compute_value_is_the_same_sentence_from_the_settings_and_the_run(image):
+    from framepack.pipeline.named import read_manifest
+    from framepack.pipeline.settings import check_settings
+
+    manifest = read_manifest(tiny_bundle_dir())
+    message = r"^fp8_compute must be true, false or 'emulate', got 'yes'\.$"
+    with pytest.raises(ValueError, match=message):
+        check_settings(manifest, GenerationSettings(prompt="a cat", fp8_compute="yes"), image)
+    with pytest.raises(ValueError, match=message):
+        accelerate(_tiny(), "cpu", fp8_compute="yes")
+    check_settings(
+        manifest, GenerationSettings(prompt="a cat", fp8_compute=True), image
+    )  # the device: at the run
+
+
 def test_serve_refuses_fp8_compute_on_a_cpu_before_loading(tmp_path, capsys):
     model = str(tiny_bundle_dir())
     capsys.readouterr()

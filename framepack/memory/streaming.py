@@ -8,7 +8,10 @@ blocks are spread evenly between the streamed ones, so every copy has compute to
 On a CPU the streams are no-ops, but the weights are still really copied in and dropped, so the
 CPU tests exercise the same bookkeeping. A `ByteLedger` records the bytes on the device at every
 moment. Optional fp8 (e4m3) host copies with one scale per output row halve the transfers; each
-tensor is upcast on the device just before its block runs.
+tensor is upcast on the device just before its block runs (`--fp8-compute`: multiplied as it is).
+A block read from its files at each call (the disk tier) arrives in full precision and gets its
+fp8 copy on the device by the same rule, so the RAM budget never changes the output (why on the
+device: `framepack.pipeline.fp8_compute`).
 
 `detach` leaves the model exactly as `attach` found it: every parameter and buffer gets back the data
 it held before (same values, dtype and device). Host memory, for that: a tensor that lived on the host
@@ -106,10 +109,10 @@ class MemoryPlan:
 
 
 def _fp8_rows(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 e4m3 copy on the host, scales (rows, 1, ...) in `data`'s dtype): one power-of-two scale
-    per output row, so the upcast is an exact multiplication."""
+    """(fp8 e4m3 copy, scales (rows, 1, ...) in `data`'s dtype), on `data`'s device: one power-of-two
+    scale per output row, so the upcast is an exact multiplication."""
     q, scale = quantize_weight(data.reshape(data.shape[0], -1))  # (rows, K), (rows, 1): fp8 compute's rule
-    return q.reshape(data.shape).cpu(), scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype).cpu()
+    return q.reshape(data.shape), scale.reshape(-1, *[1] * (data.dim() - 1)).to(data.dtype)
 
 
 def _spread(n: int, r: int) -> list[bool]:
@@ -211,6 +214,9 @@ class _Entry:
     scale: torch.Tensor | None = None  # fp8: (rows, 1, ...) powers of two, in the tensor's dtype
     staged: torch.Tensor | None = None  # on the device, not yet upcast (fp8) / not yet installed
     fp8_sink: object = None  # `--fp8-compute`: takes the row scales; the fp8 copy is installed as it is
+    fp8: bool = (
+        False  # streamed as an fp8 copy: made on the host (`scale` set), or from its file at each load
+    )
 
     def restore(self) -> None:
         """Give the tensor back its data from before `attach` (copied back to a device it came from)."""
@@ -306,7 +312,7 @@ class WeightStreamer:
                 continue
             for e in disk:
                 data = read_source(e.host, e.empty.dtype)
-                host, e.scale = _fp8_rows(data) if self.plan.fp8 and _quantizable(data) else (data, None)
+                host, e.scale = _fp8_rows(data) if e.fp8 else (data, None)
                 e.host = host.pin_memory() if self.cuda else host
                 if self.cuda and e.scale is not None:
                     e.scale = e.scale.pin_memory()
@@ -334,13 +340,14 @@ class WeightStreamer:
         if source is not None:  # the disk tier: the block is read from its file whenever it runs
             empty = torch.empty(0, dtype=t.dtype, device=self.device)
             entry = _Entry(t, source, empty, placeholder(source, t.dtype), torch.device("cpu"))
+            entry.fp8 = self.plan.fp8 and _quantizable(t)
             t.data = empty  # any copy read in before (a resident run) is given back
             return entry
         data = t.data
         original = data if data.device.type == "cpu" else data.to("cpu")  # the full-precision host copy
         scale = None
         if self.plan.fp8 and _quantizable(data):
-            host, scale = _fp8_rows(data)
+            host, scale = (t.cpu() for t in _fp8_rows(data))
         else:  # full precision: the host copy streams as it is
             host = original
         if self.cuda:
@@ -350,7 +357,7 @@ class WeightStreamer:
                 original = host
         empty = torch.empty(0, dtype=data.dtype, device=self.device)
         t.data = empty
-        return _Entry(t, host, empty, original, data.device, scale)
+        return _Entry(t, host, empty, original, data.device, scale, fp8=scale is not None)
 
     def detach(self) -> None:
         """Remove the hooks; every parameter and buffer gets back its data from before `attach`."""
@@ -405,14 +412,16 @@ class WeightStreamer:
         """Wait for block `i`'s copy and put its weights in place (upcasting fp8 tensor by tensor)."""
         self._wait(i)
         for e in self.entries[i]:
-            if e.scale is None:
-                e.tensor.data = e.staged
+            staged, scale, e.staged = e.staged, e.scale, None
+            if e.fp8 and e.on_disk:  # read in full precision: its fp8 copy is made here, by the host's rule
+                staged, scale = _fp8_rows(staged)
+            if not e.fp8:
+                e.tensor.data = staged
             elif e.fp8_sink is not None:  # multiplied in e4m3 as it came (`keep_fp8`): no upcast
-                e.tensor.data = e.staged
-                e.fp8_sink(e.scale.to(self.device, non_blocking=True))
+                e.tensor.data = staged
+                e.fp8_sink(scale.to(self.device, non_blocking=True))
             else:  # per-tensor upcast: at most one fp8 tensor beside the block at a time
-                e.tensor.data = e.staged.to(e.empty.dtype).mul_(e.scale.to(self.device, non_blocking=True))
-            e.staged = None
+                e.tensor.data = staged.to(e.empty.dtype).mul_(scale.to(self.device, non_blocking=True))
         self.installed.add(i)
 
     def _wait(self, i: int) -> None:
@@ -463,12 +472,12 @@ class WeightStreamer:
         self._drop(self.order[k])
 
     def keep_fp8(self, tensor: torch.Tensor, sink) -> bool:
-        """Install `tensor`'s fp8 host copy as it is at every load and hand its row scales (on the
-        device) to `sink`, instead of upcasting it (`--fp8-compute`, `framepack.model.fp8`).
-        False when `tensor` is not streamed from an fp8 copy (resident, or read from its file)."""
+        """Install `tensor`'s fp8 copy as it is at every load and hand its row scales (on the device)
+        to `sink`, instead of upcasting it (`--fp8-compute`, `framepack.model.fp8`). False when
+        `tensor` is not streamed as an fp8 copy (resident)."""
         for entries in self.entries.values():
             for e in entries:
-                if e.tensor is tensor and e.scale is not None:
+                if e.tensor is tensor and e.fp8:
                     e.fp8_sink = sink
                     return True
         return False

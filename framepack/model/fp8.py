@@ -60,7 +60,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     two that brings its absolute maximum to at most 448 (exact), then rounded to nearest e4m3."""
     rows = weight.float()
     amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(_TINY_WEIGHT)  # (N, 1)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    # ceil(log2(amax / 448)) from the float's own exponent, not `log2` (whose last bit may differ
+    # between a CPU and a GPU): the same scales wherever a copy is made (`framepack.memory.streaming`)
+    mantissa, exponent = torch.frexp(amax / FP8_MAX)  # amax / 448 = mantissa * 2**exponent, [0.5, 1)
+    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # a power of two is its own ceiling
+    scale = ((exponent + 127) << 23).view(torch.float32)  # 2**exponent from its bits: exact anywhere
     return (rows / scale).to(FP8), scale
 
 
@@ -109,9 +113,7 @@ def fp8_matmul(layer: nn.Module) -> Fp8Matmul | None:
 class Fp8Matmul(nn.Module):
     """A linear layer's product in e4m3: its weight holds e4m3 values, `scale` their row scales.
 
-    A weight that is not (yet) e4m3 (a streamed block read from its file in full precision) is
-    quantised at the call. Holds no parameter or buffer: the model's state dict and the weight
-    streamer never see it.
+    Holds no parameter or buffer: the model's state dict and the weight streamer never see it.
     """
 
     def __init__(self, emulate: bool = False) -> None:
@@ -130,10 +132,11 @@ class Fp8Matmul(nn.Module):
         cols: slice = slice(None),
     ) -> torch.Tensor:
         """`x @ weight[:, cols].T + bias` `(..., N)` in `x`'s dtype, through e4m3 (bf16 rounding)."""
-        if weight.dtype == FP8:
-            wq, w_scale = weight[:, cols], self.scale
-        else:
-            wq, w_scale = quantize_weight(weight[:, cols])
+        assert weight.dtype == FP8 and self.scale is not None, "the weight's e4m3 values are not installed"
+        wq, w_scale = (
+            weight[:, cols],
+            self.scale,
+        )  # (N, K') e4m3, (N, 1): a column slice keeps its rows' scales
         xq, x_scale = quantize_tokens(x.reshape(-1, x.shape[-1]))  # (M, K), (M, 1)
         y = scaled_matmul(xq, x_scale, wq, w_scale, bias, self.emulate)  # (M, N) bf16
         return y.to(x.dtype).view(*x.shape[:-1], wq.shape[0])

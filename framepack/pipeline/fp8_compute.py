@@ -13,6 +13,17 @@ half their bytes more on the device while attached: a budget's plan counts them,
 host copies (`framepack.memory.streaming`, the same row rule) has its copy installed as it
 arrives and multiplied as it is (`WeightStreamer.keep_fp8`): half the transfer, no upcast.
 
+Under a RAM budget a streamed block outside the host tier is read from its safetensors files at
+every call, in full precision (the files hold bf16), and quantised on the device as it is installed,
+by the host copies' rule (`quantize_weight`, the same bits on any device), its modulations too
+(rounded to e4m3 and upcast, as a host-tier copy's are): the output is bit-identical whichever
+tier a block comes from. On the device, not on the host after the read: the disk reads bf16
+either way, and that read, not the copy to the device it overlaps, bounds the call, so fp8 on the
+way would save little; a host pass over every weight at every call would sit beside the reads
+(this CPU quantises 0.15 GB/s of bf16 on two threads, `quantize_weight` of a 3072x15360 weight in
+0.6 s), where a GPU needs a few memory-bound passes (estimated, not measured: about a millisecond
+for a 13B block, whose 0.7 GB read takes a tenth of a second or more).
+
 LoRAs: merged ones are in the weights before they are quantised; on-the-fly ones add their
 low-rank update beside the e4m3 product, in the activations' dtype.
 """
@@ -31,12 +42,13 @@ from ..model.layers import AdaNorm, Linear
 __all__ = ["Fp8Compute", "check_fp8_compute"]
 
 
-def check_fp8_compute(fp8_compute, device) -> None:
-    """Refuse (ValueError, one sentence) `fp8_compute` on a device without e4m3 products; "emulate"
-    (tests and benches: the same arithmetic in fp32) runs anywhere."""
+def check_fp8_compute(fp8_compute, device=None) -> None:
+    """Refuse (ValueError, one sentence) an `fp8_compute` other than true, false or "emulate" (tests
+    and benches: the same arithmetic in fp32, on any device), and with `device`, true on a device
+    without e4m3 products. The one rule: the settings check the value, the run the device too."""
     if fp8_compute not in (False, True, "emulate"):
         raise ValueError(f"fp8_compute must be true, false or 'emulate', got {fp8_compute!r}.")
-    if fp8_compute is True:
+    if fp8_compute is True and device is not None:
         why = fp8_unsupported(device)
         if why:
             raise ValueError(f"{why}; drop --fp8-compute.")
@@ -80,8 +92,6 @@ class Fp8Compute:
         weight = layer.weight
         if self.streamer is not None and self.streamer.keep_fp8(weight, slot.set_scale):
             self.streamed += 1
-            return
-        if weight.numel() == 0:  # streamed in full precision (read from its file): quantised per call
             return
         q, scale = quantize_weight(weight.data)
         self.kept.append((weight, weight.data))

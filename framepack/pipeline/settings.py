@@ -17,6 +17,7 @@ import numpy as np
 
 from ..lora import check_lora_spec, load_loras, lora_specs
 from ..model.attention import check_backend
+from .fp8_compute import check_fp8_compute
 from .plan import MAX_SECONDS, SectionPlan, plan_sections
 from .prompts import parse_timed_prompt
 from .speed import check_speed_settings
@@ -133,9 +134,8 @@ def _check_values(settings: GenerationSettings) -> None:
         buckets(settings.resolution)
     if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {settings.seed!r}.")
-    if settings.fp8_compute not in (False, True, "emulate"):
-        raise ValueError(f"fp8_compute must be true, false or 'emulate', got {settings.fp8_compute!r}.")
-    check_backend(settings.attention)  # a known name (the device is checked before loading)
+    check_fp8_compute(settings.fp8_compute)  # the value; the device is checked before a run loads
+    check_backend(settings.attention)  # a known name (the device, too, is checked before loading)
     if settings.sampler not in ("unipc", "euler"):
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose unipc or euler.")
     if not settings.prompt or not settings.prompt.strip():
