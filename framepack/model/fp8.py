@@ -33,6 +33,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 _TINY = 1e-12  # an activation row's amax floor: a row of zeros gets a finite scale
 _TINY_WEIGHT = 1e-30  # a weight row's (the weight streamer's fp8 host copies have used it from the first)
+_SCRATCH = 1 << 22  # elements of a weight quantised at once: 16 MiB of fp32 rows (plus the quotient)
 
 
 def fp8_unsupported(device: torch.device | str) -> str | None:
@@ -57,7 +58,20 @@ def fp8_shape_ok(rows: int, columns: int) -> bool:
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(e4m3 (N, K), fp32 scales (N, 1))` of a weight `(N, K)`: each row divided by the power of
-    two that brings its absolute maximum to at most 448 (exact), then rounded to nearest e4m3."""
+    two that brings its absolute maximum to at most 448 (exact), then rounded to nearest e4m3.
+
+    Rows go a slice at a time (at most `_SCRATCH` elements), so the fp32 scratch stays small beside
+    a device budget whatever the weight's size (a block read from its files is quantised there)."""
+    n, k = weight.shape
+    q = torch.empty((n, k), dtype=FP8, device=weight.device)
+    scale = torch.empty((n, 1), dtype=torch.float32, device=weight.device)
+    step = max(1, _SCRATCH // max(k, 1))
+    for start in range(0, n, step):
+        q[start : start + step], scale[start : start + step] = _quantized_rows(weight[start : start + step])
+    return q, scale
+
+
+def _quantized_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = weight.float()
     amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(_TINY_WEIGHT)  # (N, 1)
     # ceil(log2(amax / 448)) from the float's own exponent, not `log2` (whose last bit may differ
