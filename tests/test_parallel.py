@@ -122,13 +122,20 @@ def _same_video(one: Path, many: Path) -> None:
     assert (sa["settings"], sa["frames"]) == (sb["settings"], sb["frames"])
 
 
+ALL = ["image_encoder", "text_encoder", "text_encoder_2", "transformer", "vae"]
+
+
 def _api_rank(rank: int, world: int, init: str, kwargs: dict, out: str) -> None:
     import framepack
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
+        from framepack.pipeline.api import LOADED_BUNDLES
+
         done = framepack.generate(out_dir=out, device="cpu", **kwargs)
         assert (done is None) == (rank != 0)
+        (bundle,) = LOADED_BUNDLES.values()  # the encoders and the VAE on rank 0 only
+        assert sorted(bundle.modules()) == (ALL if rank == 0 else ["transformer"])
     finally:
         dist.destroy_process_group()
 

@@ -183,6 +183,7 @@ def _open(args: argparse.Namespace, job):
         vram_budget=settings.vram_budget,
         dtypes=dtypes,
         ram_budget=settings.ram_budget,
+        transformer_only=not leader,  # the other ranks only serve the transformer's calls
     )
     stop_if_interrupted()  # a Ctrl-C that the loaders swallowed
     return open_run(bundle, request, checked)

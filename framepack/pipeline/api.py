@@ -24,14 +24,16 @@ LOADED_BUNDLES: OrderedDict[tuple[str, str, str], object] = OrderedDict()  # (mo
 _KEEP = 2  # bundles kept loaded
 
 
-def loaded_bundle(model: str, device: str, vram_budget=None, ram_budget=None):
+def loaded_bundle(model: str, device: str, vram_budget=None, ram_budget=None, transformer_only=False):
     """The bundle `model` for runs on `device`, loaded once per place its weights wait (`home`):
     on the device, on the host for a run with a VRAM budget (`bundle.weights_home`), or in their
-    files under a RAM budget. Loading it one way drops a cached copy loaded another way, so one
-    model never holds the device (or the host) twice."""
+    files under a RAM budget; `transformer_only` without the encoders and the VAE (a rank other
+    than 0 of several, `framepack.pipeline.ranks`). Loading it one way drops a cached copy loaded
+    another way, so one model never holds the device (or the host) twice."""
     from .bundle import load_bundle, weights_home
 
     home = str(weights_home(device, vram_budget)) + ("" if ram_budget is None else f", RAM {ram_budget}")
+    home += ", transformer only" if transformer_only else ""
     key = (model, device, home)
     if key in LOADED_BUNDLES:
         LOADED_BUNDLES.move_to_end(key)
@@ -41,7 +43,13 @@ def loaded_bundle(model: str, device: str, vram_budget=None, ram_budget=None):
     while len(LOADED_BUNDLES) >= _KEEP:
         LOADED_BUNDLES.popitem(last=False)
     gc.collect()  # the dropped weights go before the new ones arrive
-    LOADED_BUNDLES[key] = load_bundle(model, device=device, vram_budget=vram_budget, ram_budget=ram_budget)
+    LOADED_BUNDLES[key] = load_bundle(
+        model,
+        device=device,
+        vram_budget=vram_budget,
+        ram_budget=ram_budget,
+        transformer_only=transformer_only,
+    )
     return LOADED_BUNDLES[key]
 
 
@@ -97,15 +105,15 @@ def generate_iter(
         job = job_to_resume(resume)
         if model is None and job.model is None:
             raise ValueError(f"the job {job.root} does not record its model directory; pass model=.")
-        bundle = loaded_bundle(
-            str(model or job.model), device, job.vram_budget, job.ram_budget
-        )  # its own budgets
+        serving = not ranks().leader  # another rank of several: no encoders, no VAE
+        bundle = loaded_bundle(str(model or job.model), device, job.vram_budget, job.ram_budget, serving)
         yield from open_run(bundle, Request(resume=job.root)).events(job.root.parent, cancel)
         return
     request = _request(settings, image)
     s = request.settings
     check_device_settings(s, device)  # before loading anything
-    bundle = loaded_bundle(model_or_default(model), device, s.vram_budget, s.ram_budget)
+    serving = not ranks().leader
+    bundle = loaded_bundle(model_or_default(model), device, s.vram_budget, s.ram_budget, serving)
     yield from open_run(bundle, request).events("outputs" if out_dir is None else out_dir, cancel)
 
 

@@ -68,10 +68,11 @@ def host_tier_budget(settings, bundle) -> int:
     return max(ram_budget_bytes(settings.ram_budget) - _host_share(bundle.transformer, bundle.vae), 0)
 
 
-def _host_share(transformer: nn.Module, vae: nn.Module) -> int:
+def _host_share(transformer: nn.Module, vae: nn.Module | None) -> int:
     """The least host memory of a GPU run under a RAM budget: two staging slots of the largest
-    transformer block, and the VAE that visits beside them."""
-    return 2 * max(module_bytes(b) for b in blocks_of(transformer)) + module_bytes(vae)
+    transformer block, and the VAE that visits beside them (none on a rank that only serves)."""
+    slots = 2 * max(module_bytes(b) for b in blocks_of(transformer))
+    return slots + (0 if vae is None else module_bytes(vae))
 
 
 def _check_host(ram_budget, transformer: nn.Module, vae: nn.Module) -> None:

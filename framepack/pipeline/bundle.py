@@ -32,20 +32,25 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+VISITORS = ("text_encoder", "text_encoder_2", "image_encoder", "vae")  # all but the transformer
 
 
 @dataclass
 class Bundle:
-    """Every loaded component of a FramePack model (see the module docstring for the layout)."""
+    """Every loaded component of a FramePack model (see the module docstring for the layout).
+
+    A bundle loaded with `transformer_only` (a rank that only serves the transformer's calls,
+    `framepack.pipeline.ranks`) holds None for the encoders and the VAE.
+    """
 
     manifest: Manifest
     tokenizer: Any  # LLaMA fast tokenizer
-    text_encoder: nn.Module  # transformers LlamaModel
+    text_encoder: nn.Module | None  # transformers LlamaModel
     tokenizer_2: Any  # CLIP tokenizer
-    text_encoder_2: nn.Module  # transformers CLIPTextModel
+    text_encoder_2: nn.Module | None  # transformers CLIPTextModel
     feature_extractor: Any  # SiglipImageProcessor
-    image_encoder: nn.Module  # transformers SiglipVisionModel
-    vae: nn.Module  # diffusers AutoencoderKLHunyuanVideo
+    image_encoder: nn.Module | None  # transformers SiglipVisionModel
+    vae: nn.Module | None  # diffusers AutoencoderKLHunyuanVideo
     transformer: nn.Module  # framepack.model.PackedTransformer
     root: Path | None = None  # the bundle directory (None for a named bundle)
     target: torch.device | None = None  # where runs compute, when the weights were loaded elsewhere
@@ -53,12 +58,12 @@ class Bundle:
 
     def visitors(self) -> list[nn.Module]:
         """The modules that visit the device under a budget (`memory.offload`): encoders and VAE."""
-        return [self.text_encoder, self.text_encoder_2, self.image_encoder, self.vae]
+        return [m for n, m in self.modules().items() if n in VISITORS]
 
     def modules(self) -> dict[str, nn.Module]:
-        """The components with weights, by name."""
-        names = ("text_encoder", "text_encoder_2", "image_encoder", "vae", "transformer")
-        return {n: getattr(self, n) for n in names}
+        """The loaded components with weights, by name."""
+        names = (*VISITORS, "transformer")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def device(self) -> torch.device:
@@ -285,6 +290,7 @@ def load_bundle(
     dtypes: Mapping[str, torch.dtype] | None = None,
     ram_budget: str | float | None = None,
     lazy: bool = False,
+    transformer_only: bool = False,
 ) -> Bundle:
     """Load a bundle directory or a named bundle (`NAMED_BUNDLES`, from the local hub cache).
 
@@ -318,25 +324,30 @@ def load_bundle(
     root = Path(name_or_path) if Path(name_or_path).is_dir() else None
     # On a CPU the run's plan under the RAM budget reads in what stays (all of it when it fits).
     on_cpu = torch.device(device).type == "cpu"
-    from_files = ram is not None and (on_cpu or weight_bytes(dirs, dtypes) > ram)
+    kept = {c: d for c, d in dtypes.items() if not (transformer_only and c in VISITORS)}
+    from_files = ram is not None and (on_cpu or weight_bytes(dirs, kept) > ram)
     lazy = lazy or from_files
     if lazy:  # the weights wait in their files; placeholders live on the host
         home = torch.device("cpu")
     from ..memory.offload import belongs_on, pin_host
 
     pin = home != torch.device(device) and torch.device(device).type == "cuda"
-    loaded = {}
+    loaded = dict.fromkeys(VISITORS) if transformer_only else {}
     for c in COMPONENTS:
+        if c in loaded:
+            continue
         loaded[c] = _load_component(c, dirs[c], dtypes.get(c), home, lazy)
         if c in dtypes:
             loaded[c] = loaded[c].to(home).eval().requires_grad_(False)
             if pin:
                 pin_host(loaded[c])
-    loaded["vae"].use_framewise_encoding = manifest.vae_temporal_tiles  # see Manifest
-    loaded["vae"].use_framewise_decoding = manifest.vae_temporal_tiles
+    if loaded["vae"] is not None:
+        loaded["vae"].use_framewise_encoding = manifest.vae_temporal_tiles  # see Manifest
+        loaded["vae"].use_framewise_decoding = manifest.vae_temporal_tiles
     loaded["transformer"].fp32_head = True  # as the release: proj_out runs in fp32 (norm_out does not)
     target = torch.device(device) if home != torch.device(device) else None
     if target is not None:
-        for c in ("text_encoder", "text_encoder_2", "image_encoder", "vae"):
-            belongs_on(loaded[c], target)  # a run without a budget takes them there
+        for c in VISITORS:
+            if loaded[c] is not None:
+                belongs_on(loaded[c], target)  # a run without a budget takes them there
     return Bundle(manifest=manifest, root=root, target=target, from_files=from_files, **loaded)

@@ -1,7 +1,9 @@
 """One video on several processes: every model call split across the ranks of a started
 `torch.distributed` group (`torchrun --nproc-per-node N -m framepack generate ...`).
 
-Every rank loads the bundle and checks and opens the same run. Rank 0 runs it: it encodes the
+Every rank checks and opens the same run; rank 0 loads the whole bundle, the other ranks only the
+transformer and the tokenizers (`load_bundle(..., transformer_only=True)`: the encoders and the
+VAE run once, on rank 0, and take no memory elsewhere). Rank 0 runs it: it encodes the
 prompt, the image and the start latent, samples, decodes and writes, exactly as one process
 would; each of its transformer calls is sent to the other ranks (`framepack.parallel.Leader`)
 and split across all of them (`framepack.parallel.SequenceParallel`: Ulysses sequence
