@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,10 @@ ALL = ["image_encoder", "text_encoder", "text_encoder_2", "transformer", "vae"]
 def _api_rank(rank: int, world: int, init: str, kwargs: dict, out: str) -> None:
     import framepack
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # A rank left waiting (ranks that decide differently) fails in minutes instead of hanging.
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=300)
+    )
     try:
         from framepack.pipeline.api import LOADED_BUNDLES
 
@@ -156,6 +160,30 @@ def test_python_api_video_on_two_processes_equals_one(tmp_path, image):
         p.name for p in (tmp_path / "one").iterdir()
     )
     _same_video(one.video, tmp_path / "two" / "v.mp4")
+
+
+@pytest.mark.parametrize(
+    "cache, threshold, coefficients",
+    [("teacache", 0.085, (1.0, 0.0)), ("fbcache", 0.42, None), ("magcache", 0.5, (1.0,) + (0.99,) * 7)],
+)
+def test_step_cache_on_two_processes_skips_as_one_process(tmp_path, image, cache, threshold, coefficients):
+    """Each rank sees half the tokens: TeaCache's and the first-block cache's rel-L1 are summed
+    over the ranks, and rank 0's sections reset every rank's cache, so both ranks skip the steps
+    one process skips (some, not all) and the video is one process's."""
+    import framepack
+
+    start = tmp_path / "start.png"
+    Image.fromarray(image).save(start)
+    kwargs = dict(model=str(tiny_bundle_dir()), image=str(start), prompt="a square", sections=2, steps=6,
+                  cache=cache, cache_threshold=threshold, cache_coefficients=coefficients, png=True, name="v")  # fmt: skip
+    one = framepack.generate(out_dir=tmp_path / "one", device="cpu", **kwargs)
+    assert 0 < one.info["cache"]["skipped"] < 2 * (6 - 2)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_api_rank, args=(2, init, kwargs, str(tmp_path / "two")), nprocs=2, join=True)
+    _same_video(one.video, tmp_path / "two" / "v.mp4")
+    two = json.loads((tmp_path / "two" / "v.json").read_text())
+    assert two["cache"] == one.info["cache"]
+    print(f"{cache} {threshold}: {one.info['cache']}")
 
 
 def _env() -> dict:

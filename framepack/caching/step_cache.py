@@ -24,6 +24,7 @@ A threshold of 0 computes every step and gives exactly the uncached output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,8 @@ __all__ = [
     "image_tokens",
 ]
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the ranks
+
 # The release's TeaCache rescale polynomial for HunyuanVideo, highest power first.
 TEACACHE_HUNYUAN = (733.226126, -401.131952, 67.5869174, -3.149878, 0.0961237896)
 
@@ -70,9 +73,14 @@ MAGCACHE_DEMO = (
 )  # fmt: skip
 
 
-def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """mean|a - b| / mean|b| (as the release computes it)."""
-    return ((a - b).abs().mean() / b.abs().mean()).item()
+def rel_l1(a: torch.Tensor, b: torch.Tensor, reduce: Reduce | None = None) -> float:
+    """mean|a - b| / mean|b| (as the release computes it). With `reduce` (the sum of a tensor over
+    the ranks that each hold a shard of the tokens, `framepack.parallel`): the same over every
+    rank's tokens, from the two sums, so that every rank reads the same number."""
+    if reduce is None:
+        return ((a - b).abs().mean() / b.abs().mean()).item()
+    sums = reduce(torch.stack([(a - b).abs().float().sum(), b.abs().float().sum()]).double())  # (2,)
+    return (sums[0] / sums[1]).item()
 
 
 def magnitude_ratio(residual: torch.Tensor, previous: torch.Tensor) -> float:
@@ -170,6 +178,9 @@ class StepCache:
         if not threshold >= 0:
             raise ValueError(f"a cache threshold must be a number >= 0, got {threshold!r}.")
         self.threshold = float(threshold)
+        # Set when the blocks see a shard of the tokens (sequence parallelism): the statistic is
+        # then summed over the ranks, so that every rank skips the same steps as one process would.
+        self.reduce: Reduce | None = None
         self.coefficients = tuple(coefficients) if coefficients is not None else self.default_coefficients
         self.stats = CacheStats()
         self.handles: list[HookHandle] = []
@@ -284,7 +295,7 @@ class TeaCache(StepCache):
             compute = True
             st.accumulated = 0.0
         else:
-            st.accumulated += self.rescale(rel_l1(signal, st.previous))
+            st.accumulated += self.rescale(rel_l1(signal, st.previous, self.reduce))
             compute = st.accumulated >= self.threshold
             if compute:
                 st.accumulated = 0.0
@@ -307,7 +318,7 @@ class FirstBlockCache(StepCache):
         skip = (
             not forced
             and st.previous is not None
-            and self.rescale(rel_l1(signal, st.previous)) < self.threshold
+            and self.rescale(rel_l1(signal, st.previous, self.reduce)) < self.threshold
         )
         if not skip:
             st.previous = signal  # compared with the last *computed* step

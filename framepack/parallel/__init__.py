@@ -5,8 +5,16 @@
 - `world`: this process's rank, and the process group of a launch.
 """
 
-from .calls import Leader, broadcast_call, group_device, receive_call, serve
-from .ulysses import SequenceParallel, ShardLayout, check_heads, heads_to_seq, seq_to_heads, split
+from .calls import Leader, broadcast_call, group_device, leader_of, receive_call, serve
+from .ulysses import (
+    SequenceParallel,
+    ShardLayout,
+    attached_parallel,
+    check_heads,
+    heads_to_seq,
+    seq_to_heads,
+    split,
+)
 from .world import Ranks, join_from_env, launched_world, leave, local_rank, rank_device, ranks
 
 __all__ = [
@@ -14,12 +22,14 @@ __all__ = [
     "Ranks",
     "SequenceParallel",
     "ShardLayout",
+    "attached_parallel",
     "broadcast_call",
     "check_heads",
     "group_device",
     "heads_to_seq",
     "join_from_env",
     "launched_world",
+    "leader_of",
     "leave",
     "local_rank",
     "rank_device",

@@ -5,21 +5,30 @@ Rank 0's `model.forward_packed` is wrapped (`Leader`, an instance attribute remo
 tensor by `dist.broadcast` on the group's device). Every other rank waits in `serve(model)`,
 calls its own copy of the model with what arrives, and returns when rank 0 says stop. With
 `SequenceParallel` attached on every rank, each call is split across them; rank 0 alone encodes,
-decodes and writes.
+decodes and writes. Rank 0 also says when a section starts (`Leader.new_section`), so that
+every rank's step caches count the same steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["Leader", "broadcast_call", "group_device", "receive_call", "serve"]
+__all__ = ["Leader", "broadcast_call", "group_device", "leader_of", "receive_call", "serve"]
 
 _STOP = "stop"
+
+
+class _Section(NamedTuple):
+    """A new section: the step caches start again (`StepCache.reset(steps, branches)`)."""
+
+    steps: int
+    branches: int
 
 
 class _Slot(NamedTuple):
@@ -91,11 +100,14 @@ def _broadcast_stop(group=None) -> None:
     dist.barrier(group=group)  # every rank has the stop before any may tear the group down
 
 
-def receive_call(group=None) -> tuple[tuple, dict] | None:
-    """Another rank: the next call rank 0 sends (tensors on the group's device), None for stop."""
+def receive_call(group=None) -> tuple[tuple, dict] | _Section | None:
+    """Another rank: the next call rank 0 sends (tensors on the group's device), a new section
+    (`steps`, `branches`), or None for stop."""
     src, device = _source(group), group_device(group)
     box = [None]
     dist.broadcast_object_list(box, src, group=group)
+    if isinstance(box[0], _Section):
+        return box[0]
     if box[0] == _STOP:
         dist.barrier(group=group)  # the other half of `_broadcast_stop`'s
         return None
@@ -105,15 +117,25 @@ def receive_call(group=None) -> tuple[tuple, dict] | None:
     return _map(box[0], lambda s: tensors[s.index])
 
 
-def serve(model: nn.Module, group=None) -> int:
-    """Another rank: run rank 0's calls on `model` until it says stop; returns how many ran."""
+def serve(model: nn.Module, group=None, on_section: Callable[[int, int], None] | None = None) -> int:
+    """Another rank: run rank 0's calls on `model` until it says stop; returns how many ran.
+    `on_section(steps, branches)` follows rank 0's `Leader.new_section` (its step caches' reset)."""
     calls = 0
     while (call := receive_call(group)) is not None:
+        if isinstance(call, _Section):
+            if on_section is not None:
+                on_section(call.steps, call.branches)
+            continue
         args, kwargs = call
         with torch.no_grad():
             model.forward_packed(*args, **kwargs)
         calls += 1
     return calls
+
+
+def leader_of(model: nn.Module) -> Leader | None:
+    """The `Leader` wrapping `model`'s calls (rank 0 of several), else None."""
+    return getattr(model.__dict__.get("forward_packed"), "leader", None)
 
 
 class Leader:
@@ -132,7 +154,13 @@ class Leader:
             broadcast_call(args, kwargs, group)
             return original(*args, **kwargs)
 
+        forward_packed.leader = self  # `leader_of`
         model.__dict__["forward_packed"] = forward_packed
+
+    def new_section(self, steps: int, branches: int) -> None:
+        """A new section of `steps` steps, `branches` calls per step: the serving ranks' step caches
+        start again with rank 0's (`serve`'s `on_section`)."""
+        dist.broadcast_object_list([_Section(steps, branches)], _source(self.group), group=self.group)
 
     def stop(self) -> None:
         if not self.stopped:

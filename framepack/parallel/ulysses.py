@@ -25,10 +25,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..memory.hooks import HookHandle, add_hook
+from ..memory.hooks import HookHandle, add_hook, hooks_of
 from ..model.attention import around_attention
+from .calls import group_device
 
-__all__ = ["ShardLayout", "SequenceParallel", "check_heads", "heads_to_seq", "seq_to_heads", "split"]
+__all__ = [
+    "ShardLayout",
+    "SequenceParallel",
+    "attached_parallel",
+    "check_heads",
+    "heads_to_seq",
+    "seq_to_heads",
+    "split",
+]
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -205,6 +214,13 @@ class SequenceParallel:
         out = backend(q, k, v, key_mask)  # (B, Lq, H/N, Dh)
         return heads_to_seq(out, q_lengths, self.rank, group)  # (B, Lq_r, H, Dh)
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks (the same on every rank): a statistic of every token, from
+        each rank's sum over its shard (a step cache's, `framepack.caching`)."""
+        wire = t.to(group_device(self.group)).contiguous()
+        dist.all_reduce(wire, group=self.group)
+        return wire.to(t.device)
+
     def _gather(self, out: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every rank's read-out tokens `(B, counts[r], D)`, in order: `(B, sum(counts), D)`."""
         most = max(counts)
@@ -214,11 +230,20 @@ class SequenceParallel:
         return torch.cat([p[:, :n] for p, n in zip(parts, counts, strict=True)], dim=1)
 
 
+def attached_parallel(model: nn.Module) -> SequenceParallel | None:
+    """The `SequenceParallel` attached to `model`'s blocks, None when they see every token."""
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    for hook in hooks_of(blocks[0]) if blocks else ():
+        if isinstance(getattr(hook, "owner", None), SequenceParallel):
+            return hook.owner
+    return None
+
+
 class _Hook:
-    """A bound hook with a `priority` (`framepack.memory.hooks`)."""
+    """A bound method of a `SequenceParallel` as a hook with a `priority` (`framepack.memory.hooks`)."""
 
     def __init__(self, fn, priority: int) -> None:
-        self.fn, self.priority = fn, priority
+        self.fn, self.priority, self.owner = fn, priority, fn.__self__
 
     def __call__(self, module, forward, *args, **kwargs):
         return self.fn(module, forward, *args, **kwargs)

@@ -8,8 +8,9 @@ prompt, the image and the start latent, samples, decodes and writes, exactly as 
 would; each of its transformer calls is sent to the other ranks (`framepack.parallel.Leader`)
 and split across all of them (`framepack.parallel.SequenceParallel`: Ulysses sequence
 parallelism, each rank a 1/N of the tokens and, around attention, of the heads). The other
-ranks only apply the run's LoRAs, stream the transformer under their own VRAM budget and serve
-the calls (`serve_run`); they encode, decode, print and write nothing. Without a started group
+ranks only apply the run's LoRAs, stream the transformer under their own VRAM budget, attach the
+run's step cache (its statistic summed over the ranks, its sections started by rank 0, so every
+rank skips the same steps) and serve the calls (`serve_run`); they encode, decode, print and write nothing. Without a started group
 (or with one process) nothing changes.
 """
 
@@ -32,15 +33,13 @@ __all__ = ["check_ranks", "check_ranks_before_loading", "leading", "serve_run"]
 
 def check_ranks(settings, heads: int) -> None:
     """With several processes: ValueError (one sentence) for a process count that does not divide
-    the `heads`, or for settings that cannot be split yet (a step cache, `--compile`)."""
+    the `heads`, or for settings that cannot be split yet (`--compile`)."""
     world = ranks().size
     if world == 1:
         return
     check_heads(heads, world)
     if settings is None:
         return
-    if settings.cache is not None:
-        raise ValueError(f"one video on {world} processes does not combine with a step cache yet; drop it.")
     if settings.compile:
         raise ValueError(f"one video on {world} processes does not combine with --compile yet; drop it.")
 
@@ -81,9 +80,9 @@ def serve_run(bundle, prepared) -> None:
     s, model = prepared.settings, bundle.transformer
     dist.barrier()  # before rank 0 opens (and locks) the job directory
     with applied_loras(model, prepared.loras):
-        accelerate_run(model, bundle.device, s, None, host_tier_budget(s, bundle))
-        parallel = SequenceParallel(model).attach()
+        parallel = SequenceParallel(model).attach()  # first: a step cache then sums over the ranks
         try:
-            serve(model)
+            speed = accelerate_run(model, bundle.device, s, None, host_tier_budget(s, bundle))
+            serve(model, on_section=speed.new_section)  # rank 0's sections reset the step caches
         finally:
             parallel.detach()

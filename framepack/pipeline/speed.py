@@ -31,6 +31,7 @@ from ..memory.offload import Offloader, plan_offload
 from ..memory.runtime import Placement, place_weights
 from ..memory.streaming import WeightStreamer
 from ..model.attention import check_backend, get_backend, set_backend
+from ..parallel import attached_parallel, leader_of
 from .budget import bundle_need, device_budget, run_size
 from .bundle import Bundle
 from .compiled import CompiledBlocks
@@ -123,7 +124,11 @@ class Accelerated:
 
     def new_section(self, steps: int, branches: int = 1) -> None:
         """Reset every step cache on the model (ours and any attached by hand, e.g. a calibration
-        recorder): a section of `steps` steps, `branches` model calls per step."""
+        recorder): a section of `steps` steps, `branches` model calls per step. On rank 0 of
+        several, the other ranks' caches too (`framepack.parallel.Leader`)."""
+        leader = leader_of(self.model)
+        if leader is not None:
+            leader.new_section(steps, branches)
         reset_caches(self.model, steps, branches)
 
     def info(self) -> dict:
@@ -192,6 +197,8 @@ def accelerate(
         run.fp8.attach()
     if cache is not None:
         run.cache = make_cache(cache, threshold, coefficients).attach(model)
+        parallel = attached_parallel(model)  # the blocks see a shard: every rank decides alike
+        run.cache.reduce = None if parallel is None else parallel.all_sum
     if compile:  # innermost: streaming and the step cache run around the compiled blocks
         run.compiled = CompiledBlocks(model).attach()
     parts = (run.cache, run.compiled, run.fp8)
