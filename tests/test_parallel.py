@@ -99,6 +99,44 @@ def test_model_call_on_several_processes_equals_one(tmp_path, world, heads, laye
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def _compiled_rank(rank: int, world: int, init: str, out: str) -> None:
+    from framepack.pipeline.compiled import CompiledBlocks
+
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=300)
+    )
+    try:
+        model = _model(2, 1)
+        parallel = SequenceParallel(model).attach()
+        compiled = CompiledBlocks(model).attach()  # innermost, as --compile attaches it
+        if rank == 0:
+            leader = Leader(model)
+            with torch.no_grad():
+                results = [model.forward_packed(**_inputs(model, batch)) for batch in (1, 2)]
+            leader.detach()
+            torch.save(results, out)
+        else:
+            assert serve(model) == 2
+        assert compiled.graphs > 0  # the blocks ran compiled, their attention between two graphs
+        compiled.detach()
+        parallel.detach()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_blocks_on_two_processes_equal_one_eager_process(tmp_path):
+    """`--compile` with sequence parallelism: each compiled block breaks its graph around the
+    attention, whose all-to-alls run eagerly; the calls equal one eager process's."""
+    model = _model(2, 1)
+    with torch.no_grad():
+        expected = [model.forward_packed(**_inputs(model, batch)) for batch in (1, 2)]
+    out = tmp_path / "out.pt"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_compiled_rank, args=(2, init, str(out)), nprocs=2, join=True)
+    for got, want in zip(torch.load(out), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- one video on several processes
 
 DEMO_IMAGE = "framepack/demo_model/examples/red_circle_moves_right.png"

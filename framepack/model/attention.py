@@ -10,12 +10,14 @@ A run picks its backend with `using_backend` (the `attention` setting, `--attent
 
 `around_attention(fn)` lets a feature attached from outside the model (sequence parallelism,
 `framepack.parallel`) run every attention call inside a `with` block itself: `fn(backend, q, k, v,
-key_mask)` gets the chosen backend and returns what it would.
+key_mask)` gets the chosen backend and returns what it would. Compiled blocks (`--compile`) call it
+too, eagerly, between two graphs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -41,6 +43,8 @@ _HEAD_DIMS = {"sage": (64, 96, 128), "flash": tuple(range(8, 257, 8))}  # what t
 _PACKAGES = {"flash": "flash_attn", "sage": "sageattention", "xformers": "xformers"}
 _current = "sdpa"
 _around: ContextVar[Callable | None] = ContextVar("framepack_around_attention", default=None)
+_hooked = False  # an `around_attention` block is open (in some thread): `attention` reads `_around`
+_open, _lock = 0, threading.Lock()  # how many are open
 
 
 def available_backends() -> list[str]:
@@ -172,22 +176,39 @@ def attention(
     Returns `(B, Lq, H * D)`.
     """
     b, lq, h, d = q.shape
-    # Compiled graphs never read the hook (dynamo cannot trace a ContextVar; sequence parallelism
-    # refuses --compile, so it is never set there).
-    around = None if torch.compiler.is_compiling() else _around.get()
-    if around is None:
-        out = _IMPLS[_current](q, k, v, key_mask)  # (B, Lq, H, D)
+    if _hooked:  # a compiled graph guards on this global and breaks here (`_hooked_attention`)
+        out = _hooked_attention(q, k, v, key_mask)  # (B, Lq, H, D)
     else:
-        out = around(_IMPLS[_current], q, k, v, key_mask)
+        out = _IMPLS[_current](q, k, v, key_mask)
     return out.reshape(b, lq, h * d)
+
+
+@torch.compiler.disable
+def _hooked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+    """The attention of an open `around_attention` block, always eager: dynamo cannot trace the
+    ContextVar, nor the collectives a hook may run (a compiled block runs in two graphs around it)."""
+    around = _around.get()
+    if around is None:  # another thread's block is open
+        return _IMPLS[_current](q, k, v, key_mask)
+    return around(_IMPLS[_current], q, k, v, key_mask)
 
 
 @contextmanager
 def around_attention(fn: Callable) -> Iterator[None]:
     """Within the block (this thread or task), every `attention` call runs as
-    `fn(backend, q, k, v, key_mask)`, which returns `(B, Lq, H, D)` as the backend does."""
+    `fn(backend, q, k, v, key_mask)`, which returns `(B, Lq, H, D)` as the backend does; a
+    compiled block then breaks its graph around the attention and calls `fn` eagerly."""
     token = _around.set(fn)
+    _count_open(1)
     try:
         yield
     finally:
         _around.reset(token)
+        _count_open(-1)
+
+
+def _count_open(change: int) -> None:
+    global _open, _hooked
+    with _lock:
+        _open += change
+        _hooked = _open > 0

@@ -6,7 +6,9 @@ weights are inputs of the graph, so weight streaming may swap them between calls
 call is the innermost hook on each block (`memory.hooks`): streaming and the step caches run
 around it as they do around the plain forward, and a skipped block is never called. The first
 call of each graph (a class, with or without the last block's readout) compiles it; the time of
-the calls that compiled is reported as `compile_seconds`, with the number of graphs.
+the calls that compiled is reported as `compile_seconds`, with the number of graphs. With one
+video on several processes (`framepack.parallel`) each block's graph breaks around its attention,
+whose all-to-alls run eagerly (`framepack.model.attention.around_attention`).
 """
 
 from __future__ import annotations

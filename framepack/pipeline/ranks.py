@@ -31,20 +31,15 @@ from .speed import accelerate_run
 __all__ = ["check_ranks", "check_ranks_before_loading", "leading", "serve_run"]
 
 
-def check_ranks(settings, heads: int) -> None:
+def check_ranks(heads: int) -> None:
     """With several processes: ValueError (one sentence) for a process count that does not divide
-    the `heads`, or for settings that cannot be split yet (`--compile`)."""
+    the model's `heads` (every setting splits: a step cache, `--compile`, a VRAM budget)."""
     world = ranks().size
-    if world == 1:
-        return
-    check_heads(heads, world)
-    if settings is None:
-        return
-    if settings.compile:
-        raise ValueError(f"one video on {world} processes does not combine with --compile yet; drop it.")
+    if world > 1:
+        check_heads(heads, world)
 
 
-def check_ranks_before_loading(model, settings) -> None:
+def check_ranks_before_loading(model) -> None:
     """`check_ranks` from the model's config.json, before its weights load (nothing to check when
     the config cannot be read here: `load_bundle` then says why)."""
     if ranks().size == 1:
@@ -54,7 +49,7 @@ def check_ranks_before_loading(model, settings) -> None:
     except (ValueError, KeyError, TypeError):
         heads = None
     if heads is not None:
-        check_ranks(settings, heads)
+        check_ranks(heads)
 
 
 @contextmanager

@@ -113,7 +113,7 @@ def check_request(model: str | Path, request: Request, device, dtypes: dict | No
     else:
         checked = check_settings(manifest, request.settings, request.image)
     _one_frame(checked, request)
-    check_ranks_before_loading(model, request.settings)
+    check_ranks_before_loading(model)
     check_budget(model, checked, device, dtypes)
     return None if request.video is not None else checked
 
@@ -257,7 +257,7 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     if request.resume is not None:
         root = find_job(request.resume)
         prepared, source = resume_job(bundle, root)
-        check_ranks(prepared.settings, bundle.transformer.config.num_attention_heads)
+        check_ranks(bundle.transformer.config.num_attention_heads)
         return Run(bundle, prepared, source, job_dir=root)
     _check_kind(request)
     source = None
@@ -268,7 +268,7 @@ def open_run(bundle, request: Request, checked: Prepared | None = None) -> Run:
     else:
         prepared = prepare(bundle, request.settings, request.image)
     one_frame = _one_frame(prepared, request)
-    check_ranks(prepared.settings, bundle.transformer.config.num_attention_heads)
+    check_ranks(bundle.transformer.config.num_attention_heads)
     run = Run(bundle, prepared, source, one_frame=one_frame)  # checked before any weight changes
     if request.lora_merge and prepared.loras:  # folded into the weights: no per-step cost
         if disk_backed(bundle.transformer):
