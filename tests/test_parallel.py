@@ -149,17 +149,28 @@ def _frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f), np.int16) for f in files])
 
 
-def _same_video(one: Path, many: Path) -> None:
+def _same_video(one: Path, many: Path, bf16: bool = False) -> None:
     """Equal to fp32 tolerance: the 8-bit frames differ by at most one level where a value sits on
-    a rounding edge, and the sidecars record the same settings (but for the budget) and frames."""
+    a rounding edge, and the sidecars record the same settings (but for the budget) and frames.
+    `bf16`: a bf16 transformer's products over a shard of tokens round apart from the whole's (the
+    kernels block other shapes differently), so the frames need only agree to bf16 rounding."""
     a, b = _frames(one.with_name(one.stem + "_frames")), _frames(many.with_name(many.stem + "_frames"))
     assert a.shape == b.shape
-    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    if bf16:
+        psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
+        print(f"bf16: {psnr:.1f} dB, {(a != b).mean():.2%} of values differ, at most {np.abs(a - b).max()}")
+        assert psnr >= BF16_PSNR_FLOOR
+    else:
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
     sa, sb = (json.loads(p.with_suffix(".json").read_text()) for p in (one, many))
     for s in (sa, sb):
         s["settings"].pop("vram_budget")
     assert (sa["settings"], sa["frames"]) == (sb["settings"], sb["frames"])
 
+
+# The demo model on 3 processes against one in the release dtypes: measured 61.6 dB (4.5% of the
+# 8-bit values one level or two apart); the floor leaves room for another CPU's kernels.
+BF16_PSNR_FLOOR = 50.0
 
 ALL = ["image_encoder", "text_encoder", "text_encoder_2", "transformer", "vae"]
 
@@ -228,10 +239,13 @@ def _env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def test_torchrun_demo_model_video_on_three_processes_equals_one(tmp_path):
-    """The shipped demo model (3 heads, fp32 on the CPU) under a real torchrun."""
+@pytest.mark.parametrize("dtype", ["fp32", "release"])
+def test_torchrun_demo_model_video_on_three_processes_equals_one(tmp_path, dtype):
+    """The shipped demo model (3 heads) under a real torchrun, in fp32 and in the release's GPU
+    dtypes (bf16 transformer, fp16 encoders and VAE): each token's and each head's arithmetic is
+    the one process's (in bf16 up to the products' rounding over shards of other sizes)."""
     args = ["generate", "--image", DEMO_IMAGE, "--prompt", "a red circle moves right on a blue background",
-            "--sections", "2", "--steps", "3", "--device", "cpu", "--dtype", "fp32", "--png", "--name", "v"]  # fmt: skip
+            "--sections", "2", "--steps", "3", "--device", "cpu", "--dtype", dtype, "--png", "--name", "v"]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "framepack", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
@@ -242,7 +256,7 @@ def test_torchrun_demo_model_video_on_three_processes_equals_one(tmp_path):
     assert three.stdout.split() == [str(tmp_path / "three" / "v.mp4")]  # printed once, by rank 0
     assert three.stderr.count("section(s) of") == 1  # the plan line too
     assert sorted(p.name for p in (tmp_path / "three").iterdir()) == ["v.json", "v.mp4", "v_frames"]
-    _same_video(tmp_path / "one" / "v.mp4", tmp_path / "three" / "v.mp4")
+    _same_video(tmp_path / "one" / "v.mp4", tmp_path / "three" / "v.mp4", bf16=dtype == "release")
 
 
 def test_a_process_count_that_does_not_divide_the_heads_is_one_sentence(tmp_path):
