@@ -198,6 +198,8 @@ def split_over_ranks(args: argparse.Namespace) -> int:
         cmd += ["--budget", args.budgets[0]]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
+    cmd += ["--attention", args.attention] + (["--compile"] if args.compile else [])
+    cmd += ["--fp8-compute"] if args.fp8_compute else []
     cmd += (["--json", args.json] if args.json else []) + (["--record"] if args.record else [])
     return subprocess.run(cmd).returncode
 

@@ -258,7 +258,12 @@ def check_13b(quick: bool, device: str, deadline: float | None = None) -> list[l
         new = _timed(f"13B{label}", deadline, lambda t, label=label, extra=extra: _run_13b(label, extra, t))
         print("\n".join(f"{r[0]}: {r[1]} ({r[2]})" for r in new), flush=True)
         rows += new
-    return rows + _timed("13B on 2 GPUs", deadline, lambda t: _run_ranks(2, split, t))
+    rows += _timed("13B on 2 GPUs", deadline, lambda t: _run_ranks(2, split, t))
+    if quick:
+        return rows
+    levers = [*split, "--attention", "sage", "--fp8-compute", "--compile"]
+    label = ", sage + fp8 compute + compiled"
+    return rows + _timed(f"13B on 2 GPUs{label}", deadline, lambda t: _run_ranks(2, levers, t, label))
 
 
 def _timed(name: str, deadline: float | None, run) -> list[list[str]]:
@@ -290,10 +295,12 @@ def _run_sage(extra: list[str], timeout: float | None = None) -> list[list[str]]
     return rows
 
 
-def _run_ranks(ranks: int, extra: list[str], timeout: float | None = None) -> list[list[str]]:
+def _run_ranks(
+    ranks: int, extra: list[str], timeout: float | None = None, label: str = ""
+) -> list[list[str]]:
     """`gpu_13b.py --ranks N`: one section on N devices against one; one row (or the skip line)."""
     script = Path(__file__).with_name("gpu_13b.py")
-    name = f"13B on {ranks} GPUs"
+    name = f"13B on {ranks} GPUs{label}"
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(script), "--ranks", str(ranks), *extra, "--json", f"{tmp}/row.json"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -4,6 +4,7 @@ Run under torchrun, one process per GPU (`bench/gpu_13b.py --ranks N` launches i
 one line when fewer GPUs are visible):
 
     torchrun --nproc-per-node 2 bench/gpu_parallel.py [--steps 25] [--budget 8] [--record]
+    torchrun --nproc-per-node 2 bench/gpu_parallel.py --compile --fp8-compute --attention sage
     python -m torch.distributed.run --nproc-per-node 2 bench/gpu_parallel.py --spec tiny --device cpu
 
 Every rank builds the same random bf16 weights (`gpu_13b.random_model`, seeded on its device) and
@@ -78,6 +79,9 @@ def main() -> None:
     parser.add_argument("--spec", default="hunyuan-13b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget", help="each rank's VRAM budget in GiB (default: all weights resident)")
+    parser.add_argument("--compile", action="store_true", help="the blocks compiled (torch.compile)")
+    parser.add_argument("--fp8-compute", action="store_true", help="the blocks' products in e4m3")
+    parser.add_argument("--attention", default="sdpa", help="attention kernel: sdpa, sage, flash, xformers")
     parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU (default: by name)")
     parser.add_argument("--record", action="store_true", help="append the row to bench/RESULTS.md")
     parser.add_argument("--json", metavar="FILE", help="also write the row as JSON (bench/gpu_check.py)")
@@ -90,7 +94,14 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
     model = random_model(args.spec, dtype, device)
-    accelerate(model, device, float(args.budget) if args.budget else None)
+    accelerate(  # on a CPU the e4m3 products and sage's arithmetic are emulated
+        model,
+        device,
+        float(args.budget) if args.budget else None,
+        compile=args.compile,
+        fp8_compute=(True if cuda else "emulate") if args.fp8_compute else False,
+        attention="sage-emulate" if args.attention == "sage" and not cuda else args.attention,
+    )
     cfg = model.config
     h, w = (int(v) // 8 for v in args.size.lower().split("x"))
     inputs = random_packed_inputs(cfg, h, w, text_tokens=512, seed=1)
