@@ -22,6 +22,7 @@ exit status is 1 when any check fails. `--device cpu --quick` runs the same code
 (the tiny spec for the 13B part), so CI keeps it from rotting.
 
     python bench/gpu_check.py --time-limit 540     # on CUDA (a 10-minute device call)
+    python bench/gpu_check.py --time-limit 540 --skip-modes  # a second call: the 13B part alone
     python bench/gpu_check.py --device cpu --quick # what CI runs
 """
 
@@ -220,11 +221,12 @@ def with_source(args: list[str], name: str, source: Path) -> list[str]:
 
 
 def check_13b(quick: bool, device: str, deadline: float | None = None) -> list[list[str]]:
-    """`bench/gpu_13b.py` in fresh processes (their own CUDA contexts and peaks): the VRAM budgets,
-    then `--vram-budget 4 --ram-budget 16` with the weights waiting on disk, with `--fp8-compute`,
-    with `--compile` and with MagCache, then one section on 2 GPUs (2 gloo processes for `quick`);
-    one row per run (printed as it comes); past `deadline` (`time.perf_counter()`) the rest are
-    rows that say they did not run."""
+    """`bench/gpu_13b.py` in fresh processes (their own CUDA contexts and peaks): the VRAM budgets
+    with and without TeaCache, then issue 20's targets (`--attention sage --fp8-compute --compile`
+    at budget 4 and unlimited, with and without TeaCache, and with MagCache), then `--vram-budget 4
+    --ram-budget 16` with the weights waiting on disk, each lever alone, and one section on 2 GPUs
+    (2 gloo processes for `quick`), plain and with the levers; one row per run (printed as it
+    comes); past `deadline` (`time.perf_counter()`) the rest are rows that say they did not run."""
     split = ["--device", device]  # the 2-GPU run's sizes
     if quick:
         extra = split = ["--spec", "tiny", "--device", device, "--steps", "2", "--size", "128x128"]
@@ -236,23 +238,33 @@ def check_13b(quick: bool, device: str, deadline: float | None = None) -> list[l
             (" MagCache", [*extra, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.3"])
         )
         runs.append((" sage attention (emulated)", [*extra, "--budgets", "unlimited", "--attention", "sage"]))
-    else:
-        runs = [("", ["--device", device, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"])]
-        ram = ["--device", device, "--budgets", "4", "unlimited", "--ram-budget", "16", "--teacache", "0"]
-        runs.append((" RAM 16", [*ram, "--steps", "5"]))
-        fp8 = ["--device", device, "--budgets", "4", "unlimited", "--teacache", "0", "--fp8-compute"]
-        runs.append((" fp8 compute", fp8))
-        compiled = ["--device", device, "--budgets", "4", "unlimited", "--teacache", "0", "--compile"]
-        runs.append((" compiled", compiled))
+    else:  # issue 20's targets first (a device call may end before the rest): all levers at once
+        on = ["--device", device]
+        runs = [("", [*on, "--budgets", "4", "6", "unlimited", "--teacache", "0.15"])]
+        levers = ["--attention", "sage", "--fp8-compute", "--compile"]
+        runs.append((" sage + fp8 compute + compiled", [*on, "--budgets", "4", "unlimited", *levers]))
         runs.append(
             (
-                " MagCache",
-                ["--device", device, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.1"],
+                " all levers + MagCache",
+                [*on, "--budgets", "unlimited", *levers, "--cache", "magcache", "--teacache", "0.1"],
             )
         )
-        every = ["--device", device, "--budgets", "unlimited", "--teacache", "0", "--attention", "sage"]
-        runs.append((" sage attention", every))
-        runs.append((" sage + fp8 compute + compiled", [*every, "--fp8-compute", "--compile"]))
+        runs.append(
+            (
+                " RAM 16",
+                [*on, "--budgets", "4", "unlimited", "--ram-budget", "16", "--teacache", "0", "--steps", "5"],
+            )
+        )
+        runs.append(
+            (" fp8 compute", [*on, "--budgets", "4", "unlimited", "--teacache", "0", "--fp8-compute"])
+        )
+        runs.append((" compiled", [*on, "--budgets", "4", "unlimited", "--teacache", "0", "--compile"]))
+        runs.append(
+            (" sage attention", [*on, "--budgets", "unlimited", "--teacache", "0", "--attention", "sage"])
+        )
+        runs.append(
+            (" MagCache", [*on, "--budgets", "unlimited", "--cache", "magcache", "--teacache", "0.1"])
+        )
     rows = []
     for label, extra in runs:
         new = _timed(f"13B{label}", deadline, lambda t, label=label, extra=extra: _run_13b(label, extra, t))
@@ -346,6 +358,9 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--skip-13b", action="store_true", help="only the modes and budgets")
     parser.add_argument(
+        "--skip-modes", action="store_true", help="only the 13B part (a second device call's worth)"
+    )
+    parser.add_argument(
         "--time-limit",
         type=float,
         metavar="S",
@@ -363,12 +378,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         source = out / "source.mp4"  # the video the extension modes extend
-        status, err, _ = run_cli(
-            [*modes(1)[0][1][:4], "--sections", "1", *common, "--out", str(out), "--name", "source"]
+        status, err, _ = (
+            (0, "", 0.0)
+            if args.skip_modes
+            else run_cli(
+                [*modes(1)[0][1][:4], "--sections", "1", *common, "--out", str(out), "--name", "source"]
+            )
         )
         if status != 0:
             rows.append(["source video", "FAIL", err.strip()[-300:]])
-        for name, mode_args in modes(sections):
+        for name, mode_args in [] if args.skip_modes else modes(sections):
             if deadline is not None and time.perf_counter() > deadline - 60:
                 rows.append([name, "skip", "not run: --time-limit reached"])
                 continue
@@ -379,7 +398,8 @@ def main() -> int:
         args.device,
         *(["--tokens", "256", "--seconds", "1.2"] if args.quick else ["--seconds", "2.4"]),
     ]
-    rows += _timed("8-bit attention", deadline, lambda t: _run_sage(sage, t))
+    if not args.skip_modes:
+        rows += _timed("8-bit attention", deadline, lambda t: _run_sage(sage, t))
     if not args.skip_13b:
         rows += check_13b(args.quick, args.device, deadline)
     failed = sum(row[1] == "FAIL" for row in rows)
