@@ -289,7 +289,7 @@ def test_python_api_picks_the_device_as_the_cli_and_gui_do(tmp_path, monkeypatch
     class Stop(Exception):
         pass
 
-    def loaded_bundle(model, device, vram_budget=None, ram_budget=None):
+    def loaded_bundle(model, device, vram_budget=None, ram_budget=None, transformer_only=False):
         loads.append(device)
         raise Stop  # before any weights load
 

@@ -101,9 +101,9 @@ def test_shard_by_shard_loading_holds_one_copy_on_the_host(host_loaded, tmp_path
 def test_api_caches_a_bundle_per_place_its_weights_wait(tmp_path, monkeypatch):
     loads = []
 
-    def counting(model, device, vram_budget=None, ram_budget=None):
+    def counting(model, device, vram_budget=None, ram_budget=None, **options):
         loads.append((device, vram_budget))
-        return load_bundle(model, device=device, vram_budget=vram_budget, ram_budget=ram_budget)
+        return load_bundle(model, device=device, vram_budget=vram_budget, ram_budget=ram_budget, **options)
 
     monkeypatch.setattr("framepack.pipeline.bundle.load_bundle", counting)
     monkeypatch.setattr(api, "LOADED_BUNDLES", type(api.LOADED_BUNDLES)())
