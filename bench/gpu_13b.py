@@ -94,6 +94,15 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090
 E4M3_PEAK = 2.0  # dense e4m3 over dense bf16 (fp32 accumulation) on the chips that have it (8.9+)
 
 
+def kernels(args: argparse.Namespace, cuda: bool) -> dict:
+    """`accelerate`'s `fp8_compute` and `attention` for `--fp8-compute` and `--attention`: on a CPU
+    the e4m3 products and sage's arithmetic emulated (a check of the script, not of the speed)."""
+    fp8 = (True if cuda else "emulate") if args.fp8_compute else False
+    return dict(
+        fp8_compute=fp8, attention="sage-emulate" if args.attention == "sage" and not cuda else args.attention
+    )
+
+
 def random_model(spec: str, dtype: torch.dtype, device: torch.device) -> PackedTransformer:
     """The architecture with N(0, 0.02) weights in `dtype` on the host, built without a float copy.
 
@@ -303,9 +312,8 @@ def main() -> None:
                 fp8=args.fp8 and not unlimited,
                 reserve=None if unlimited else need.reserve(total),
                 host_budget=host_budget,
-                fp8_compute=(True if cuda else "emulate") if args.fp8_compute else False,
                 compile=args.compile,
-                attention="sage-emulate" if args.attention == "sage" and not cuda else args.attention,
+                **kernels(args, cuda),
             )
             rss = RssSampler().start()
             if cuda:

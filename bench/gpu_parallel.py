@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import append_rows, command, machine, today  # noqa: E402
-from gpu_13b import PEAK_TFLOPS, forward_flops, random_model  # noqa: E402
+from gpu_13b import PEAK_TFLOPS, forward_flops, kernels, random_model  # noqa: E402
 
 from framepack.parallel import Leader, SequenceParallel, serve  # noqa: E402
 from framepack.pipeline.speed import accelerate  # noqa: E402
@@ -99,8 +99,7 @@ def main() -> None:
         device,
         float(args.budget) if args.budget else None,
         compile=args.compile,
-        fp8_compute=(True if cuda else "emulate") if args.fp8_compute else False,
-        attention="sage-emulate" if args.attention == "sage" and not cuda else args.attention,
+        **kernels(args, cuda),
     )
     cfg = model.config
     h, w = (int(v) // 8 for v in args.size.lower().split("x"))

@@ -214,9 +214,8 @@ class _Entry:
     scale: torch.Tensor | None = None  # fp8: (rows, 1, ...) powers of two, in the tensor's dtype
     staged: torch.Tensor | None = None  # on the device, not yet upcast (fp8) / not yet installed
     fp8_sink: object = None  # `--fp8-compute`: takes the row scales; the fp8 copy is installed as it is
-    fp8: bool = (
-        False  # streamed as an fp8 copy: made on the host (`scale` set), or from its file at each load
-    )
+    # streamed as an fp8 copy: made on the host (`scale` set), or from its file at each load
+    fp8: bool = False
 
     def restore(self) -> None:
         """Give the tensor back its data from before `attach` (copied back to a device it came from)."""
